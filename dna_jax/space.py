@@ -347,3 +347,33 @@ def load_architecture(name_or_path: str) -> Architecture:
     return from_string(name_or_path)
   raise ValueError(f'unknown architecture {name_or_path!r}: give one of {", ".join(NAMED_ARCHITECTURES)}, '
                    'a path to an architecture .json file, or an architecture string')
+
+
+NAMED_SPACES = {'imagenet': default_imagenet_space}
+
+
+def parse_space(blocks: str, stem_width: int = 32, ds_width: int = 16, head_width: int = 1280) -> SearchSpace:
+  """A space from a named space or 'STRIDE TEACHER_WIDTH CELLS; ...' (cells as 'LAYERS@WIDTH,...').
+
+  '2 48 2@24,3@24; 2 80 2@40' is two blocks: stride 2 cut at a 48-wide teacher stage with
+  cells of 2 and 3 layers at 24 channels, then stride 2, teacher 80, one 2-layer cell at 40.
+  """
+  if blocks in NAMED_SPACES:
+    named = NAMED_SPACES[blocks]()
+    return dataclasses.replace(named, stem_width=stem_width, ds_width=ds_width, head_width=head_width)
+  parsed = []
+  for k, part in enumerate(p for p in blocks.split(';') if p.strip()):
+    try:
+      stride, teacher_width, cells = part.split()
+      parsed.append(Block(_cells(cells, int(stride)), int(teacher_width)))
+    except ValueError as e:
+      raise ValueError(f'space block {k + 1} {part.strip()!r}: {e}; expected "STRIDE TEACHER_WIDTH '
+                       f'LAYERS@WIDTH,..." or one of {", ".join(NAMED_SPACES)}') from None
+  if not parsed:
+    raise ValueError(f'empty search space {blocks!r}')
+  return SearchSpace(tuple(parsed), stem_width, ds_width, head_width)
+
+
+def space_from_config(config: Any) -> SearchSpace:
+  """The search space of a config's `space` section."""
+  return parse_space(config.blocks, config.stem_width, config.ds_width, config.head_width)

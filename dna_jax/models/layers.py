@@ -139,10 +139,11 @@ class SqueezeExcite(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    # On the pooled (N, C) vector: rank-2 matmuls export cleanly to TFLite.
+    pooled = jnp.mean(x, axis=(1, 2))
     scale = pointwise(self.squeeze, 'reduce', self.conventions, use_bias=True)(pooled)
     scale = pointwise(x.shape[-1], 'expand', self.conventions, use_bias=True)(nn.swish(scale))
-    return x * nn.sigmoid(scale)
+    return x * nn.sigmoid(scale)[:, None, None, :]
 
 
 def drop_connect(x: Array, rate: float, deterministic: bool, module: nn.Module) -> Array:

@@ -1,0 +1,31 @@
+"""Entry point: python -m dna_jax.main --config configs/NAME.py --workdir DIR [--config.key=value]."""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from dna_jax import pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, ratings, logs and results (may be gs://).')
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Cloud TPU pods (tpu_scripts/ set this): one process per host, joined before any device use.
+  if os.environ.get('DNA_JAX_DISTRIBUTED'):
+    jax.distributed.initialize()
+  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  pipeline.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,158 @@
+"""Distillation supernet cells: every layer holds the parameters of all candidate ops.
+
+A cell is a chain of layers; layer l holds one `layers.MBConv` per candidate op
+(variables under `layer{l}/{op name}`). A path is a traced int array with one op
+index per layer, so one compiled function serves every path (`lax.switch`). The
+first layer carries the stride and reads the teacher's previous-block width; the
+last layer outputs the teacher's width so the loss needs no adapter. A block-1 cell
+also owns the student stem and depthwise-separable block, which read the image.
+
+Cells are plain frozen dataclasses with pure `init`/`apply` over explicit variable
+trees: the rating stage applies single ops of a layer to many prefixes at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dna_jax import space as space_lib
+from dna_jax.models import layers
+
+Array = jax.Array
+Variables = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetCell:
+  """One cell of one block, as trained against the teacher."""
+  cell: space_lib.Cell
+  in_channels: int          # teacher width of the previous block (or the DS width for block 1)
+  out_channels: int         # teacher width of this block
+  conventions: layers.Conventions = layers.KERAS
+  stem: tuple[int, int, int] | None = None   # (stem width, DS width, stem stride) for block 1
+  bn_axis_name: str | None = None            # cross-device BatchNorm (rating's recalibration only)
+
+  def layer_shape(self, l: int) -> tuple[int, int, int]:
+    """(input channels, output channels, stride) of layer l."""
+    last = l == self.cell.layers - 1
+    return (self.in_channels if l == 0 else self.cell.width,
+            self.out_channels if last else self.cell.width,
+            self.cell.stride if l == 0 else 1)
+
+  def op_module(self, l: int, op_id: int) -> layers.MBConv:
+    _, out, stride = self.layer_shape(l)
+    op = space_lib.OPS[op_id]
+    return layers.MBConv(out, op.expansion, op.kernel, stride, conventions=self.conventions,
+                         bn_axis_name=self.bn_axis_name)
+
+  def stem_modules(self) -> tuple[layers.Stem, layers.MBConv]:
+    stem_width, ds_width, stem_stride = self.stem
+    return (layers.Stem(stem_width, stem_stride, self.conventions, self.bn_axis_name),
+            layers.MBConv(ds_width, 1, 3, 1, conventions=self.conventions, bn_axis_name=self.bn_axis_name))
+
+  def init(self, rng: Any, inputs: Array) -> Variables:
+    """Variables of every op of every layer, for an example input batch."""
+    params, stats = {}, {}
+    x = inputs
+    if self.stem is not None:
+      for name, module in zip(('stem', 'ds'), self.stem_modules()):
+        rng, key = jax.random.split(rng)
+        variables = module.init(key, x)
+        params[name], stats[name] = variables['params'], variables['batch_stats']
+        x = module.apply(variables, x)
+    for l in range(self.cell.layers):
+      params[f'layer{l}'], stats[f'layer{l}'] = {}, {}
+      for op_id, name in enumerate(space_lib.OP_NAMES):
+        rng, key = jax.random.split(rng)
+        variables = self.op_module(l, op_id).init(key, x)
+        params[f'layer{l}'][name] = variables['params']
+        stats[f'layer{l}'][name] = variables['batch_stats']
+      x = self.apply_op({'params': params, 'batch_stats': stats}, l, 0, x, train=False)[0]
+    return {'params': params, 'batch_stats': stats}
+
+  def apply_stem(self, variables: Variables, images: Array, train: bool) -> tuple[Array, dict[str, Any]]:
+    """Student stem and DS block (block 1 only); returns output and updated statistics."""
+    new_stats = {}
+    x = images
+    for name, module in zip(('stem', 'ds'), self.stem_modules()):
+      x, new_stats[name] = _apply(module, variables['params'][name], variables['batch_stats'][name], x, train)
+    return x, new_stats
+
+  def apply_op(self, variables: Variables, l: int, op_id: int, x: Array, train: bool) -> tuple[Array, Any]:
+    """Op `op_id` of layer l alone; returns output and that op's updated statistics."""
+    name = space_lib.OP_NAMES[op_id]
+    return _apply(self.op_module(l, op_id), variables['params'][f'layer{l}'][name],
+                  variables['batch_stats'][f'layer{l}'][name], x, train)
+
+  def apply(self, variables: Variables, inputs: Array, path: Array, train: bool = False
+            ) -> tuple[Array, dict[str, Any]]:
+    """The cell along `path` (int array, one op per layer); returns output and all batch stats.
+
+    In training mode the statistics of the ops on the path are updated, the others kept.
+    """
+    new_stats = dict(variables['batch_stats'])
+    x = inputs
+    if self.stem is not None:
+      x, stem_stats = self.apply_stem(variables, x, train)
+      new_stats.update(stem_stats)
+    for l in range(self.cell.layers):
+      layer_stats = variables['batch_stats'][f'layer{l}']
+
+      def branch(op_id, x, l=l, layer_stats=layer_stats):
+        y, stats = self.apply_op(variables, l, op_id, x, train)
+        return y, {**layer_stats, space_lib.OP_NAMES[op_id]: stats}
+
+      x, new_stats[f'layer{l}'] = lax.switch(path[l], [lambda x, j=j: branch(j, x) for j in range(space_lib.NUM_OPS)], x)
+    return x, new_stats
+
+
+def _apply(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) -> tuple[Array, Any]:
+  variables = {'params': params, 'batch_stats': batch_stats}
+  if not train:
+    return module.apply(variables, x, train=False), batch_stats
+  y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+  return y, updates['batch_stats']
+
+
+def supernet_cells(space: space_lib.SearchSpace, teacher_widths: tuple[int, ...] | None = None,
+                   conventions: layers.Conventions = layers.KERAS, stem_stride: int = 2
+                   ) -> list[list[SupernetCell]]:
+  """All cells of all blocks: block k reads teacher block k-1 (block 1 reads the image)."""
+  widths = teacher_widths or tuple(block.teacher_width for block in space.blocks)
+  blocks = []
+  for k, block in enumerate(space.blocks):
+    stem = (space.stem_width, space.ds_width, stem_stride) if k == 0 else None
+    in_channels = space.ds_width if k == 0 else widths[k - 1]
+    blocks.append([SupernetCell(cell, in_channels, widths[k], conventions, stem) for cell in block.cells])
+  return blocks
+
+
+def cell_name(block_index: int, cell_index: int) -> str:
+  return f'block{block_index + 1}_cell{cell_index}'
+
+
+def random_path(rng: Any, num_layers: int) -> Array:
+  """DNA's sampling: each layer's op drawn uniformly and independently."""
+  return jax.random.randint(rng, (num_layers,), 0, space_lib.NUM_OPS)
+
+
+def fair_path(rng: Any, step: Array, num_layers: int) -> Array:
+  """Fair sampling: over every run of NUM_OPS steps each op of a layer is drawn exactly once.
+
+  `rng` must not depend on the step (it may depend on the device and cell).
+  """
+  cycle_key = jax.random.fold_in(rng, step // space_lib.NUM_OPS)
+  keys = jax.random.split(cycle_key, num_layers)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, space_lib.NUM_OPS))(keys)
+  return perms[:, step % space_lib.NUM_OPS]
+
+
+def zeros_like_input(cell: SupernetCell, batch: int, size: int) -> Array:
+  """An example input for `init`: images for block 1, a teacher feature map otherwise."""
+  channels = 3 if cell.stem is not None else cell.in_channels
+  return jnp.zeros((batch, size, size, channels), jnp.float32)

@@ -1,0 +1,75 @@
+"""Data parallelism: one per-device pure step, run under `jax.pmap` or `jit(shard_map)`.
+
+A step is written per device with the named axis `AXIS`: it takes the (unreplicated)
+state, the device's slice of the batch and any broadcast arguments, and returns a
+state and metrics that are identical on every device (after `lax.pmean`). The same
+function then runs under `jax.pmap` (in_axes None for state, 0 for the batch) or
+under `jax.jit(jax.shard_map(...))` over a 1-D device mesh.
+
+Gradient idiom (exact under both): differentiate with respect to a *varying* copy of
+the parameters (`varying`), `pmean` the gradients, and update the original ones.
+Differentiating with respect to the invariant parameters under shard_map yields
+gradients already summed over devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+AXIS = 'batch'
+MODES = ('pmap', 'shard_map')
+
+
+def varying(tree: Any) -> Any:
+  """Marks a device-invariant pytree as varying over the data axis (before `jax.grad`)."""
+  return lax.pcast(tree, AXIS, to='varying')
+
+
+def device_index() -> jax.Array:
+  """Global index of this device along the data axis (inside a step)."""
+  return lax.axis_index(AXIS)
+
+
+def make_mesh() -> Mesh:
+  return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def data_parallel(step: Callable[..., Any], mode: str, num_broadcast: int = 0,
+                  donate_state: bool = False) -> Callable[..., Any]:
+  """Wraps `step(state, batch, *broadcast) -> (state, metrics)` for all devices.
+
+  The returned function takes the state and broadcast arguments unreplicated and the
+  batch as produced by `shard_batch`.
+  """
+  if mode == 'pmap':
+    return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0) + (None,) * num_broadcast,
+                    out_axes=(None, None), donate_argnums=(0,) if donate_state else ())
+  if mode == 'shard_map':
+    mesh = make_mesh()
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)) + (P(),) * num_broadcast,
+                           out_specs=(P(), P()))
+    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+  raise ValueError(f'parallel mode must be one of {", ".join(MODES)}, got {mode!r}')
+
+
+def shard_batch(batch: dict[str, np.ndarray], mode: str) -> Any:
+  """Host batch shaped (local_devices, per_device, ...) -> what `data_parallel(mode)` expects."""
+  if mode == 'pmap':
+    return batch
+  sharding = NamedSharding(make_mesh(), P(AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.reshape(x, (-1,) + x.shape[2:])), batch)
+
+
+def check_global_batch(global_batch_size: int, what: str) -> int:
+  """Per-device batch size; a clear error when the batch does not divide over the devices."""
+  devices = jax.device_count()
+  if global_batch_size <= 0 or global_batch_size % devices:
+    raise ValueError(f'{what}={global_batch_size} must be a positive multiple of the number of devices '
+                     f'({devices}: {jax.process_count()} process(es) x {jax.local_device_count()} local)')
+  return global_batch_size // devices

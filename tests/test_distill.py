@@ -1,0 +1,220 @@
+"""Distillation: learning, one compile for all paths, per-device paths, resume, independence, NaN guard."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dna_jax import config_base
+from dna_jax import distill
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import efficientnet
+from dna_jax.models import supernet
+
+IMAGE = 16
+SPACE = '2 16 1@8,2@8; 2 24 1@12; 1 32 1@16'
+
+
+def make_config(**distill_overrides):
+  config = config_base.get_base_config()
+  config.space.blocks = SPACE
+  config.space.stem_width, config.space.ds_width, config.space.head_width = 8, 8, 32
+  config.space.stem_stride = 1  # the tiny teacher's
+  config.teacher.variant = 'tiny'
+  config.data.image_size = IMAGE
+  config.distill.update(dict(epochs=1, batch_size=16, learning_rates='0.01', checkpoint_every_steps=2,
+                             log_every_steps=1, keep_checkpoints=3, **distill_overrides))
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher():
+  model = efficientnet.variant('tiny', num_classes=10)
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, IMAGE, IMAGE, 3)), train=False))(jax.random.PRNGKey(7))
+  return model, variables
+
+
+def fixed_batches(start_step, images=None):
+  """Batch for step s depends only on s: a resumed stream equals an uninterrupted one."""
+  step = start_step
+  while True:
+    step += 1
+    rng = np.random.default_rng(step)
+    image = images if images is not None else rng.uniform(0, 255, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
+    yield {'image': image, 'label': np.zeros((8, 2), np.int32)}
+
+
+def train(config, workdir, teacher, steps, data=fixed_batches):
+  space = space_lib.space_from_config(config.space)
+  return distill.train_blocks(config, str(workdir), teacher[0], teacher[1], space, data, steps)
+
+
+def restore_block(config, workdir, block, teacher):
+  space = space_lib.space_from_config(config.space)
+  cells = supernet.supernet_cells(space, stem_stride=1)
+  manager = distill.checkpoint_manager(workdir / 'distill' / f'block_{block}', config.distill)
+  size = distill.block_input_sizes(IMAGE, 1, space)[block - 1]
+  tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  fresh = distill.create_block_state(jax.random.PRNGKey(0), tuple(cells[block - 1]), size, tx)
+  state, meta = distill.restore_latest(manager, fresh, f'block{block}')
+  manager.close()
+  return state, meta
+
+
+def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher):
+  config = make_config()
+  # One fixed batch repeated: every cell must fit it better after a few steps.
+  image = np.random.default_rng(0).uniform(0, 255, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
+  train(config, tmp_path, tiny_teacher, 12, functools.partial(fixed_batches, images=image))
+  history = distill.json.loads((tmp_path / 'distill' / 'history.json').read_text())
+  first, last = history[0][1], history[-1][1]
+  keys = [k for k in first if k.endswith('/mse')]
+  assert len(keys) == 4  # block1: 2 cells, block2: 1, block3: 1
+  for key in keys:
+    assert last[key] < 0.8 * first[key], (key, first[key], last[key])
+  assert (tmp_path / 'distill' / 'loss_curves.png').exists()
+
+
+def test_one_compilation_serves_every_path_and_devices_differ(tiny_teacher):
+  config = make_config()
+  space = space_lib.space_from_config(config.space)
+  cells = supernet.supernet_cells(space)
+  traces = []
+
+  def sampled_paths(state, batch):
+    traces.append(1)
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), parallel.device_index())
+    path = distill.sample_path(rng, state, 3, 'uniform')
+    return state, jax.lax.all_gather(path, parallel.AXIS)
+
+  step = parallel.data_parallel(sampled_paths, 'pmap')
+  seen = set()
+  for s in range(5):
+    _, paths = step(jnp.int32(s), np.zeros((8, 1)))
+    seen.update(tuple(map(tuple, np.asarray(paths))))
+  assert len(traces) == 1
+  assert len(seen) > 8  # devices and steps draw different paths
+  del cells
+
+
+def test_fair_sampling_draws_every_op_once_per_cycle():
+  rng = jax.random.PRNGKey(3)
+  paths = np.stack([np.asarray(supernet.fair_path(rng, jnp.int32(s), 4)) for s in range(12)])
+  for cycle in (paths[:6], paths[6:]):
+    for layer in range(4):
+      assert sorted(cycle[:, layer]) == list(range(6))
+
+
+def test_distill_step_is_one_compile_for_many_steps(tmp_path, tiny_teacher):
+  config = make_config()
+  counter = []
+  original = distill.distill_step
+
+  def counting_step(*args, **kwargs):
+    counter.append(1)
+    return original(*args, **kwargs)
+
+  distill.distill_step = counting_step
+  try:
+    train(config, tmp_path, tiny_teacher, 4)
+  finally:
+    distill.distill_step = original
+  assert len(counter) == 1
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_teacher):
+  config = make_config()
+  train(config, tmp_path / 'straight', tiny_teacher, 4)
+  # An interrupted run: 2 steps (checkpointed at step 2), then the same command to 4.
+  config_short = make_config(epochs=1)
+  train(config_short, tmp_path / 'resumed', tiny_teacher, 2)
+  train(config, tmp_path / 'resumed', tiny_teacher, 4)
+  for block in (1, 2, 3):
+    a, meta_a = restore_block(config, tmp_path / 'straight', block, tiny_teacher)
+    b, meta_b = restore_block(config, tmp_path / 'resumed', block, tiny_teacher)
+    assert int(a.step) == int(b.step) == 4
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.params, b.params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 a.batch_stats, b.batch_stats)
+
+
+def test_training_one_block_leaves_the_others_alone(tmp_path, tiny_teacher):
+  config = make_config()
+  train(config, tmp_path, tiny_teacher, 2)
+  before = {b: restore_block(config, tmp_path, b, tiny_teacher)[0] for b in (1, 3)}
+  config_b2 = make_config(blocks='2', epochs=2)
+  train(config_b2, tmp_path, tiny_teacher, 2)
+  assert int(restore_block(config, tmp_path, 2, tiny_teacher)[0].step) == 4
+  for b in (1, 3):
+    after = restore_block(config, tmp_path, b, tiny_teacher)[0]
+    assert int(after.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, before[b].params, after.params)
+
+
+def test_finished_blocks_are_skipped(tmp_path, tiny_teacher):
+  config = make_config()
+  train(config, tmp_path, tiny_teacher, 2)
+  calls = []
+
+  def no_data(start):
+    calls.append(start)
+    return fixed_batches(start)
+
+  train(config, tmp_path, tiny_teacher, 2, no_data)
+  assert calls == []
+
+
+def test_nan_loss_names_block_cell_step_and_keeps_last_checkpoint(tmp_path, tiny_teacher):
+  config = make_config()
+  train(config, tmp_path, tiny_teacher, 2)
+
+  def poisoned(start):
+    for s, batch in enumerate(fixed_batches(start), start=start + 1):
+      if s == 3:
+        batch['image'] = np.full_like(batch['image'], np.nan)
+      yield batch
+
+  with pytest.raises(FloatingPointError, match=r'block1 cell0 at step 3'):
+    train(make_config(epochs=2), tmp_path, tiny_teacher, 2, poisoned)
+  state, _ = restore_block(config, tmp_path, 1, tiny_teacher)
+  assert int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
+  config = make_config()
+  space = space_lib.space_from_config(config.space)
+  cells = supernet.supernet_cells(space, stem_stride=1)
+  teacher_model, teacher_variables = tiny_teacher
+  tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  states = {'block2': distill.create_block_state(jax.random.PRNGKey(1), tuple(cells[1]), 4, tx)}
+  batch = next(fixed_batches(0))
+  results = []
+  for mode in ('pmap', 'shard_map'):
+    step = functools.partial(distill.distill_step, blocks=((1, tuple(cells[1])),),
+                             teacher_apply=functools.partial(teacher_lib.teacher_features, teacher_model, up_to=2),
+                             optimizers={'block2': tx}, sampling='uniform', seed=0)
+    # Same path on every device, so that the 8-device update must equal the 1-device one.
+    step_fixed = functools.partial(_with_fixed_path, step)
+    new_states, _ = parallel.data_parallel(step_fixed, mode, num_broadcast=1)(
+        states, parallel.shard_batch(batch, mode), teacher_variables)
+    results.append(new_states)
+  # (A 1-device run differs by design: student BatchNorm uses per-device batch statistics, as DDP does.)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6),
+               results[0]['block2'].params, results[1]['block2'].params)
+  changed = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), states['block2'].params,
+                         results[0]['block2'].params)
+  assert max(jax.tree.leaves(changed)) > 0
+
+
+def _with_fixed_path(step, states, batch, teacher_variables):
+  original = distill.sample_path
+  distill.sample_path = lambda rng, s, n, sampling: jnp.zeros((n,), jnp.int32)
+  try:
+    return step(states, batch, teacher_variables)
+  finally:
+    distill.sample_path = original

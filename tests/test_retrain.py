@@ -1,0 +1,223 @@
+"""Retraining: learning, EMA, resume, pmap/shard_map/1-device parity, schedule, supernet init, export."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from dna_jax import config_base
+from dna_jax import export as export_lib
+from dna_jax import parallel
+from dna_jax import retrain
+from dna_jax import space as space_lib
+from dna_jax.models import child
+from dna_jax.models import layers
+
+IMAGE = 16
+CLASSES = 6
+ARCH = space_lib.from_string('8,8,32|8s2:k3e3/16s2:k3e6')
+
+
+def make_config(**overrides):
+  config = config_base.get_base_config()
+  config.retrain.update(dict(batch_size=16, epochs=3, steps_per_epoch=4, base_learning_rate=8.0, warmup_epochs=0,
+                             dropout_rate=0.0, drop_connect_rate=0.0, label_smoothing=0.1, ema_decay=0.15,
+                             log_every_steps=1, checkpoint_every_steps=100, eval_every_epochs=1))
+  config.retrain.update(overrides)
+  return config
+
+
+# Fast-moving BatchNorm statistics so that a few steps show in inference mode.
+# Native depthwise convs compile faster on CPU than the default shift-and-add.
+CONVENTIONS = layers.Conventions(bn_momentum=0.5, depthwise='native')
+
+
+def make_model(axis=parallel.AXIS, dropout=0.0):
+  return child.ChildNet(ARCH, CLASSES, dropout, dropout, stem_stride=2, conventions=CONVENTIONS,
+                        bn_axis_name=axis)
+
+
+def fixed_batches(start_step, devices=8):
+  """Two alternating fixed batches: the one for step s depends only on s."""
+  step = start_step
+  while True:
+    rng = np.random.default_rng(step % 2)
+    yield {'image': rng.normal(size=(devices, 16 // devices, IMAGE, IMAGE, 3)).astype(np.float32),
+           'label': rng.integers(0, CLASSES, (devices, 16 // devices)).astype(np.int32)}
+    step += 1
+
+
+def eval_batches():
+  return [next(fixed_batches(0)), next(fixed_batches(1))]
+
+
+def train(workdir, config, **kwargs):
+  return retrain.train_and_evaluate(make_model(), config.retrain, str(workdir), image_size=IMAGE,
+                                    train_batches=fixed_batches, steps_per_epoch=config.retrain.steps_per_epoch,
+                                    seed=0, **kwargs)
+
+
+def assert_trees_equal(a, b, **tolerance):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if tolerance:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def whole_run(tmp_path_factory):
+  """12 uninterrupted steps (3 epochs of 4 steps), evaluated after each epoch, and the initial eval."""
+  workdir = tmp_path_factory.mktemp('whole')
+  config = make_config()
+  fresh = retrain.create_train_state(jax.random.PRNGKey(0), make_model(), IMAGE, optax.sgd(0.1))
+  initial = retrain.evaluate_batches(retrain.parallel_eval('pmap', fresh.apply_fn),
+                                     retrain.variables_of(fresh, ema=False), eval_batches(), 'pmap')
+  saved = []
+  state, results = train(workdir, config, eval_batches=eval_batches, on_best=lambda v, best: saved.append(best))
+  return {'workdir': workdir, 'config': config, 'state': state, 'results': results, 'initial': initial,
+          'saved': saved}
+
+
+def test_training_reduces_the_loss_and_keeps_the_best(whole_run):
+  initial, results = whole_run['initial'], whole_run['results']
+  final = results['final']['raw']
+  assert initial['count'] == final['count'] == 32
+  assert final['loss'] < 0.5 * initial['loss'], (initial, final)
+  assert final['top1'] > initial['top1'], (initial, final)
+  manager = ocp.CheckpointManager(whole_run['workdir'] / 'checkpoints')
+  assert manager.all_steps() == [12]
+  meta = manager.restore(12, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  assert [e['step'] for e in meta['evals']] == [4, 8, 12] and meta['evals'][-1] == results['final']
+  best = results['best']
+  assert best['top1'] == max(e[w]['top1'] for e in meta['evals'] for w in ('ema', 'raw'))
+  first_best = next(e for e in meta['evals'] if max(e['ema']['top1'], e['raw']['top1']) == best['top1'])
+  assert best['step'] == first_best['step'] and first_best[best['weights']]['top1'] == best['top1']
+  assert whole_run['saved'][-1] == results['best']
+
+
+def test_resume_equals_uninterrupted(whole_run, tmp_path, monkeypatch):
+  config, whole = whole_run['config'], whole_run['state']
+  monkeypatch.setattr(ocp.CheckpointManager, 'reached_preemption', lambda self, step: step == 6)
+  with pytest.raises(SystemExit, match='Preempted at step 6'):
+    train(tmp_path, config, eval_batches=eval_batches)
+  monkeypatch.undo()
+  resumed, results = train(tmp_path, config, eval_batches=eval_batches)
+  assert int(whole.step) == int(resumed.step) == 12
+  for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+    assert_trees_equal(retrain.host_copy(getattr(whole, field)), retrain.host_copy(getattr(resumed, field)))
+  assert results['best'] == whole_run['results']['best']
+
+
+def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
+  tc = make_config().retrain
+  lr_fn = retrain.create_learning_rate_fn(tc, 4)
+  tx = retrain.create_optimizer(tc, lr_fn)
+  state = retrain.create_train_state(jax.random.PRNGKey(2), make_model(), IMAGE, tx)
+  step = functools.partial(retrain.train_step, learning_rate_fn=lr_fn, label_smoothing=0.1, ema_decay=tc.ema_decay)
+  batch = next(fixed_batches(0))
+  one_device = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None,
+                        devices=jax.local_devices()[:1])
+  p_step = parallel.data_parallel(step, 'pmap')
+  results = {
+      'pmap': p_step(retrain.replicate(state, 'pmap'), batch),
+      'shard_map': parallel.data_parallel(step, 'shard_map')(
+          retrain.replicate(state, 'shard_map'), parallel.shard_batch(batch, 'shard_map')),
+  }
+  reference, metrics = one_device(state, jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch))
+  assert not np.allclose(jax.tree.leaves(reference.params)[0], jax.tree.leaves(state.params)[0])
+  for name, (new_state, new_metrics) in results.items():
+    for field in ('params', 'batch_stats'):
+      assert_trees_equal(retrain.host_copy(getattr(new_state, field)), retrain.host_copy(getattr(reference, field)),
+                         rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(float(new_metrics['loss']), float(metrics['loss']), rtol=1e-5)
+
+  # EMA: TF ExponentialMovingAverage(0.15, num_updates=t) decays by min(0.15, (1 + t) / (10 + t)) = 0.1, 0.15.
+  first = results['pmap'][0]
+  second, _ = p_step(first, next(fixed_batches(1)))
+  params = [retrain.host_copy(s.params) for s in (state, first, second)]
+  expected = jax.tree.map(lambda p0, p1, p2: 0.15 * (0.1 * p0 + 0.9 * p1) + 0.85 * p2, *params)
+  assert_trees_equal(retrain.host_copy(second.ema_params), expected, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(second.ema_params)[0], jax.tree.leaves(second.params)[0])
+
+
+def test_learning_rate_schedule_matches_efficientnet():
+  tc = make_config(batch_size=512, base_learning_rate=0.016, warmup_epochs=5, lr_decay_epochs=2.4).retrain
+  lr_fn = retrain.create_learning_rate_fn(tc, 10)  # peak 0.032, warm-up 50 steps, decay every 24 steps
+  np.testing.assert_allclose([float(lr_fn(s)) for s in (0, 25, 49, 50, 71, 72, 100)],
+                             [0.0, 0.016, 0.032 * 49 / 50, 0.032 * 0.97 ** 2, 0.032 * 0.97 ** 2,
+                              0.032 * 0.97 ** 3, 0.032 * 0.97 ** 4], rtol=1e-6)
+  assert retrain.epochs_to_steps(2.4, 10) == 24
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+  params = make_model().init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)))['params']
+  mask = retrain.kernel_mask(params)
+  assert mask['head']['classifier']['kernel'] and not mask['head']['classifier']['bias']
+  assert not mask['stem']['bn']['scale'] and mask['block1_layer0']['dwconv']['kernel']
+
+
+def test_supernet_weights_of_the_chosen_paths_are_copied():
+  variables = child.init_child(make_model(None), jax.random.PRNGKey(0), IMAGE)
+  ones = lambda tree: jax.tree.map(np.ones_like, tree)
+  op = space_lib.OP_NAMES[ARCH.blocks[1].ops[0]]
+  # Block 2's supernet cell reads a 12-wide teacher feature where the child's block 1 gives 8 channels.
+  wrong_in = child.init_child(child.ChildNet(space_lib.from_string('8,8,32|12s2:k3e3/16s2:k3e6'), CLASSES),
+                              jax.random.PRNGKey(1), IMAGE)
+  cells = [
+      {c: {'stem': ones(variables[c]['stem']), 'ds': ones(variables[c]['ds']),
+           'layer0': {'k3e3': ones(variables[c]['block1_layer0'])}} for c in variables},
+      {c: {'layer0': {op: ones(wrong_in[c]['block2_layer0'])}} for c in variables},
+  ]
+  new, copied, kept = retrain.transfer_supernet_weights(variables, ARCH, cells)
+  assert np.all(new['params']['block1_layer0']['dwconv']['kernel'] == 1)
+  assert np.all(new['batch_stats']['stem']['bn']['var'] == 1)
+  # Block 2's first layer reads 12 channels in the supernet, 8 in the child: its expanded convs keep their init.
+  assert np.array_equal(new['params']['block2_layer0']['dwconv']['kernel'],
+                        variables['params']['block2_layer0']['dwconv']['kernel'])
+  assert np.array_equal(new['params']['head']['conv']['kernel'], variables['params']['head']['conv']['kernel'])
+  assert copied > 0 and kept > 0 and copied + kept == len(jax.tree.leaves(variables))
+
+
+def test_normalizations_round_trip():
+  images = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+  for target in export_lib.NORMALIZATIONS:
+    back = export_lib.normalize(export_lib.normalize(images, 'raw', target), target, 'raw')
+    np.testing.assert_allclose(back, images, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(export_lib.normalize(images, 'raw', 'imagenet')[..., 0],
+                             (images[..., 0] / 255 - 0.485) / 0.229, rtol=1e-5, atol=1e-5)
+
+
+def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
+  import tensorflow as tf
+  model = make_model(None)
+  variables = child.init_child(model, jax.random.PRNGKey(3), IMAGE)
+  # Non-trivial BatchNorm statistics so that inference mode matters.
+  variables['batch_stats'] = jax.tree.map(lambda x: x + 0.3, variables['batch_stats'])
+  meta = export_lib.make_meta(ARCH, CLASSES, IMAGE, model.conventions, 'imagenet')
+  export_lib.save_child_checkpoint(str(tmp_path / 'ckpt'), variables, meta)
+  loaded_model, loaded, loaded_meta = export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
+  assert loaded_meta == meta
+  assert_trees_equal(loaded, variables)
+
+  pixels = np.random.default_rng(4).uniform(0, 255, (3, IMAGE, IMAGE, 3)).astype(np.float32)
+  expected = np.asarray(model.apply(variables, export_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])
+  saved_model = export_lib.export(loaded_model, loaded, IMAGE, str(tmp_path / 'sm'), 'saved_model',
+                                  normalization='imagenet')
+  serve = tf.saved_model.load(saved_model).signatures['serving_default']
+  np.testing.assert_allclose(serve(images=tf.constant(pixels))['logits'].numpy(), expected, atol=1e-4)
+
+  tflite = export_lib.export(loaded_model, loaded, IMAGE, str(tmp_path / 'model.tflite'), 'tflite',
+                             normalization='imagenet')
+  interpreter = tf.lite.Interpreter(model_path=tflite)
+  interpreter.allocate_tensors()
+  (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+  assert tuple(inp['shape']) == (1, IMAGE, IMAGE, 3)
+  for i in range(len(pixels)):
+    interpreter.set_tensor(inp['index'], pixels[i:i + 1])
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(out['index'])[0], expected[i], atol=1e-4)
