@@ -79,7 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       optimizer='rmsprop',
       # Per 256 images; scaled linearly with the global batch.
       base_learning_rate=0.016,
-      warmup_epochs=5,
+      warmup_epochs=5.0,
       schedule='exponential',
       lr_decay=0.97,
       lr_decay_epochs=2.4,
@@ -102,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=1000,
       keep_checkpoints=2,
       log_every_steps=100,
-      eval_every_epochs=1,
+      eval_every_epochs=1.0,
       # stages=evaluate: a child checkpoint directory (e.g. from dna_jax.convert_authors); '' evaluates
       # WORKDIR/retrain/final and best.
       checkpoint=''))

@@ -17,6 +17,7 @@ normalises inside and returns logits; SavedModels take any batch size, TFLite ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping
 from absl import app
 from absl import flags
 from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +118,19 @@ def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise
   return model, variables, meta
 
 
+def _dense_as_matrix_product(next_fun, args, kwargs, context):
+  """Flax interceptor: Dense layers (the 1x1 convs and SE) on 2-D inputs.
+
+  TFLite's converter lowers a Dense over NHWC input to a rank-4 batch_matmul, which it then rejects;
+  on (N*H*W, C) it becomes a plain fully-connected op. Same numbers.
+  """
+  if isinstance(context.module, nn.Dense) and context.method_name == '__call__' and args[0].ndim > 2:
+    x = args[0]
+    y = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
+  return next_fun(*args, **kwargs)
+
+
 def inference_fn(model: Any, variables: Mapping[str, Any], normalization: str | None = None
                  ) -> Callable[[jax.Array], jax.Array]:
   """images -> logits in inference mode; with `normalization`, images are 0..255 and normalised inside."""
@@ -123,7 +138,8 @@ def inference_fn(model: Any, variables: Mapping[str, Any], normalization: str | 
     x = images.astype(jnp.float32)
     if normalization is not None:
       x = normalize(x, 'raw', normalization)
-    return model.apply(variables, x, train=False)[0].astype(jnp.float32)
+    with nn.intercept_methods(_dense_as_matrix_product):
+      return model.apply(variables, x, train=False)[0].astype(jnp.float32)
   return predict
 
 
@@ -143,6 +159,9 @@ def export(model: Any, variables: Mapping[str, Any], image_size: int, path: str,
   if format == 'tflite' and batch_size is None:
     batch_size = 1
   variables = jax.tree.map(np.asarray, {'params': variables['params'], 'batch_stats': variables['batch_stats']})
+  if isinstance(getattr(model, 'conventions', None), layers.Conventions):
+    # Grouped convolutions: what TFLite and accelerators run natively (not this host's shift-and-add).
+    model = model.clone(conventions=dataclasses.replace(model.conventions, depthwise='native'))
   predict = inference_fn(model, variables, normalization)
   polymorphic = None if batch_size else ['(b, _, _, _)']
   # A SavedModel may be served on any backend; TFLite lowers the module to its own ops.

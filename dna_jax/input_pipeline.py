@@ -124,7 +124,8 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
                      'split name: rating_examples and calib_examples carve it.')
 
 
-def _builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _builder(
+    data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder, or an error saying how to prepare it."""
   _validate(data_config)
   name = data_config.dataset

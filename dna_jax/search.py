@@ -74,6 +74,11 @@ class _Candidates:
   path: np.ndarray
   row: np.ndarray
 
+  @property
+  def groups(self) -> list[tuple[int, np.ndarray]]:
+    """(output width index, positions) of each output width present."""
+    return [(int(o), np.flatnonzero(self.nxt == o)) for o in np.unique(self.nxt)]
+
 
 def _score_scale(ratings: ratings_lib.Ratings) -> float:
   """Power of two that turns scores into integers whose sums stay exact in float64."""
@@ -155,8 +160,8 @@ def _prefix_min(cands: list[dict[int, _Candidates]], widths: list[list[int]], fi
     for w_in, c in per_width.items():
       if w_in not in best[-1]:
         continue
-      for o in np.unique(c.nxt):
-        value = best[-1][w_in] + int(getattr(c, field)[c.nxt == o].min())
+      for o, at in c.groups:
+        value = best[-1][w_in] + int(getattr(c, field)[at].min())
         w = widths[m + 1][o]
         reach[w] = min(reach.get(w, value), value)
     best.append(reach)
@@ -207,24 +212,23 @@ def _suffix_fronts(cands: list[dict[int, _Candidates]], widths: list[list[int]],
     groups = []
     for w_in, c in cands[m].items():
       values = getattr(c, field)
-      for o in np.unique(c.nxt):
-        mask = c.nxt == o
-        groups.append((widths[m + 1][o], w_in, *_skyline(values[mask], c.score[mask])))
+      for o, at in c.groups:
+        groups.append((widths[m + 1][o], w_in, *_skyline(values[at], c.score[at])))
     limit = {w: budget - reach[m][w] for w in widths[m] if w in reach[m]}
     fronts.insert(0, _merge(fronts[0], groups, limit))
   return [{}] + fronts
 
 
-def _front_bound(front: dict[int, tuple], widths: list[int], nxt: np.ndarray, left: np.ndarray) -> np.ndarray:
-  """Best score of the rest entered at width widths[nxt] with at most `left` cost; inf if none."""
-  bound = np.full(len(nxt), np.inf)
-  for o in np.unique(nxt):
+def _front_bound(front: dict[int, tuple], widths: list[int], groups: list[tuple[int, np.ndarray]],
+                 left: np.ndarray) -> np.ndarray:
+  """Best score of the rest entered at width widths[o] with at most `left` cost; inf if none."""
+  bound = np.full(len(left), np.inf)
+  for o, at in groups:
     if widths[o] not in front:
       continue
     cost, score = front[widths[o]]
-    mask = nxt == o
-    index = np.searchsorted(cost, left[mask], 'right') - 1
-    bound[mask] = np.where(index >= 0, score[np.maximum(index, 0)], np.inf)
+    index = np.searchsorted(cost, left[at], 'right') - 1
+    bound[at] = np.where(index >= 0, score[np.maximum(index, 0)], np.inf)
   return bound
 
 
@@ -301,6 +305,8 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
   fronts = {f: _suffix_fronts(cands, widths, f, budgets[f]) for f in active}
   joint = _joint_table(cands, widths, [budgets[f] for f in active], GRID_2D) if len(active) == 2 else None
 
+  groups = [[c.groups for c in per_width.values()] for per_width in cands]
+
   def expand(m: int, s: float, f: int, p: int, wi: int):
     c = cands[m][widths[m][wi]]
     s2, f2, p2 = s + c.score, f + c.flops, p + c.params
@@ -310,7 +316,7 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
     left = {'flops': budgets['flops'] - (f2 - fixed_f) if max_flops is not None else None,
             'params': budgets['params'] - (p2 - fixed_p) if max_params is not None else None}
     for field in active:
-      lb_s = np.maximum(lb_s, s2 + _front_bound(fronts[field][m + 1], widths[m + 1], c.nxt, left[field]))
+      lb_s = np.maximum(lb_s, s2 + _front_bound(fronts[field][m + 1], widths[m + 1], groups[m][wi], left[field]))
     if joint is not None:
       tables, slack, rest_low = joint
       index = [c.nxt]
@@ -322,23 +328,25 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
     ok = np.isfinite(lb_s)
     keep = np.flatnonzero(ok)
     order = keep[np.lexsort((c.path[keep], c.cell[keep], lb_p[keep], lb_f[keep], lb_s[keep]))]
-    return (lb_s[order].tolist(), lb_f[order].tolist(), lb_p[order].tolist(), s2[order].tolist(),
-            f2[order].tolist(), p2[order].tolist(), c.nxt[order].tolist(), c.cell[order].tolist(),
-            c.path[order].tolist(), c.row[order].tolist())
+    return (lb_s[order], lb_f[order], lb_p[order], s2[order], f2[order], p2[order], c.nxt[order],
+            c.cell[order], c.path[order], c.row[order])
 
   # heap entries: (score bound, flops bound, params bound, choices key, expansion id, position)
   expansions = []
   parents = []  # per expansion: (depth of its children, rows chosen before them)
   heap = []
 
+  def push(e: int, i: int, key: tuple[int, ...]) -> None:
+    lb_s, lb_f, lb_p, *_, cell, path, _ = expansions[e]
+    heapq.heappush(heap, (lb_s[i].item(), lb_f[i].item(), lb_p[i].item(), key + (cell[i].item(), path[i].item()),
+                          e, i))
+
   def push_expansion(m, s, f, p, wi, key, rows):
     children = expand(m, s, f, p, wi)
-    if children[0]:
+    if len(children[0]):
       expansions.append(children)
       parents.append((m, rows))
-      e = len(expansions) - 1
-      heapq.heappush(heap, (children[0][0], children[1][0], children[2][0], key + (children[7][0], children[8][0]),
-                            e, 0))
+      push(len(expansions) - 1, 0, key)
 
   push_expansion(0, 0.0, fixed_f, fixed_p, 0, (), ())
   found = []
@@ -347,13 +355,12 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
     children = expansions[e]
     m, rows = parents[e]
     if i + 1 < len(children[0]):
-      heapq.heappush(heap, (children[0][i + 1], children[1][i + 1], children[2][i + 1],
-                            key[:-2] + (children[7][i + 1], children[8][i + 1]), e, i + 1))
-    chosen = rows + (children[9][i],)
+      push(e, i + 1, key[:-2])
+    chosen = rows + (int(children[9][i]),)
     if m == n - 1:
       found.append(chosen)
     else:
-      push_expansion(m + 1, children[3][i], children[4][i], children[5][i], children[6][i], key, chosen)
+      push_expansion(m + 1, children[3][i], children[4][i], children[5][i], int(children[6][i]), key, chosen)
   if not found:
     raise ValueError(f'no architecture of the space meets both max_flops={max_flops:,} and '
                      f'max_params={max_params:,} (each alone is achievable: minimum FLOPs '
@@ -389,9 +396,8 @@ def pareto_front(ratings: ratings_lib.Ratings, cost: str = 'flops') -> tuple[np.
   for m, per_width in enumerate(cands):
     groups = []
     for w_in, c in per_width.items():
-      for o in np.unique(c.nxt):
-        mask = c.nxt == o
-        groups.append((w_in, widths[m + 1][o], *_skyline(getattr(c, cost)[mask], c.score[mask])))
+      for o, at in c.groups:
+        groups.append((w_in, widths[m + 1][o], *_skyline(getattr(c, cost)[at], c.score[at])))
     front = _merge(front, groups)
   costs, scores = _skyline(np.concatenate([c for c, _ in front.values()]),
                            np.concatenate([s for _, s in front.values()]))

@@ -144,10 +144,9 @@ def test_mock_imagenet_normalizations(mock_imagenet):
   assert images.min() >= 0 and images.max() <= 255 and images.max() > 200
   np.testing.assert_allclose(_flat(batches['unit'], 'image')[:10],
                              images / 255, atol=1e-6)
-  np.testing.assert_allclose(
-      _flat(batches['imagenet'], 'image')[:10],
-      (images / 255 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
-      atol=1e-5)
+  mean, std = input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
+  np.testing.assert_allclose(_flat(batches['imagenet'], 'image')[:10],
+                             (images / 255 - mean) / std, atol=1e-5)
   bf16 = next(input_pipeline.create_split(_config(dtype='bfloat16'), 'eval',
                                           devices))
   assert bf16['image'].dtype == tf.bfloat16.as_numpy_dtype
@@ -155,7 +154,7 @@ def test_mock_imagenet_normalizations(mock_imagenet):
 
 def test_mock_imagenet_restart(mock_imagenet):
   del mock_imagenet
-  config = _config(color_jitter=0.4, randaugment_layers=2, random_erasing=0.5)
+  config = _config(color_jitter=0.4, random_erasing=0.5)
   batch = jax.device_count()
   fresh = input_pipeline.create_split(config, 'train', batch)
   fresh = [next(fresh) for _ in range(5)]
@@ -181,6 +180,13 @@ def test_rate_split_is_held_out(imagenet_dir):
   rate_ids, train_ids = set(_ids(rate)), set(_ids(train))
   assert len(rate_ids) == 8 and len(train_ids) == 16
   assert not rate_ids & train_ids
+  # 'calib' repeats training examples (here eval-style, as 'none' is).
+  calib = input_pipeline.create_split(_config(imagenet_dir, calib_examples=8),
+                                      'calib', 8)
+  calib_ids = _ids([next(calib), next(calib)])
+  assert set(calib_ids) <= train_ids and len(set(calib_ids)) == 8
+  with pytest.raises(ValueError, match='calib_examples=4 gives 4 examples'):
+    input_pipeline.create_split(config, 'calib', 8)
   labels = np.concatenate([_flat(rate, 'label')[_flat(rate, 'mask') > 0],
                            _flat(train, 'label')[_flat(train, 'mask') > 0]])
   np.testing.assert_array_equal(np.bincount(labels), [_PER_CLASS] * 3)
@@ -213,7 +219,8 @@ def test_processes_read_disjoint_shards(imagenet_dir, monkeypatch):
 
 def test_restart_across_epochs_is_exact(imagenet_dir):
   # 16 training examples per epoch = 2 batches of 8; steps 3..5 are in epoch 2.
-  config = _config(imagenet_dir, color_jitter=0.4, random_erasing=0.5)
+  config = _config(imagenet_dir, color_jitter=0.4, randaugment_layers=2,
+                   random_erasing=0.5)
   fresh = input_pipeline.create_split(config, 'train', 8)
   fresh = [next(fresh) for _ in range(6)]
   restarted = input_pipeline.create_split(config, 'train', 8, start_step=3)
@@ -221,6 +228,8 @@ def test_restart_across_epochs_is_exact(imagenet_dir):
     got = next(restarted)
     np.testing.assert_array_equal(got['image'], expected['image'])
     np.testing.assert_array_equal(got['label'], expected['label'])
+  images = _flat(fresh, 'image')
+  assert images.min() >= 0 and images.max() <= 255
   epochs = [_flat(fresh[i:i + 2], 'label') for i in (0, 2)]
   np.testing.assert_array_equal(*[np.bincount(l) for l in epochs])
   assert (epochs[0] != epochs[1]).any()  # Reshuffled.
@@ -296,7 +305,7 @@ def test_fashion_mnist_from_debian_files(tmp_path):
 def test_fashion_mnist_bad_local_files(tmp_path):
   files = tmp_path / 'files'
   files.mkdir()
-  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion'):
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-'):
     prepare_data.prepare('fashion_mnist', str(tmp_path),
                          local_files_dir=str(files))
   if not os.path.isdir(prepare_data.FASHION_MNIST_DEBIAN_DIR):
