@@ -24,9 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stages = 'teacher,distill,rate,search,retrain,evaluate'
 
   config.data.dataset = 'fashion_mnist'
+  config.data.auto_prepare = True
   config.data.image_size = 32
   config.data.normalization = 'unit'
   config.data.augment = 'simple'
+  config.data.small_image_fit = 'pad'   # 28 -> 32 by zero padding
+  config.data.crop_fraction = 1.0
   config.data.eval_split = 'test'
   config.data.rating_examples = 2000
   config.data.calib_examples = 512

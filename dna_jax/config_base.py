@@ -107,7 +107,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # WORKDIR/retrain/final and best.
       checkpoint=''))
 
-  config.fidelity = ml_collections.ConfigDict(dict(num_archs=12, noise_archs=2, epochs=0, bootstrap=2000))
+  # stages=fidelity (see fidelity.py): num_archs nets trained standalone with the retrain recipe for `epochs`
+  # (0: retrain.epochs); noise_archs of them again with noise_seed; `bootstrap` resamples per interval.
+  config.fidelity = ml_collections.ConfigDict(dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0,
+                                                   bootstrap=2000))
   return config
 
 

@@ -87,6 +87,8 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
   features = lax.stop_gradient(teacher_apply(teacher_variables, images))
   step = next(iter(states.values())).step
   path_rng = jax.random.fold_in(jax.random.PRNGKey(seed), parallel.device_index())
+  # Varying like the statistics that the sampled branch computes from this device's batch.
+  batch_stats = parallel.varying({name: state.batch_stats for name, state in states.items()})
 
   def loss_fn(params):
     total, aux = 0.0, {}
@@ -97,8 +99,8 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
       for c, cell in enumerate(cells):
         cname = f'cell{c}'
         path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell.layers, sampling)
-        output, new_stats = cell.apply({'params': params[name][cname],
-                                        'batch_stats': states[name].batch_stats[cname]}, inputs, path, True)
+        output, new_stats = cell.apply({'params': params[name][cname], 'batch_stats': batch_stats[name][cname]},
+                                       inputs, path, True)
         mse, rel_l1 = distill_losses(output, target)
         total = total + mse
         aux[(name, cname)] = (new_stats, mse, rel_l1)
@@ -118,6 +120,22 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
       metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
       metrics[f'{name}/{cname}/rel_l1'] = aux[(name, cname)][2]
   return new_states, lax.pmean(metrics, parallel.AXIS)
+
+
+@functools.cache
+def parallel_distill_step(blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...], teacher_model: Any,
+                          train_mode_bn: bool, learning_rates: tuple[tuple[str, float], ...], lr_decay: float,
+                          steps_per_epoch: int, weight_decay: float, sampling: str, seed: int, mode: str
+                          ) -> Callable[..., Any]:
+  """The device-parallel distillation step, built once per configuration (so compiled once)."""
+  from dna_jax import teacher as teacher_lib
+  teacher_apply = functools.partial(teacher_lib.teacher_features, teacher_model,
+                                    up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn)
+  optimizers = {name: create_optimizer(create_learning_rate_fn(lr, lr_decay, steps_per_epoch), weight_decay)
+                for name, lr in learning_rates}
+  step_fn = functools.partial(distill_step, blocks=blocks, teacher_apply=teacher_apply, optimizers=optimizers,
+                              sampling=sampling, seed=seed)
+  return parallel.data_parallel(step_fn, mode, num_broadcast=1)
 
 
 def create_block_state(rng: Array, cells: tuple[supernet.SupernetCell, ...], input_size: int,
@@ -187,7 +205,7 @@ def save_block(manager: ocp.CheckpointManager, state: BlockState, meta: dict[str
   if step in manager.all_steps():
     return
   # Host copies: the step's outputs are replicated over every device, and Orbax would slice each replica.
-  host_state = jax.device_get(state)
+  host_state = parallel.host_copy(state)
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)),
                force=True)
 
@@ -217,7 +235,6 @@ def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model:
                  space: space_lib.SearchSpace, data: Callable[[int], Iterator[dict[str, np.ndarray]]],
                  steps_per_epoch: int) -> dict[str, Any]:
   """Trains (or resumes) the selected blocks; returns final per-cell losses."""
-  from dna_jax import teacher as teacher_lib
   dcfg = config.distill
   conventions = layers.conventions_from_config(config.model)
   all_cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=config.space.stem_stride)
@@ -251,12 +268,10 @@ def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model:
     for start in sorted({int(s.step) for s in active.values()}):
       group = {name: s for name, s in active.items() if int(s.step) == start}
       block_ids = sorted(int(name[5:]) - 1 for name in group)
-      teacher_apply = functools.partial(teacher_lib.teacher_features, teacher_model,
-                                        up_to=max(block_ids) + 1, train_mode_bn=config.teacher.train_mode_bn)
-      step_fn = functools.partial(
-          distill_step, blocks=tuple((k, tuple(all_cells[k])) for k in block_ids), teacher_apply=teacher_apply,
-          optimizers={n: optimizers[n] for n in group}, sampling=dcfg.sampling, seed=config.seed)
-      p_step = parallel.data_parallel(step_fn, dcfg.parallel, num_broadcast=1)
+      p_step = parallel_distill_step(
+          tuple((k, tuple(all_cells[k])) for k in block_ids), teacher_model, config.teacher.train_mode_bn,
+          tuple((f'block{k + 1}', rates[k]) for k in block_ids), dcfg.lr_decay, steps_per_epoch,
+          dcfg.weight_decay, dcfg.sampling, config.seed, dcfg.parallel)
       group = _train_group(group, p_step, data(start), teacher_variables, start, total_steps, managers, elapsed,
                            writer, history, config, preemption, steps_per_epoch, rates)
       states.update(group)
@@ -309,6 +324,7 @@ def _train_group(states, p_step, batches, teacher_variables, start, total_steps,
       meta = {'step': step, 'elapsed_seconds': elapsed[name] + time.time() - t0, 'total_steps': total_steps}
       save_block(managers[name], state, meta)
 
+  states = parallel.replicate(parallel.host_copy(states), dcfg.parallel)
   step = start
   for step in range(start + 1, total_steps + 1):
     batch = next(batches)

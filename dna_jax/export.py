@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 from absl import app
 from absl import flags
 from etils import epath
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -82,26 +83,40 @@ def model_from_meta(meta: Mapping[str, Any], *, dtype: Any = jnp.float32, depthw
                         conventions=conventions, bn_axis_name=bn_axis_name)
 
 
+def _path(directory: str) -> epath.Path:
+  """Local paths made absolute (Orbax needs it); gs:// and other URLs unchanged."""
+  text = os.fspath(directory)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
 def save_child_checkpoint(directory: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-  """Writes `variables` ({'params', 'batch_stats'}) and meta.json to `directory` (replacing it)."""
-  path = epath.Path(directory)
+  """Writes `variables` ({'params', 'batch_stats'}) and meta.json to `directory`, replacing what is there.
+
+  meta.json is written last: its presence marks a complete checkpoint. Call on every process.
+  """
+  path = _path(directory)
   model_from_meta(meta)  # validates the meta before anything is written
   host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x),
                       {'params': variables['params'], 'batch_stats': variables['batch_stats']})
-  if jax.process_index() == 0 and path.exists():
-    path.rmtree()
+  if jax.process_index() == 0:
+    if (path / META_FILE).exists():
+      (path / META_FILE).unlink()
+    if (path / VARIABLES_DIR).exists():
+      (path / VARIABLES_DIR).rmtree()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / VARIABLES_DIR, host)
   checkpointer.wait_until_finished()
   checkpointer.close()
   if jax.process_index() == 0:
-    (path / META_FILE).write_text(json.dumps(dict(meta), indent=1))
+    tmp = path / (META_FILE + '.tmp')
+    tmp.write_text(json.dumps(dict(meta), indent=1))
+    tmp.rename(path / META_FILE)
 
 
 def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise: str = 'auto',
                           bn_axis_name: str | None = None) -> tuple[child.ChildNet, dict[str, Any], dict[str, Any]]:
   """(model, variables, meta) of a child checkpoint directory (see the module docstring)."""
-  path = epath.Path(directory)
+  path = _path(directory)
   if not (path / META_FILE).exists() or not (path / VARIABLES_DIR).exists():
     raise FileNotFoundError(f'{directory} is not a child checkpoint: expected {META_FILE} and {VARIABLES_DIR}/ '
                             '(written by the retrain stage or dna_jax.convert_authors)')
@@ -111,10 +126,12 @@ def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise
   variables = checkpointer.restore(path / VARIABLES_DIR)
   checkpointer.close()
   expected = jax.eval_shape(lambda: child.init_child(model, jax.random.PRNGKey(0), int(meta['image_size'])))
-  got = jax.tree.map(lambda x: tuple(x.shape), variables)
-  want = jax.tree.map(lambda x: tuple(x.shape), dict(expected))
-  if got != want:
-    raise ValueError(f'{directory}: variables do not match the architecture {meta["arch"]!r} of its meta.json')
+  got = {'/'.join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(variables).items()}
+  want = {'/'.join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(dict(expected)).items()}
+  for name in sorted(set(got) | set(want)):
+    if got.get(name) != want.get(name):
+      raise ValueError(f'{directory}: variable {name} is {got.get(name, "missing")}, but the architecture '
+                       f'{meta["arch"]!r} of its meta.json needs {want.get(name, "no such variable")}')
   return model, variables, meta
 
 

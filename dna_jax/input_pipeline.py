@@ -38,6 +38,7 @@ import itertools
 import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -67,8 +68,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   """Default data settings (ImageNet at 224 px, raw 0..255 pixels)."""
   config = ml_collections.ConfigDict()
   config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
-  config.data_dir = None  # tfds data_dir; None: TFDS_DATA_DIR or tfds's own.
+  config.data_dir = ''  # tfds data_dir (may be gs://); '': TFDS_DATA_DIR or tfds's own.
   config.local_files_dir = prepare_data.FASHION_MNIST_DEBIAN_DIR
+  # Prepare a missing small dataset on first use (never imagenet2012: it needs the manual tars).
+  config.auto_prepare = False
   config.train_split = 'train'  # A plain split name: rate/calib carve it.
   config.eval_split = 'validation'
   config.rating_examples = 10000  # Held-out train prefix used by 'rate'.
@@ -130,15 +133,19 @@ def _builder(
   _validate(data_config)
   name = data_config.dataset
   try:
-    builder = tfds.builder(name, data_dir=data_config.data_dir)
+    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
         f'data.dataset={name!r} is not a tfds dataset name (e.g. '
         "'imagenet2012', 'fashion_mnist', 'cifar10').") from None
+  if not builder.is_prepared() and data_config.get('auto_prepare') and name != 'imagenet2012':
+    logging.info('Preparing %s in %s (data.auto_prepare).', name, builder.data_dir_root)
+    prepare_data.prepare(name, data_config.data_dir or None, local_files_dir=data_config.local_files_dir)
+    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'Dataset {name} is not prepared in {builder.data_dir_root}. '
-        + prepare_data.instructions(name, data_config.data_dir))
+        + prepare_data.instructions(name, data_config.data_dir or None))
   return builder
 
 

@@ -1,6 +1,7 @@
 """Entry point: python -m dna_jax.main --config configs/NAME.py --workdir DIR [--config.key=value]."""
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -24,7 +25,14 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  pipeline.run(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # User-facing problems (bad config, missing data or checkpoints, a diverged loss): the message
+    # says what to do. DNA_JAX_TRACEBACK=1 shows where it came from.
+    if os.environ.get('DNA_JAX_TRACEBACK'):
+      raise
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -73,3 +73,21 @@ def check_global_batch(global_batch_size: int, what: str) -> int:
     raise ValueError(f'{what}={global_batch_size} must be a positive multiple of the number of devices '
                      f'({devices}: {jax.process_count()} process(es) x {jax.local_device_count()} local)')
   return global_batch_size // devices
+
+
+def replicate(tree: Any, mode: str) -> Any:
+  """Puts a host pytree on the devices the way `data_parallel(mode)` returns its state.
+
+  (With any other placement the step's second call would trace and compile again.)
+  """
+  if mode == 'pmap':
+    sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), P())
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+  sharding = NamedSharding(make_mesh(), P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def host_copy(tree: Any) -> Any:
+  """NumPy copy of a replicated pytree (pmap outputs and global arrays alike, on any host)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+                      tree)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -102,6 +101,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     mark_done(workdir, stage, {'seconds': round(time.time() - start, 1),
                                **(result if isinstance(result, dict) else {})})
     logging.info('Stage %s finished in %.1f s.', stage, time.time() - start)
-  if os.environ.get('DNA_JAX_NO_SUMMARY') is None and jax.process_index() == 0:
+  print_summary(workdir)
+
+
+def print_summary(workdir: str) -> None:
+  if jax.process_index() == 0:
     from dna_jax import summary
     print(summary.summarize(workdir))

@@ -69,7 +69,8 @@ class BlockRatings:
 
   def row(self, cell: int, ops: Sequence[int], in_channels: int) -> int:
     """Row index of a (cell, path, in_channels); ValueError if absent."""
-    found = np.flatnonzero((self.cell == cell) & (self.path == path_index(ops)) & (self.in_channels == in_channels))
+    found = np.flatnonzero((self.cell == cell) & (self.path == path_index(ops))
+                           & (self.in_channels == in_channels))
     if not len(found):
       raise ValueError(f'no rating for cell {cell} ops {space_lib.ops_string(ops)} in_channels {in_channels}')
     return int(found[0])

@@ -10,12 +10,18 @@ Algorithm (exact, not a heuristic):
    keep their k best; then every candidate dominated by >= k others of its group (no worse in
    score, flops and params, better in the ranking order below) is dropped: each net using it
    would have k strictly better feasible nets, so it cannot be among the top k.
-2. Lower bounds on the best score of the remaining blocks, per input width, from knapsack tables
-   over budget buckets: costs are rounded down onto a grid (4096 buckets per budget, 64x64 for
-   both), which relaxes the budgets, so the tables never overestimate.
-3. A* over blocks (best first, lazily generating siblings in sorted order): a node's priority
-   is (score + bound, flops + cheapest rest, params + cheapest rest, choices so far), which never
-   exceeds that of any completion, so complete nets come out exactly in ranking order.
+2. Lower bounds on the best score of the remaining blocks for a remaining budget, per position
+   and input width: the exact Pareto front (cost, best score) of the remaining blocks for each
+   budget alone, and with both budgets a knapsack table over a 256x256 grid of budget buckets
+   (costs rounded down, so it never overestimates).
+3. An upper bound: the k-th best score of the nets a small beam search (width 32) finds.
+4. Best-first search over blocks (A*), expanding nodes in vectorised batches and dropping every
+   child whose score bound exceeds the upper bound. A node's priority (score + bound, flops +
+   cheapest rest, params + cheapest rest, choices so far) never exceeds that of any of its
+   completions, so complete nets come out exactly in ranking order.
+Measured on the default space (benchmarks/search_speed.py, one core): 0.02-0.08 s for top_k=1 and
+0.2-0.4 s for top_k=10, with random or cost-correlated scores; smooth noise-free ratings with
+both budgets binding are the slow case (seconds).
 
 Ranking order (deterministic tie-breaking): summed score, then total FLOPs, then total params,
 then the choices block by block, each as (cell index, path index in `Cell.paths()` order).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import json
 import math
@@ -41,9 +48,9 @@ import numpy as np
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
 
-GRID = 4096        # buckets per budget of the 1-D bound tables
-GRID_2D = 64       # buckets per budget of the joint table, used when both budgets are set
+GRID_2D = 256      # buckets per budget of the joint table, used when both budgets are set
 _CHUNK = 1 << 21   # elements per temporary array in pairwise steps
+BEAM = 32          # width of the beam search that finds an upper bound first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +81,12 @@ class _Candidates:
   path: np.ndarray
   row: np.ndarray
 
-  @property
-  def groups(self) -> list[tuple[int, np.ndarray]]:
-    """(output width index, positions) of each output width present."""
-    return [(int(o), np.flatnonzero(self.nxt == o)) for o in np.unique(self.nxt)]
+  @functools.cached_property
+  def groups(self) -> list[tuple[int, slice]]:
+    """(output width index, rows) per output width; rows are contiguous and sorted by score."""
+    starts = np.flatnonzero(np.r_[True, self.nxt[1:] != self.nxt[:-1]])
+    ends = np.r_[starts[1:], len(self.nxt)]
+    return [(int(self.nxt[a]), slice(int(a), int(b))) for a, b in zip(starts, ends)]
 
 
 def _score_scale(ratings: ratings_lib.Ratings) -> float:
@@ -135,7 +144,8 @@ def _candidates(ratings: ratings_lib.Ratings, scale: float, top_k: int) -> list[
         if len(rows):
           kept.append(rows[_dominance_keep(score[rows], table.flops[rows], table.params[rows],
                                            table.cell[rows], table.path[rows], top_k)])
-      rows = np.sort(np.concatenate(kept))
+      rows = np.concatenate(kept)  # by output width, then score (see _Candidates.groups)
+      rows = rows[np.lexsort((table.path[rows], table.cell[rows], score[rows], cell_width[rows]))]
       per_width[w_in] = _Candidates(score[rows], table.flops[rows], table.params[rows],
                                     np.searchsorted(widths[m + 1], cell_width[rows]), table.cell[rows],
                                     table.path[rows], rows)
@@ -178,7 +188,8 @@ def _skyline(cost: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return cost[keep], score[keep]
 
 
-def _merge(fronts: dict[int, tuple], groups: Sequence[tuple], limit: dict[int, int] | None = None) -> dict[int, tuple]:
+def _merge(fronts: dict[int, tuple], groups: Sequence[tuple],
+           limit: dict[int, int] | None = None) -> dict[int, tuple]:
   """Fronts one block further: `fronts[w]` reaches width w; `groups` are (w_from, w_to, cost, score)
   fronts of the block's rows. Sums are exact; `limit[w_to]` drops costs above it."""
   parts: dict[int, list] = {}
@@ -217,19 +228,6 @@ def _suffix_fronts(cands: list[dict[int, _Candidates]], widths: list[list[int]],
     limit = {w: budget - reach[m][w] for w in widths[m] if w in reach[m]}
     fronts.insert(0, _merge(fronts[0], groups, limit))
   return [{}] + fronts
-
-
-def _front_bound(front: dict[int, tuple], widths: list[int], groups: list[tuple[int, np.ndarray]],
-                 left: np.ndarray) -> np.ndarray:
-  """Best score of the rest entered at width widths[o] with at most `left` cost; inf if none."""
-  bound = np.full(len(left), np.inf)
-  for o, at in groups:
-    if widths[o] not in front:
-      continue
-    cost, score = front[widths[o]]
-    index = np.searchsorted(cost, left[at], 'right') - 1
-    bound[at] = np.where(index >= 0, score[np.maximum(index, 0)], np.inf)
-  return bound
 
 
 def _bucket(values: np.ndarray, slack: int, grid: int) -> np.ndarray:
@@ -284,6 +282,95 @@ def _check_budget(ratings: ratings_lib.Ratings, budget: int | None, field: str, 
                      f'achievable {label} is {lowest:,} ({lowest / 1e6:.2f}M)')
 
 
+@dataclasses.dataclass
+class _Problem:
+  """Pruned candidates and the lower-bound tables of one search."""
+  cands: list[dict[int, _Candidates]]
+  widths: list[list[int]]
+  budgets: dict[str, int | None]   # what the budgets leave after the fixed cost
+  min_score: list[np.ndarray]      # per position and input width: cheapest rest, unconstrained
+  min_flops: list[np.ndarray]
+  min_params: list[np.ndarray]
+  fronts: dict[str, list[dict[int, tuple]]]
+  joint: tuple | None
+
+  @property
+  def active(self) -> list[str]:
+    return [f for f in ('flops', 'params') if self.budgets[f] is not None]
+
+
+def _problem(ratings: ratings_lib.Ratings, max_flops: int | None, max_params: int | None, top_k: int) -> _Problem:
+  cands = _candidates(ratings, _score_scale(ratings), top_k)
+  widths = _widths(ratings.space)
+  budgets = {'flops': None if max_flops is None else max_flops - ratings.fixed_flops,
+             'params': None if max_params is None else max_params - ratings.fixed_params}
+  active = [f for f in ('flops', 'params') if budgets[f] is not None]
+  fronts = {f: _suffix_fronts(cands, widths, f, budgets[f]) for f in active}
+  joint = _joint_table(cands, widths, [budgets[f] for f in active], GRID_2D) if len(active) == 2 else None
+  return _Problem(cands, widths, budgets, _suffix_min(cands, widths, 'score'), _suffix_min(cands, widths, 'flops'),
+                  _suffix_min(cands, widths, 'params'), fronts, joint)
+
+
+def _children(problem: _Problem, m: int, wi: int, score: np.ndarray, flops: np.ndarray, params: np.ndarray,
+              upper: float = np.inf):
+  """The children in block m of nodes entering it at width index wi (costs exclude the fixed part).
+
+  Returns (node, lb_score, lb_flops, lb_params, score, flops, params, nxt, cell, path, row): the
+  children of each node contiguous and sorted by priority, leaving out those that cannot fit the
+  budgets or whose score bound exceeds `upper`.
+  """
+  c = problem.cands[m][problem.widths[m][wi]]
+  nodes, picks = [], []
+  for o, rows in c.groups:  # only the candidates whose score can still beat `upper`
+    count = np.searchsorted(c.score[rows], upper - score - problem.min_score[m + 1][o], 'right')
+    node = np.repeat(np.arange(len(score)), count)
+    nodes.append(node)
+    picks.append(rows.start + np.arange(len(node)) - np.repeat(np.cumsum(count) - count, count))
+  node, pick = np.concatenate(nodes), np.concatenate(picks)
+  s2, f2, p2 = score[node] + c.score[pick], flops[node] + c.flops[pick], params[node] + c.params[pick]
+  nxt = c.nxt[pick]
+  lb_s = s2 + problem.min_score[m + 1][nxt]
+  for i, field in enumerate(problem.active):
+    left = problem.budgets[field] - (f2 if field == 'flops' else p2)
+    bound = np.full(len(s2), np.inf)
+    for o, _ in c.groups:
+      front = problem.fronts[field][m + 1].get(problem.widths[m + 1][o])
+      if front is not None:
+        at = np.flatnonzero(nxt == o)
+        index = np.searchsorted(front[0], left[at], 'right') - 1
+        bound[at] = np.where(index >= 0, front[1][np.maximum(index, 0)], np.inf)
+    lb_s = np.maximum(lb_s, s2 + bound)
+    keep = np.flatnonzero(np.isfinite(lb_s) & (lb_s <= upper))  # inf: the rest cannot fit the budget
+    node, pick, s2, f2, p2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, nxt, lb_s))
+  if problem.joint is not None:
+    tables, slack, rest_low = problem.joint
+    index = [nxt]
+    for i, field in enumerate(problem.active):
+      rest = problem.budgets[field] - (f2 if field == 'flops' else p2) - rest_low[i][m + 1]
+      index.append(np.clip(rest * GRID_2D // max(slack[i], 1), 0, GRID_2D))
+    lb_s = np.maximum(lb_s, s2 + tables[m + 1][tuple(index)])
+  keep = np.flatnonzero(lb_s <= upper)
+  node, pick, s2, f2, p2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, nxt, lb_s))
+  lb_f = f2 + problem.min_flops[m + 1][nxt]
+  lb_p = p2 + problem.min_params[m + 1][nxt]
+  order = np.lexsort((c.path[pick], c.cell[pick], lb_p, lb_f, lb_s, node))
+  pick = pick[order]
+  return (node[order], lb_s[order], lb_f[order], lb_p[order], s2[order], f2[order], p2[order], nxt[order],
+          c.cell[pick], c.path[pick], c.row[pick])
+
+
+def _upper_bound(problem: _Problem, top_k: int, width: int = BEAM) -> float:
+  """Score of the k-th best of some k distinct feasible nets (a beam search), or inf if it finds fewer."""
+  nodes = (np.zeros(1), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+  for m in range(len(problem.cands)):
+    parts = [_children(problem, m, wi, *(a[nodes[3] == wi] for a in nodes[:3]))
+             for wi in np.unique(nodes[3])]
+    lb_s, lb_f, lb_p, s, f, p, nxt = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3, 4, 5, 6, 7))
+    best = np.lexsort((lb_p, lb_f, lb_s))[:width if m < len(problem.cands) - 1 else top_k]
+    nodes = (s[best], f[best], p[best], nxt[best])
+  return float(nodes[0][-1]) if len(nodes[0]) == top_k else np.inf
+
+
 def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_params: int | None = None,
            top_k: int = 1) -> list[Result]:
   """The `top_k` nets of lowest summed score within the budgets, best first (exact; see module doc)."""
@@ -291,80 +378,61 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
     raise ValueError(f'top_k must be >= 1, got {top_k}')
   _check_budget(ratings, max_flops, 'flops', 'max_flops')
   _check_budget(ratings, max_params, 'params', 'max_params')
-  scale = _score_scale(ratings)
-  cands = _candidates(ratings, scale, top_k)
-  widths = _widths(ratings.space)
-  n = len(cands)
-  min_score = _suffix_min(cands, widths, 'score')
-  min_flops = _suffix_min(cands, widths, 'flops')
-  min_params = _suffix_min(cands, widths, 'params')
-  fixed_f, fixed_p = ratings.fixed_flops, ratings.fixed_params
-  budgets = {'flops': None if max_flops is None else max_flops - fixed_f,
-             'params': None if max_params is None else max_params - fixed_p}
-  active = [f for f in ('flops', 'params') if budgets[f] is not None]
-  fronts = {f: _suffix_fronts(cands, widths, f, budgets[f]) for f in active}
-  joint = _joint_table(cands, widths, [budgets[f] for f in active], GRID_2D) if len(active) == 2 else None
-
-  groups = [[c.groups for c in per_width.values()] for per_width in cands]
-
-  def expand(m: int, s: float, f: int, p: int, wi: int):
-    c = cands[m][widths[m][wi]]
-    s2, f2, p2 = s + c.score, f + c.flops, p + c.params
-    lb_f = f2 + min_flops[m + 1][c.nxt]
-    lb_p = p2 + min_params[m + 1][c.nxt]
-    lb_s = s2 + min_score[m + 1][c.nxt]
-    left = {'flops': budgets['flops'] - (f2 - fixed_f) if max_flops is not None else None,
-            'params': budgets['params'] - (p2 - fixed_p) if max_params is not None else None}
-    for field in active:
-      lb_s = np.maximum(lb_s, s2 + _front_bound(fronts[field][m + 1], widths[m + 1], groups[m][wi], left[field]))
-    if joint is not None:
-      tables, slack, rest_low = joint
-      index = [c.nxt]
-      for i, field in enumerate(active):
-        rest = left[field] - rest_low[i][m + 1]
-        index.append(np.clip(rest * GRID_2D // max(slack[i], 1), 0, GRID_2D))
-        lb_s = np.where(rest < 0, np.inf, lb_s)
-      lb_s = np.maximum(lb_s, s2 + tables[m + 1][tuple(index)])
-    ok = np.isfinite(lb_s)
-    keep = np.flatnonzero(ok)
-    order = keep[np.lexsort((c.path[keep], c.cell[keep], lb_p[keep], lb_f[keep], lb_s[keep]))]
-    return (lb_s[order], lb_f[order], lb_p[order], s2[order], f2[order], p2[order], c.nxt[order],
-            c.cell[order], c.path[order], c.row[order])
-
-  # heap entries: (score bound, flops bound, params bound, choices key, expansion id, position)
-  expansions = []
-  parents = []  # per expansion: (depth of its children, rows chosen before them)
-  heap = []
+  problem = _problem(ratings, max_flops, max_params, top_k)
+  upper = _upper_bound(problem, top_k)
+  last = len(problem.cands) - 1
+  # Best-first search. An expansion holds the sorted children of one node; the heap holds, per
+  # expansion, its best child not yet taken: (score bound, flops bound, params bound, choices key,
+  # expansion, position). Nodes are expanded in batches (one vectorised step per batch); a complete
+  # net is accepted only when it is the heap's minimum and no popped node awaits expansion.
+  expansions: list[tuple] = []
+  heap: list[tuple] = []
+  found: list[tuple[int, ...]] = []
 
   def push(e: int, i: int, key: tuple[int, ...]) -> None:
-    lb_s, lb_f, lb_p, *_, cell, path, _ = expansions[e]
+    _, lb_s, lb_f, lb_p, *_, cell, path, _ = expansions[e][0]
     heapq.heappush(heap, (lb_s[i].item(), lb_f[i].item(), lb_p[i].item(), key + (cell[i].item(), path[i].item()),
                           e, i))
 
-  def push_expansion(m, s, f, p, wi, key, rows):
-    children = expand(m, s, f, p, wi)
-    if len(children[0]):
-      expansions.append(children)
-      parents.append((m, rows))
-      push(len(expansions) - 1, 0, key)
+  def expand(m: int, nodes: list[tuple]) -> None:
+    """nodes: (score, flops, params, width index, key, rows) entering block m."""
+    for wi in sorted({node[3] for node in nodes}):
+      same = [node for node in nodes if node[3] == wi]
+      step = max(1, _CHUNK // len(problem.cands[m][problem.widths[m][wi]].score))
+      for group in (same[lo:lo + step] for lo in range(0, len(same), step)):
+        arrays = _children(problem, m, wi, *(np.array([node[j] for node in group]) for j in range(3)), upper)
+        bounds = np.searchsorted(arrays[0], np.arange(len(group) + 1))
+        for j, node in enumerate(group):
+          if bounds[j] < bounds[j + 1]:
+            expansions.append((tuple(a[bounds[j]:bounds[j + 1]] for a in arrays), m, node[5]))
+            push(len(expansions) - 1, 0, node[4])
 
-  push_expansion(0, 0.0, fixed_f, fixed_p, 0, (), ())
-  found = []
+  expand(0, [(0.0, 0, 0, 0, (), ())])
+  batch_size = 1
   while heap and len(found) < top_k:
-    _, _, _, key, e, i = heapq.heappop(heap)
-    children = expansions[e]
-    m, rows = parents[e]
-    if i + 1 < len(children[0]):
-      push(e, i + 1, key[:-2])
-    chosen = rows + (int(children[9][i]),)
-    if m == n - 1:
-      found.append(chosen)
-    else:
-      push_expansion(m + 1, children[3][i], children[4][i], children[5][i], int(children[6][i]), key, chosen)
-  if not found:
-    raise ValueError(f'no architecture of the space meets both max_flops={max_flops:,} and '
-                     f'max_params={max_params:,} (each alone is achievable: minimum FLOPs '
-                     f'{_raw_minimum(ratings, "flops"):,}, minimum params {_raw_minimum(ratings, "params"):,})')
+    pending: dict[int, list] = {}
+    while heap and sum(map(len, pending.values())) < batch_size:
+      children, m, rows = expansions[heap[0][4]]
+      if m == last and pending:
+        break  # complete, but pending expansions may still yield better nets
+      _, _, _, key, e, i = heapq.heappop(heap)
+      if i + 1 < len(children[0]):
+        push(e, i + 1, key[:-2])
+      chosen = rows + (int(children[10][i]),)
+      if m == last:
+        found.append(chosen)
+        if len(found) == top_k:
+          break
+      else:
+        pending.setdefault(m + 1, []).append((children[4][i], children[5][i], children[6][i], int(children[7][i]),
+                                              key, chosen))
+    for m, nodes in pending.items():
+      expand(m, nodes)
+    batch_size = min(2 * batch_size, 512)
+  if not found:  # only possible with both budgets: each alone was checked above
+    raise ValueError(f'no architecture of the space meets both max_flops={max_flops} and max_params={max_params} '
+                     f'(each alone is achievable: minimum FLOPs {_raw_minimum(ratings, "flops"):,}, minimum '
+                     f'params {_raw_minimum(ratings, "params"):,})')
   return [_result(ratings, rows) for rows in found]
 
 
@@ -468,6 +536,18 @@ def run_search(ratings_dir: str, out_dir: str | None = None, max_flops: int | No
   return results
 
 
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """The search stage: WORKDIR/ratings -> WORKDIR/search, budgets from `config.search` (0: none)."""
+  budget = lambda value: int(value) if value else None
+  start = time.perf_counter()
+  results = run_search(os.path.join(workdir, 'ratings'), os.path.join(workdir, 'search'),
+                       budget(config.search.max_flops), budget(config.search.max_params),
+                       int(config.search.top_k), overwrite=True)
+  best = results[0]
+  return {'architecture': str(best.architecture), 'score': round(best.score, 6), 'flops': best.flops,
+          'params': best.params, 'nets': len(results), 'seconds': round(time.perf_counter() - start, 2)}
+
+
 def format_table(results: Sequence[Result]) -> str:
   lines = [f'{"rank":>4} {"score":>10} {"MFLOPs":>8} {"Mparams":>8} {"MMACs":>8}  architecture']
   for rank, r in enumerate(results, 1):
@@ -476,22 +556,33 @@ def format_table(results: Sequence[Result]) -> str:
   return '\n'.join(lines)
 
 
+def _count(text: str) -> int:
+  """'400M', '5.3e6', '350000000' -> int."""
+  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
+  try:
+    value = float(text[:-1] if scale != 1 else text) * scale
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a count: {text!r} (e.g. 400M, 5.3e6, 350000000)') from None
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f'not a count: {text!r}')
+  return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dna_jax.search', description=__doc__.splitlines()[0])
   parser.add_argument('--ratings', required=True, help='ratings directory (WORKDIR/ratings)')
-  parser.add_argument('--max_flops', type=float, default=None, help='FLOPs budget, e.g. 400e6')
-  parser.add_argument('--max_params', type=float, default=None, help='parameter budget, e.g. 5.3e6')
+  parser.add_argument('--max_flops', type=_count, default=None, help='FLOPs budget, e.g. 400M')
+  parser.add_argument('--max_params', type=_count, default=None, help='parameter budget, e.g. 5.3M')
   parser.add_argument('--top_k', type=int, default=1)
   parser.add_argument('--json', action='store_true', help='print the results as JSON')
   parser.add_argument('--out', default=None, help='output directory (default: WORKDIR/search)')
   parser.add_argument('--overwrite', action='store_true', help='replace existing arch_*.json / pareto.png')
   parser.add_argument('--no_plot', action='store_true', help='skip pareto.png')
   args = parser.parse_args(argv)
-  as_int = lambda x: None if x is None else int(x)
   start = time.perf_counter()
   try:
-    results = run_search(args.ratings, args.out, as_int(args.max_flops), as_int(args.max_params), args.top_k,
-                         args.overwrite, plot=not args.no_plot)
+    results = run_search(args.ratings, args.out, args.max_flops, args.max_params, args.top_k, args.overwrite,
+                         plot=not args.no_plot)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

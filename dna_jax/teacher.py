@@ -91,8 +91,11 @@ def read_metadata(directory: str | os.PathLike[str], expected: str = '') -> dict
   """The metadata of a complete teacher checkpoint, or a clear error."""
   path = as_path(directory)
   want = f' (expected EfficientNet variant {expected!r})' if expected else ''
-  hint = (f'; create it with: python -m dna_jax.convert_teacher --variant {expected or "b7"} '
-          f'--keras_weights efficientnet{expected or "b7"}.h5 --out {directory}')
+  if expected == 'tiny':
+    hint = '; train it with the teacher stage (config.stages=teacher,...)'
+  else:
+    hint = (f'; create it with: python -m dna_jax.convert_teacher --variant {expected or "b7"} '
+            f'--keras_weights efficientnet{expected or "b7"}.h5 --out {directory}')
   if not (path / METADATA_FILE).exists():
     state = 'does not exist' if not path.exists() else f'has no {METADATA_FILE} (missing or incomplete)'
     raise TeacherCheckpointError(f'teacher checkpoint {path} {state}{want}{hint}')
@@ -139,13 +142,15 @@ def check(directory: str | os.PathLike[str], variant: str) -> dict[str, Any]:
   return metadata
 
 
-def load(directory: str | os.PathLike[str], variant: str = '') -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
+def load(directory: str | os.PathLike[str], variant: str = '',
+         **overrides: Any) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
   """(model, variables) of a teacher checkpoint, variables on the default device.
 
-  With `variant`, `check` runs first; otherwise the checkpoint's own variant is used.
+  With `variant`, `check` runs first; otherwise the checkpoint's own variant is used. `overrides` are
+  model attributes that leave the variables' shapes alone (e.g. conventions, bn_axis_name).
   """
   metadata = check(directory, variant) if variant else read_metadata(directory)
-  model = build_model(metadata)
+  model = build_model(metadata, **overrides)
   target = abstract_variables(model)
   restored = ocp.StandardCheckpointer().restore(as_path(directory) / VARIABLES_DIR, target)
   return model, jax.device_put(restored)

@@ -1,6 +1,7 @@
 """Retraining: learning, EMA, resume, pmap/shard_map/1-device parity, schedule, supernet init, export."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,11 @@ def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
   loaded_model, loaded, loaded_meta = export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
   assert loaded_meta == meta
   assert_trees_equal(loaded, variables)
+  other = export_lib.make_meta(space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, IMAGE,
+                               model.conventions, 'imagenet')
+  (tmp_path / 'ckpt' / 'meta.json').write_text(json.dumps(other))
+  with pytest.raises(ValueError, match=r'block2_layer0/dwconv/kernel is \(3, 3, 1, 48\).*needs \(5, 5, 1, 48\)'):
+    export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
 
   pixels = np.random.default_rng(4).uniform(0, 255, (3, IMAGE, IMAGE, 3)).astype(np.float32)
   expected = np.asarray(model.apply(variables, export_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])

@@ -231,3 +231,28 @@ def test_run_search_files_cli_and_overwrite(tmp_path, capsys):
   assert [p['string'] for p in printed] == [str(r.architecture) for r in results]
   assert search_lib.main(['--ratings', ratings_dir, '--max_flops', '1', '--out', str(tmp_path / 'x')]) == 1
   assert 'minimum achievable FLOPs is' in capsys.readouterr().err
+
+
+def test_fewer_feasible_than_top_k(tmp_path):
+  rng = np.random.default_rng(8)
+  ratings = write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
+  score, flops, params, rows = brute_force(ratings)
+  for max_flops, max_params in ((int(flops.min()), None), (None, int(params.min())),
+                                (int(np.sort(flops)[2]), int(np.sort(params)[-3]))):
+    feasible = np.flatnonzero((flops <= (max_flops or flops.max())) & (params <= (max_params or params.max())))
+    assert 1 <= len(feasible) < 20
+    results = search_lib.search(ratings, max_flops, max_params, top_k=20)
+    assert [r.rows for r in results] == [tuple(rows[i]) for i in feasible]
+
+
+def test_stage_run_reads_config_budgets(tmp_path):
+  import ml_collections
+  rng = np.random.default_rng(9)
+  ratings = write_random_ratings(str(tmp_path / 'ratings'), random_space(rng), rng, ties=False)
+  _, _, params, _ = brute_force(ratings)
+  config = ml_collections.ConfigDict({'search': {'max_flops': 0, 'max_params': int(np.median(params)), 'top_k': 2}})
+  for _ in range(2):  # a rerun replaces its own files
+    summary = search_lib.run(config, str(tmp_path))
+  expected = search_lib.search(ratings, None, int(np.median(params)), 2)
+  assert summary['architecture'] == str(expected[0].architecture) and summary['nets'] == 2
+  assert json.loads((tmp_path / 'search' / 'arch_2.json').read_text())['string'] == str(expected[1].architecture)

@@ -1,0 +1,306 @@
+"""Distillation step speed: one teacher pass + every cell of every block, against the alternatives.
+
+  PYTHONPATH=. python benchmarks/distill_step.py [--space imagenet|small] [--batch 8] [--steps 3]
+      [--dtype float32|bfloat16] [--teacher_bn inference|train] [--skip_separate] [--memory_batch 64]
+      [--peak_gflops 157]
+
+--space imagenet: all 15 cells of `space.default_imagenet_space()`, EfficientNet-B7 teacher, 224 px
+(batch 8 by default). --space small: the demo space '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
+(stem 16, DS 8, stem stride 1) against the 'tiny' teacher at 32 px (batch 128 by default).
+Random weights and images (speed does not depend on their values); one device, the step run as
+`parallel.data_parallel(distill.distill_step, --parallel)` as training runs it (default pmap, training's
+default; with --parallel shard_map the BatchNorm statistics are marked varying on entry, see
+`_varying_stats`).
+
+Measured (median of --steps runs after one warm-up; compile time measured apart and excluded):
+  (a) full step: teacher once (up to the last block) + every cell fwd+bwd + Adam;
+  (b) teacher forward alone (jit of teacher_features, the same up_to);
+  (c) student part alone: the same step fed precomputed teacher features;
+  (d) 'separate': one step per block k with only that block's cells and the teacher re-run up to
+      block k (what per-block training would cost), summed over blocks;
+  (e) the authors' way, estimated: the teacher re-run (up to the cell's block) for every cell,
+      sum over cells of teacher(up_to=k) (each measured) + (c).
+FLOPs: XLA's cost analysis of the compiled program (`cost_analysis()['flops']`). XLA charges a
+`lax.switch` its costliest branch, so for the student it counts the k7e6 op on every layer: an upper
+bound. The 'analytic' column is 2 x multiply-accumulates of the teacher plus 3 x (fwd+bwd) the mean
+over the 6 ops of each student layer (dna_jax.costs), i.e. the expected work of a random path.
+Memory: the process's peak RSS after the full step (ru_maxrss: includes the compiler and the
+teacher weights), the device's peak bytes where the backend reports them, and XLA's
+`memory_analysis()` of the full step lowered and compiled (never run) at --memory_batch per device:
+argument + output + temp - aliased bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dna_jax import costs
+from dna_jax import distill
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import efficientnet
+from dna_jax.models import layers
+from dna_jax.models import supernet
+
+SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
+GiB = 1024 ** 3
+
+
+def load() -> str:
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def compile_and_time(fn, args, steps: int) -> dict[str, float]:
+  """Compile seconds, median seconds per call (after one warm-up) and XLA FLOPs of jitted `fn`."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'step_s': statistics.median(times), 'min_s': min(times),
+          'flops': xla_flops(compiled), 'load': load()}
+
+
+def setup(args):
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
+  conv = layers.Conventions(dtype=dtype)
+  if args.space == 'imagenet':
+    space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
+  else:
+    space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
+  model = efficientnet.variant(teacher_name, conventions=conv)
+  cells = supernet.supernet_cells(space, conventions=conv, stem_stride=stem_stride)
+  return space, model, cells, image, stem_stride
+
+
+def analytic_student_macs(space, cells, image: int, stem_stride: int, block_ids) -> int:
+  """Fwd multiply-accumulates of one image through every cell of `block_ids`, mean op per layer."""
+  sizes = distill.block_input_sizes(image, stem_stride, space)
+  total = 0
+  for k in block_ids:
+    for cell in cells[k]:
+      size = sizes[k]
+      if cell.stem is not None:
+        stem_width, ds_width, s = cell.stem
+        size = layers.output_size(size, 3, s, 'tf_same')
+        total += costs.conv_cost(3, stem_width, 3, size * size).macs
+        total += costs.mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
+      for l in range(cell.cell.layers):
+        cin, cout, stride = cell.layer_shape(l)
+        per_op = [costs.mbconv_cost(cin, cout, op.expansion, op.kernel, stride, size) for op in space_lib.OPS]
+        total += sum(c.macs for c, _ in per_op) // len(per_op)
+        size = per_op[0][1]
+  return total
+
+
+def teacher_macs(model, image: int, up_to: int) -> int:
+  size = layers.output_size(image, 3, model.stem_stride, model.conventions.padding)
+  channels = model.scaled_width(model.stem_width)
+  macs = costs.conv_cost(3, channels, 3, size * size).macs
+  for i, stage in enumerate(efficientnet.scaled_stages(model)):
+    if i > up_to:
+      break
+    for j in range(stage.repeats):
+      cost, size = costs.mbconv_cost(channels, stage.width, stage.expansion, stage.kernel,
+                                     stage.stride if j == 0 else 1, size, model.conventions.padding)
+      macs += cost.macs
+      channels = stage.width
+  return macs
+
+
+def _varying_stats(step, states, batch, *broadcast):
+  """shard_map work-around: BatchNorm statistics enter the step marked varying over the data axis.
+
+  Under shard_map, `SupernetCell.apply`'s lax.switch returns updated (varying) statistics for the
+  drawn op and the incoming (invariant) ones for the others, which shard_map's type check rejects.
+  distill_step pmeans the statistics afterwards, so marking them varying on entry changes nothing else.
+  """
+  states = {n: s.replace(batch_stats=parallel.varying(s.batch_stats)) for n, s in states.items()}
+  return step(states, batch, *broadcast)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
+  parser.add_argument('--batch', type=int, default=0, help='default: 8 (imagenet) or 128 (small)')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (median)')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--teacher_bn', choices=('inference', 'train'), default='inference',
+                      help="teacher BatchNorm: running statistics (dna_jax's default) or the authors' batch stats")
+  parser.add_argument('--parallel', choices=parallel.MODES, default='pmap',
+                      help="how the per-device step is mapped (training's default: pmap); one device either way")
+  parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
+  parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
+  parser.add_argument('--peak_gflops', type=float, default=157.0,
+                      help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)')
+  args = parser.parse_args(argv)
+  batch = args.batch or (8 if args.space == 'imagenet' else 128)
+  if batch % jax.device_count():
+    print(f'error: --batch {batch} must divide over {jax.device_count()} devices', file=sys.stderr)
+    return 1
+  space, model, cells, image, stem_stride = setup(args)
+  num_blocks = len(space.blocks)
+  num_cells = sum(len(c) for c in cells)
+  train_bn = args.teacher_bn == 'train'
+  device = jax.devices()[0]
+  print(f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; '
+        f'space {args.space} ({num_blocks} blocks, {num_cells} cells); teacher '
+        f'{"B7" if args.space == "imagenet" else "tiny"} ({args.teacher_bn} BN); batch {batch}, {image} px, '
+        f'{args.dtype}; peak {args.peak_gflops:g} GFLOP/s; load average at start {load()}', flush=True)
+
+  rng = np.random.default_rng(0)
+  images_np = rng.uniform(0, 255, (1, batch, image, image, 3)).astype(np.float32)
+  batch_in = parallel.shard_batch({'image': images_np}, args.parallel)
+  images = jnp.asarray(images_np[0])
+  t0 = time.perf_counter()
+  teacher_vars = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+  jax.block_until_ready(teacher_vars)
+  print(f'teacher init {time.perf_counter() - t0:.1f} s', flush=True)
+
+  sizes = distill.block_input_sizes(image, stem_stride, space)
+  optimizers = {f'block{k + 1}': distill.create_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
+                for k in range(num_blocks)}
+  states = {f'block{k + 1}': distill.create_block_state(jax.random.key(k), tuple(cells[k]), sizes[k],
+                                                        optimizers[f'block{k + 1}']) for k in range(num_blocks)}
+
+  def teacher_apply_for(up_to):
+    return functools.partial(teacher_lib.teacher_features, model, up_to=up_to, train_mode_bn=train_bn)
+
+  def make_step(block_ids, teacher_apply):
+    blocks = tuple((k, tuple(cells[k])) for k in block_ids)
+    names = {f'block{k + 1}' for k in block_ids}
+    step = functools.partial(distill.distill_step, blocks=blocks, teacher_apply=teacher_apply,
+                             optimizers={n: o for n, o in optimizers.items() if n in names}, sampling='uniform',
+                             seed=0)
+    if args.parallel == 'shard_map':
+      step = functools.partial(_varying_stats, step)
+    return parallel.data_parallel(step, args.parallel, num_broadcast=1), {n: states[n] for n in names}
+
+  rows = []
+
+  def row(name, result, images_per_step, analytic_flops):
+    step_s = result['step_s']
+    rows.append((name, result['compile_s'], step_s, images_per_step / step_s, result['flops'] / 1e9,
+                 result['flops'] / step_s / 1e9, analytic_flops / 1e9, analytic_flops / step_s / 1e9,
+                 result['load']))
+    print(f'  measured {name}: {step_s:.3f} s/step (min {result["min_s"]:.3f}), compile {result["compile_s"]:.1f} s, '
+          f'load {result["load"]}', flush=True)
+
+  all_ids = list(range(num_blocks))
+  t_macs = {k: teacher_macs(model, image, k) * batch for k in range(1, num_blocks + 1)}
+  s_macs = analytic_student_macs(space, cells, image, stem_stride, all_ids) * batch
+
+  # (a) the full step.
+  full_fn, full_states = make_step(all_ids, teacher_apply_for(num_blocks))
+  full = compile_and_time(full_fn, (full_states, batch_in, teacher_vars), args.steps)
+  row(f'(a) full step: teacher once + {num_cells} cells', full, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  mem_stats = device.memory_stats() or {}
+  device_peak = mem_stats.get('peak_bytes_in_use')
+
+  # (b) the teacher forward alone.
+  teacher_fns = {}
+
+  def teacher_time(up_to):
+    if up_to not in teacher_fns:
+      fn = jax.jit(lambda v, x: teacher_lib.teacher_features(model, v, x, up_to=up_to, train_mode_bn=train_bn))
+      teacher_fns[up_to] = compile_and_time(fn, (teacher_vars, images), args.steps)
+    return teacher_fns[up_to]
+
+  row(f'(b) teacher forward (up_to={num_blocks})', teacher_time(num_blocks), batch, 2 * t_macs[num_blocks])
+
+  # (c) the student part alone: the same step, teacher features precomputed and passed in.
+  features = jax.jit(teacher_apply_for(num_blocks))(teacher_vars, images)
+  student_fn, _ = make_step(all_ids, lambda feats, _images: feats)
+  student = compile_and_time(student_fn, (full_states, batch_in, features), args.steps)
+  row(f'(c) student part: {num_cells} cells fwd+bwd+Adam', student, batch, 6 * s_macs)
+
+  separate_s = authors_s = None
+  if not args.skip_separate:
+    separate_s = 0.0
+    for k in all_ids:
+      fn, st = make_step([k], teacher_apply_for(k + 1))
+      result = compile_and_time(fn, (st, batch_in, teacher_vars), args.steps)
+      separate_s += result['step_s']
+      row(f'(d) separate block {k + 1}: teacher up_to={k + 1} + {len(cells[k])} cells', result, batch,
+          2 * t_macs[k + 1] + 6 * analytic_student_macs(space, cells, image, stem_stride, [k]) * batch)
+    authors_s = student['step_s']
+    for k in all_ids:
+      authors_s += len(cells[k]) * teacher_time(k + 1)['step_s']
+    print('  teacher forward by up_to: ' + ', '.join(f'{u}: {r["step_s"]:.3f} s' for u, r in sorted(teacher_fns.items())),
+          flush=True)
+
+  memory = None
+  if args.memory_batch:
+    if args.parallel == 'pmap':
+      abstract = {'image': jax.ShapeDtypeStruct((jax.local_device_count(), args.memory_batch, image, image, 3),
+                                                jnp.float32)}
+    else:
+      sharding = jax.sharding.NamedSharding(parallel.make_mesh(), jax.P(parallel.AXIS))
+      abstract = {'image': jax.ShapeDtypeStruct((args.memory_batch * jax.device_count(), image, image, 3),
+                                                jnp.float32, sharding=sharding)}
+    start = time.perf_counter()
+    try:
+      compiled = full_fn.lower(full_states, abstract, teacher_vars).compile()
+      m = compiled.memory_analysis()
+      memory = {'compile_s': time.perf_counter() - start, 'args': m.argument_size_in_bytes,
+                'out': m.output_size_in_bytes, 'temp': m.temp_size_in_bytes, 'alias': m.alias_size_in_bytes}
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'  memory_analysis at batch {args.memory_batch} failed: {type(e).__name__}: {e}', flush=True)
+
+  print()
+  print(f'device: {device.platform} {device.device_kind}; space {args.space}, {num_cells} cells, batch {batch}, '
+        f'{image} px, {args.dtype}, teacher {args.teacher_bn} BN, {args.parallel}; median of {args.steps} steps; compile excluded')
+  print('| measurement | compile s | s/step | img/s | XLA GFLOP/step | XLA GFLOP/s | analytic GFLOP/step | '
+        'analytic GFLOP/s | % of peak (analytic) | load 1/5/15 min |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for name, comp, step_s, ips, gf, gfs, af, afs, ld in rows:
+    print(f'| {name} | {comp:.1f} | {step_s:.3f} | {ips:.1f} | {gf:.1f} | {gfs:.1f} | {af:.1f} | {afs:.1f} | '
+          f'{100 * afs / args.peak_gflops:.1f} | {ld} |')
+  full_s, teacher_s, student_s = full['step_s'], teacher_time(num_blocks)['step_s'], student['step_s']
+  print()
+  print('| summary | value |')
+  print('|---|---|')
+  print(f'| full step (a) | {full_s:.3f} s = {batch / full_s:.1f} img/s (compile {full["compile_s"]:.1f} s, excluded) |')
+  print(f'| teacher share | (b)/(a) = {100 * teacher_s / full_s:.0f}%; 1 - (c)/(a) = {100 * (1 - student_s / full_s):.0f}% |')
+  print(f'| teacher (b) + student (c) | {teacher_s:.3f} + {student_s:.3f} = {teacher_s + student_s:.3f} s |')
+  if separate_s is not None:
+    print(f'| (d) separate, one step per block (sum of 6) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |')
+    print(f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
+          f'{authors_s / full_s:.2f}x faster |')
+  print(f'| peak RSS of the process after (a) | {peak_rss / GiB:.2f} GiB |')
+  if device_peak is not None:
+    print(f'| device peak bytes in use after (a) | {device_peak / GiB:.2f} GiB |')
+  if memory:
+    total = memory['args'] + memory['out'] + memory['temp'] - memory['alias']
+    print(f'| memory_analysis of (a) at per-device batch {args.memory_batch} ({args.dtype}) | {total / GiB:.2f} GiB '
+          f'(args {memory["args"] / GiB:.2f} + out {memory["out"] / GiB:.2f} + temp {memory["temp"] / GiB:.2f} '
+          f'- aliased {memory["alias"] / GiB:.2f}; compiled in {memory["compile_s"]:.0f} s, not run); '
+          f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |')
+  print(f'| load average at end | {load()} |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

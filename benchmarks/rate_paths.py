@@ -1,0 +1,264 @@
+"""Rating speed: the prefix-sharing vmapped evaluator (`rate.rate_cell`) against one path at a time.
+
+  PYTHONPATH=. python benchmarks/rate_paths.py [--batch 32] [--calib_batch 32] [--chunk_size 216]
+      [--naive_paths 20] [--repeats 2] [--five_layer pieces|full|skip] [--rating_images 10000]
+      [--skip_teacher] [--peak_gflops 157]
+
+Cells: block 5 of `space.default_imagenet_space()` (input: teacher block 4, 14x14x224; output: the
+teacher's 7x7x384): the 4-layer 4@192 cell (1296 paths) and the 5-layer 5@192 cell (7776 paths, the
+cell the machine notes' targets name). Random supernet variables, random input activations of the
+right shapes (speed does not depend on values), fp32, one device. Every path is recalibrated
+(BatchNorm statistics from the --calib_batch calibration inputs fed through that path) and scored on
+--batch rating inputs, as the rate stage does for every rating batch.
+
+Measured, compile excluded (each compiled function is called once first; compile time is stated):
+  ours:  `rate.rate_cell` on the whole 4@192 cell (median of --repeats calls). On 5@192
+         (--five_layer pieces, the default) its pieces are timed, each on real inputs: the 6 first-layer
+         calls, the second-layer calls under one first-layer op and --subtrees of the 36 vmapped
+         216-path subtree calls; the cell's time is 6 x first + 36 x second + 36 x subtree, which is
+         exactly the calls rate_cell makes (--five_layer full times rate_cell on the whole cell instead).
+  naive: one path at a time, the authors' way: recalibrate then evaluate the path layer by layer
+         (`rate.naive_path_errors`' computation, jitted once with the path as a traced argument, one
+         lax.switch per layer), called per path on --naive_paths random paths, mean per path; the
+         whole cell is that times its path count (extrapolated).
+  teacher: EfficientNet-B7 (random weights, inference BN) forward up to block 5 on --batch images at
+         224 px (what rating block 5 needs), and up to block 6 (what rating every block needs). The
+         naive loop re-runs it per path (the issue's "authors' way"); ours runs it once per batch for
+         every cell of every block.
+Projection to the whole default space (23,010 paths) on --rating_images images: ceil(images/batch)
+batches x (sum over the 15 cells of rate_cell's time per batch + the teacher up to block 6). Cells not
+measured are scaled from the measured 4@192 time by their analytic multiply-accumulates over the
+prefix tree (sum over layers l of 6**l x the 6 ops' MACs, x (batch + calib_batch) images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from dna_jax import costs
+from dna_jax import distill
+from dna_jax import rate
+from dna_jax import space as space_lib
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import efficientnet
+from dna_jax.models import layers
+from dna_jax.models import supernet
+
+NUM_OPS = space_lib.NUM_OPS
+BLOCK = 4  # block 5 (0-based index)
+
+
+def load() -> str:
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def timed(fn, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, out
+
+
+def tree_macs(cell: supernet.SupernetCell, size: int) -> int:
+  """Per-image MACs of rating every path of `cell` as a prefix tree (every op of layer l on 6**l prefixes)."""
+  total = 0
+  if cell.stem is not None:
+    stem_width, ds_width, s = cell.stem
+    size = layers.output_size(size, 3, s, 'tf_same')
+    total += costs.conv_cost(3, stem_width, 3, size * size).macs
+    total += costs.mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
+  for l in range(cell.cell.layers):
+    cin, cout, stride = cell.layer_shape(l)
+    per_op = [costs.mbconv_cost(cin, cout, op.expansion, op.kernel, stride, size) for op in space_lib.OPS]
+    total += NUM_OPS ** l * sum(c.macs for c, _ in per_op)
+    size = per_op[0][1]
+  return total
+
+
+def naive_fn(cell: supernet.SupernetCell):
+  """One path: recalibrate + evaluate layer by layer (naive_path_errors' computation), path traced."""
+  def one_path(variables, path, calib, inputs, target, mask):
+    for l in range(cell.cell.layers):
+      branches = [functools.partial(rate._op_pair, cell, variables, l, j) for j in range(NUM_OPS)]  # pylint: disable=protected-access
+      calib, inputs = lax.switch(path[l], branches, calib, inputs)
+    return rate.path_errors(inputs[None], target, mask)
+  return jax.jit(one_path)
+
+
+def measure_naive(cell, variables, data, num_paths: int, seed: int) -> dict[str, float]:
+  fn = naive_fn(cell)
+  rng = np.random.default_rng(seed)
+  paths = [jnp.asarray(rng.integers(0, NUM_OPS, cell.cell.layers), jnp.int32) for _ in range(num_paths + 1)]
+  compile_s, _ = timed(fn, variables, paths[0], *data)
+  times = [timed(fn, variables, p, *data)[0] for p in paths[1:]]
+  return {'compile_s': compile_s - statistics.median(times), 'path_s': statistics.mean(times),
+          'median_s': statistics.median(times), 'n': num_paths, 'load': load()}
+
+
+def measure_rate_cell(cell, variables, data, chunk: int, repeats: int) -> dict[str, float]:
+  first, _ = timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))
+  times = [timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))[0] for _ in range(repeats)]
+  steady = statistics.median(times)
+  return {'compile_s': first - steady, 'cell_s': steady, 'how': f'measured, whole cell, median of {repeats}',
+          'load': load()}
+
+
+def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str, float]:
+  """rate_cell's calls on a cell with lead levels, each kind timed on real inputs, composed."""
+  calib, inputs, target, mask = data
+  layers_ = cell.cell.layers
+  d = rate.trailing_levels(layers_, chunk)
+  lead = layers_ - d
+  compile_s = 0.0
+  level_inputs = [(calib, inputs)]
+  level_times = []
+  for level in range(lead):
+    c, x = level_inputs[-1]
+    fns = [rate.compiled('op', cell, None, level, j) for j in range(NUM_OPS)]
+    first = [timed(f, variables, c, x) for f in fns]          # compile + run
+    steady = [timed(f, variables, c, x)[0] for f in fns]
+    compile_s += sum(t for t, _ in first) - sum(steady)
+    level_times.append(statistics.mean(steady))
+    level_inputs.append(first[0][1])
+  sub = rate.compiled('subtree', cell, None, lead)
+  c, x = level_inputs[-1]
+  first, _ = timed(sub, variables, c, x, target, mask)
+  times = [timed(sub, variables, c, x, target, mask)[0] for _ in range(subtrees)]
+  sub_s = statistics.mean(times)
+  compile_s += first - sub_s
+  total = sum(NUM_OPS ** (l + 1) * t for l, t in enumerate(level_times)) + NUM_OPS ** lead * sub_s
+  parts = ' + '.join(f'{NUM_OPS ** (l + 1)} x {t:.3f}' for l, t in enumerate(level_times))
+  return {'compile_s': compile_s, 'cell_s': total, 'load': load(),
+          'how': f'pieces measured, composed: {parts} + {NUM_OPS ** lead} x {sub_s:.3f} s (subtree, mean of {subtrees})'}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=32, help='rating images per batch')
+  parser.add_argument('--calib_batch', type=int, default=32, help='calibration images (BN recalibration)')
+  parser.add_argument('--chunk_size', type=int, default=216)
+  parser.add_argument('--naive_paths', type=int, default=20, help='paths timed in the naive loop (per cell)')
+  parser.add_argument('--repeats', type=int, default=2, help='timed rate_cell calls on the 4-layer cell')
+  parser.add_argument('--subtrees', type=int, default=2, help='timed subtree calls (--five_layer pieces)')
+  parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
+  parser.add_argument('--rating_images', type=int, default=10000)
+  parser.add_argument('--skip_teacher', action='store_true')
+  parser.add_argument('--peak_gflops', type=float, default=157.0,
+                      help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)')
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  print(f'device: {device.platform} {device.device_kind}; jax {jax.__version__}; batch {args.batch}, calib '
+        f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {load()}', flush=True)
+
+  space = space_lib.default_imagenet_space()
+  all_cells = supernet.supernet_cells(space)
+  sizes = distill.block_input_sizes(224, 2, space)
+  in_size, in_ch = sizes[BLOCK], all_cells[BLOCK][0].in_channels
+  out_size = layers.output_size(in_size, 3, 2, 'tf_same')
+  out_ch = all_cells[BLOCK][0].out_channels
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  data = (normal(args.calib_batch, in_size, in_size, in_ch), normal(args.batch, in_size, in_size, in_ch),
+          normal(args.batch, out_size, out_size, out_ch), jnp.ones((args.batch,), jnp.float32))
+
+  chosen = {'4@192': all_cells[BLOCK][0]}
+  if args.five_layer != 'skip':
+    chosen['5@192'] = all_cells[BLOCK][2]
+  results = {}
+  for name, cell in chosen.items():
+    rcell = rate.for_rating(cell, None)
+    variables = jax.jit(cell.init)(jax.random.key(1), jnp.zeros((1, in_size, in_size, in_ch)))
+    naive = measure_naive(rcell, variables, data, args.naive_paths, seed=len(results))
+    print(f'  {name} naive: {naive["path_s"]:.4f} s/path (median {naive["median_s"]:.4f}), compile '
+          f'{naive["compile_s"]:.1f} s, load {naive["load"]}', flush=True)
+    if cell.cell.layers <= 4 or args.five_layer == 'full':
+      ours = measure_rate_cell(rcell, variables, data, args.chunk_size, args.repeats)
+    else:
+      ours = measure_pieces(rcell, variables, data, args.chunk_size, args.subtrees)
+    print(f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), compile {ours["compile_s"]:.1f} s, '
+          f'load {ours["load"]}', flush=True)
+    results[name] = (cell, naive, ours)
+    del variables
+
+  teacher = {}
+  if not args.skip_teacher:
+    model = efficientnet.variant('b7')
+    images = jnp.asarray(rng.uniform(0, 255, (args.batch, 224, 224, 3)), jnp.float32)
+    tvars = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+    for up_to in (BLOCK + 1, len(space.blocks)):
+      fn = jax.jit(lambda v, x, up_to=up_to: teacher_lib.teacher_features(model, v, x, up_to=up_to))
+      first, _ = timed(fn, tvars, images)
+      times = [timed(fn, tvars, images)[0] for _ in range(2)]
+      teacher[up_to] = statistics.median(times)
+      print(f'  teacher B7 up_to={up_to}, batch {args.batch}: {teacher[up_to]:.3f} s (compile '
+            f'{first - teacher[up_to]:.1f} s), load {load()}', flush=True)
+  t5, t6 = teacher.get(BLOCK + 1, 0.0), teacher.get(len(space.blocks), 0.0)
+
+  b, calib_b = args.batch, args.calib_batch
+  print()
+  print(f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), fp32; '
+        f'{b} rating + {calib_b} calibration images per path; compile excluded')
+  print('| cell | paths | method | what is timed | s per cell per batch | ms / path / image | paths/s (per batch) '
+        '| GFLOP/s (analytic) | compile s | load 1/5/15 |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  summary = []
+  for name, (cell, naive, ours) in results.items():
+    paths = cell.cell.num_paths
+    naive_cell = naive['path_s'] * paths
+    ours_gflops = 2 * tree_macs(cell, in_size) * (b + calib_b) / ours['cell_s'] / 1e9
+    print(f'| {name} | {paths} | rate_cell (prefix tree + vmap) | {ours["how"]} | {ours["cell_s"]:.2f} | '
+          f'{1e3 * ours["cell_s"] / paths / b:.4f} | {paths / ours["cell_s"]:.1f} | {ours_gflops:.1f} '
+          f'({100 * ours_gflops / args.peak_gflops:.0f}% of peak) | {ours["compile_s"]:.1f} | {ours["load"]} |')
+    print(f'| {name} | {paths} | naive, one path at a time | {naive["n"]} random paths measured, x {paths} '
+          f'extrapolated | {naive_cell:.1f} | {1e3 * naive["path_s"] / b:.3f} | {1 / naive["path_s"]:.2f} | - | '
+          f'{naive["compile_s"]:.1f} | {naive["load"]} |')
+    ratio = naive_cell / ours['cell_s']
+    line = f'{name}: rate_cell is {ratio:.1f}x faster per path per image than the naive loop (student only)'
+    if teacher:
+      with_t = (naive['path_s'] + t5) * paths
+      print(f'| {name} | {paths} | naive + teacher B7 up_to=5 re-run per path | naive + {t5:.2f} s per path | '
+            f'{with_t:.1f} | {1e3 * (naive["path_s"] + t5) / b:.3f} | {1 / (naive["path_s"] + t5):.3f} | - | - | - |')
+      line += (f'; with the teacher re-run per path vs once per batch for this cell: '
+               f'{with_t / (ours["cell_s"] + t5):.0f}x')
+    summary.append(line)
+
+  # Projection to the whole default space.
+  measured = {name: ours['cell_s'] for name, (_, _, ours) in results.items()}
+  ref_cell, _, ref = results['4@192']
+  s_per_mac = ref['cell_s'] / (tree_macs(ref_cell, in_size) * (b + calib_b))
+  per_batch, notes = 0.0, []
+  for k, cells in enumerate(all_cells):
+    for cell in cells:
+      key = cell.cell.name if k == BLOCK else None
+      if key in measured:
+        per_batch += measured[key]
+      else:
+        per_batch += tree_macs(cell, sizes[k]) * (b + calib_b) * s_per_mac
+  batches = math.ceil(args.rating_images / b)
+  total_s = batches * (per_batch + t6)
+  print()
+  for line in summary:
+    print(f'- {line}')
+  print(f'- whole default space (23,010 paths, 15 cells) on {args.rating_images} images, projected: '
+        f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
+        f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
+        f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
+        f'({"teacher not measured" if not teacher else "teacher included"}); the authors\' code: about 446 h on this CPU')
+  print(f'- peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; '
+        f'load average at end {load()}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,483 @@
+"""Ranking fidelity: do the block ratings rank architectures the way their trained accuracy does?
+
+Picks `fidelity.num_archs` architectures spread over the range of summed block scores (always the
+search's choice and the lowest-scoring net of the space), trains each one from scratch with the
+retrain recipe (`fidelity.epochs` epochs when > 0), and reports Kendall tau and Spearman rho between
+minus the summed score and test top-1, with bootstrap 95% intervals, beside the same correlations
+for the trivial proxies FLOPs and params. `fidelity.noise_archs` of the nets are trained again with
+`fidelity.noise_seed` to show how much accuracy differs between two trainings of the same net.
+
+Layout of WORKDIR/fidelity/:
+  picked.json    the architectures, written before any training; a rerun reads it, never re-picks
+  runs/I_seedS/  one training run: arch.json, Orbax checkpoints (resumed), result.json once finished
+  fidelity.csv   arch,score,flops,params,accuracy,seed: one row per run
+  fidelity.json  correlations with intervals, training noise
+  fidelity.png   accuracy against summed score, FLOPs and params
+  tb/            the same scalars for TensorBoard
+
+Run in a workdir that holds ratings (stages rate, and optionally search, done):
+  python -m dna_jax.main --config CONFIG --workdir DIR --config.stages=fidelity
+  python -m dna_jax.fidelity --workdir DIR [--config CONFIG]   (default: the config in DIR/config.json)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any, Callable, Sequence
+
+from absl import logging
+from clu import metric_writers
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from dna_jax import ratings as ratings_lib
+from dna_jax import search as search_lib
+from dna_jax import space as space_lib
+
+SAMPLE_SIZE = 20_000  # random architectures whose score quantiles the pick is stratified over
+LEVEL = 0.95          # coverage of the bootstrap intervals
+
+# ----------------------------------------------------------------------------- rank correlations
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Kendall's tau-b (ties handled as scipy.stats.kendalltau) along the last axis; NaN if x or y is constant."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  n = x.shape[-1]
+  upper = np.triu(np.ones((n, n), bool), 1)
+  sx = np.sign(x[..., :, None] - x[..., None, :])[..., upper]
+  sy = np.sign(y[..., :, None] - y[..., None, :])[..., upper]
+  denominator = np.sqrt(np.sum(sx != 0, -1) * np.sum(sy != 0, -1).astype(np.float64))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denominator > 0, np.sum(sx * sy, -1) / denominator, np.nan)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks along the last axis, ties sharing their average rank (scipy.stats.rankdata)."""
+  x = np.asarray(x, np.float64)
+  below = np.sum(x[..., None, :] < x[..., :, None], -1)
+  equal = np.sum(x[..., None, :] == x[..., :, None], -1)
+  return below + (equal + 1) / 2
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Spearman's rho (Pearson correlation of average ranks) along the last axis; NaN if x or y is constant."""
+  rx, ry = average_ranks(x), average_ranks(y)
+  rx = rx - rx.mean(-1, keepdims=True)
+  ry = ry - ry.mean(-1, keepdims=True)
+  denominator = np.sqrt(np.sum(rx * rx, -1) * np.sum(ry * ry, -1))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denominator > 0, np.sum(rx * ry, -1) / denominator, np.nan)
+
+
+def with_interval(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], x: Sequence[float],
+                  y: Sequence[float], resamples: int, seed: int, level: float = LEVEL) -> dict[str, float]:
+  """{value, low, high}: the statistic and its percentile-bootstrap interval over resampled pairs.
+
+  Resamples where the statistic is undefined (x or y constant) are left out; NaN bounds if all are.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f'x and y must be 1-D of the same length, got shapes {x.shape} and {y.shape}')
+  value = float(statistic(x, y))
+  low = high = float('nan')
+  if resamples > 0:
+    index = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
+    values = statistic(x[index], y[index])
+    values = values[np.isfinite(values)]
+    if len(values):
+      low, high = (float(v) for v in np.percentile(values, [50 * (1 - level), 50 * (1 + level)]))
+  return {'value': value, 'low': low, 'high': high}
+
+
+def correlations(quality: Sequence[float], accuracy: Sequence[float], resamples: int, seed: int
+                 ) -> dict[str, dict[str, float]]:
+  """Kendall tau and Spearman rho of `quality` (higher = predicted better) against accuracy."""
+  return {'kendall_tau': with_interval(kendall_tau, quality, accuracy, resamples, seed),
+          'spearman_rho': with_interval(spearman_rho, quality, accuracy, resamples, seed)}
+
+
+# ----------------------------------------------------------------------------- picking architectures
+
+
+def _row_tables(ratings: ratings_lib.Ratings) -> list[np.ndarray]:
+  """Per block: table[offset of cell + path index, input width index] = row of the block's ratings."""
+  tables = []
+  for k, (block, rated) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
+    widths = ratings_lib.input_widths(ratings.space, k)
+    offsets = np.cumsum([0] + [cell.num_paths for cell in block.cells])[:-1]
+    table = np.full((block.num_paths, len(widths)), -1, np.int64)
+    table[offsets[rated.cell] + rated.path, np.searchsorted(widths, rated.in_channels)] = np.arange(len(rated))
+    tables.append(table)
+  return tables
+
+
+def sample_architectures(ratings: ratings_lib.Ratings, count: int, rng: np.random.Generator) -> np.ndarray:
+  """Rows [count, blocks] of architectures drawn uniformly from the space (with replacement)."""
+  space = ratings.space
+  rows = np.zeros((count, len(space.blocks)), np.int64)
+  width = np.full(count, space.ds_width)
+  for k, (block, rated, table) in enumerate(zip(space.blocks, ratings.blocks, _row_tables(ratings))):
+    widths = ratings_lib.input_widths(space, k)
+    rows[:, k] = table[rng.integers(0, block.num_paths, count), np.searchsorted(widths, width)]
+    width = np.array([cell.width for cell in block.cells])[rated.cell[rows[:, k]]]
+  return rows
+
+
+def summed_scores(ratings: ratings_lib.Ratings, rows: np.ndarray) -> np.ndarray:
+  """Summed block score of each architecture given by its rows (block order, as `architecture_rating`)."""
+  total = np.zeros(len(rows))
+  for k, rated in enumerate(ratings.blocks):
+    total = total + rated.score[rows[:, k]]
+  return total
+
+
+def _architecture(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> space_lib.Architecture:
+  choices = [(int(b.cell[r]), b.ops[r]) for b, r in zip(ratings.blocks, rows)]
+  return space_lib.make_architecture(ratings.space, choices)
+
+
+def pick_architectures(ratings: ratings_lib.Ratings, num_archs: int, seed: int,
+                       search_choice: space_lib.Architecture | None = None) -> list[dict[str, Any]]:
+  """`num_archs` distinct architectures spread over the range of summed scores, sorted by score.
+
+  Always the lowest-scoring architecture of the space (exact) and `search_choice` if given; the
+  others one per equal-count bin (a quantile bin) of the summed scores of SAMPLE_SIZE random
+  architectures, drawn at random within the bin. Deterministic for a seed. Each entry:
+  {'arch': Architecture, 'role': 'search' | 'lowest' | 'search,lowest' | 'sample', 'rows': (...)}.
+  """
+  if num_archs < 3:
+    raise ValueError(f'fidelity.num_archs must be >= 3 for a rank correlation, got {num_archs}')
+  fixed: dict[tuple[int, ...], str] = {}
+  if search_choice is not None:
+    rows = ratings_lib.architecture_rows(ratings, search_choice)
+    if rows is None:
+      raise ValueError(f'the search choice {search_choice} is not in the space of the ratings in '
+                       f'{ratings.directory}; rerun stages=search on these ratings')
+    fixed[rows] = 'search'
+  lowest = search_lib.search(ratings, top_k=1)[0].rows
+  fixed[lowest] = 'search,lowest' if lowest in fixed else 'lowest'
+  slots = num_archs - len(fixed)
+  rng = np.random.default_rng(seed)
+  sample = np.unique(sample_architectures(ratings, SAMPLE_SIZE, rng), axis=0)
+  sample = sample[[tuple(int(r) for r in rows) not in fixed for rows in sample]]
+  if len(sample) < slots:
+    raise ValueError(f'fidelity.num_archs={num_archs} but only {len(sample) + len(fixed)} distinct architectures '
+                     f'were found in {SAMPLE_SIZE:,} draws from a space of {ratings.space.num_architectures:,}: '
+                     'lower fidelity.num_archs')
+  order = np.argsort(summed_scores(ratings, sample), kind='stable')
+  bins = np.array_split(order, slots)  # equal-count bins of increasing score
+  chosen = [members[rng.integers(len(members))] for members in bins]
+  picks = [(rows, role) for rows, role in fixed.items()]
+  picks += [(tuple(int(r) for r in sample[i]), 'sample') for i in chosen]
+  scores = summed_scores(ratings, np.array([rows for rows, _ in picks]))
+  return [{'arch': _architecture(ratings, picks[i][0]), 'role': picks[i][1], 'rows': picks[i][0]}
+          for i in np.argsort(scores, kind='stable')]
+
+
+def noise_indices(num_archs: int, noise_archs: int) -> list[int]:
+  """Which of the (score-sorted) picks are trained twice: evenly spaced, extremes left out."""
+  if not 0 <= noise_archs <= num_archs:
+    raise ValueError(f'fidelity.noise_archs must lie in [0, num_archs={num_archs}], got {noise_archs}')
+  if noise_archs < num_archs - 1:
+    positions = np.linspace(0, num_archs - 1, noise_archs + 2)[1:-1]
+  else:
+    positions = np.linspace(0, num_archs - 1, noise_archs)
+  return [int(i) for i in np.round(positions)]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _write_text(path: epath.Path, text: str) -> None:
+  """Atomic write, process 0 only."""
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_json(path: epath.Path, data: Any) -> None:
+  _write_text(path, json.dumps(data, indent=1) + '\n')
+
+
+def load_ratings(workdir: str) -> ratings_lib.Ratings:
+  """WORKDIR/ratings, or an error naming the stage that makes them."""
+  directory = epath.Path(workdir) / 'ratings'
+  if not (directory / ratings_lib.META).exists():
+    raise FileNotFoundError(f'no ratings in {directory}: the fidelity study needs them; run stages=rate first '
+                            '(in this workdir, with the same config)')
+  try:
+    return ratings_lib.read_ratings(os.fspath(directory))
+  except ValueError as e:
+    raise ValueError(f'{e}; run stages=rate first (it resumes and completes the ratings)') from None
+
+
+def search_choice(workdir: str) -> space_lib.Architecture | None:
+  """WORKDIR/search/arch_1.json if the search ran, else None."""
+  path = epath.Path(workdir) / 'search' / 'arch_1.json'
+  if not path.exists():
+    return None
+  try:
+    return space_lib.Architecture.from_json(path.read_text())
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from None
+
+
+def _pick_record(ratings: ratings_lib.Ratings, pick: dict[str, Any], index: int) -> dict[str, Any]:
+  rating = ratings_lib.architecture_rating(ratings, pick['arch'])
+  return {'index': index, 'arch': str(pick['arch']), 'role': pick['role'], 'score': rating['score'],
+          'flops': rating['flops'], 'params': rating['params']}
+
+
+def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.Ratings
+                 ) -> list[dict[str, Any]]:
+  """The picks of WORKDIR/fidelity/picked.json, or a new pick written there; rated records sorted by score."""
+  fc = config.fidelity
+  path = epath.Path(workdir) / 'fidelity' / 'picked.json'
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if (saved['num_archs'], saved['seed']) != (fc.num_archs, config.seed):
+      raise ValueError(f'{path} holds {saved["num_archs"]} architectures picked with seed {saved["seed"]}, but '
+                       f'fidelity.num_archs={fc.num_archs}, seed={config.seed}: restore those values to resume, '
+                       f'or delete {path.parent} to start a new study')
+    picks = []
+    for record in saved['archs']:
+      arch = space_lib.from_string(record['arch'])
+      if ratings_lib.architecture_rating(ratings, arch) is None:
+        raise ValueError(f'{path}: {record["arch"]} is not in the space of {ratings.directory}; delete '
+                         f'{path.parent} to start a new study on these ratings')
+      picks.append(_pick_record(ratings, {'arch': arch, 'role': record['role']}, record['index']))
+    logging.info('Read %d architectures from %s.', len(picks), path)
+    return picks
+  picks = [_pick_record(ratings, pick, i) for i, pick in
+           enumerate(pick_architectures(ratings, fc.num_archs, config.seed, search_choice(workdir)))]
+  _write_json(path, {'num_archs': fc.num_archs, 'seed': config.seed, 'sample_size': SAMPLE_SIZE,
+                     'ratings': ratings.directory, 'archs': picks})
+  logging.info('Picked %d architectures (summed scores %.4f..%.4f), written to %s.', len(picks),
+               picks[0]['score'], picks[-1]['score'], path)
+  return picks
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.retrain with fidelity.epochs (when > 0) and a single evaluation, at the end."""
+  tc = config.retrain.copy_and_resolve_references()
+  if config.fidelity.epochs > 0:
+    tc.epochs = config.fidelity.epochs
+  tc.eval_every_epochs = tc.epochs
+  return tc
+
+
+def train_architecture(config: ml_collections.ConfigDict, arch: space_lib.Architecture, directory: str,
+                       seed: int) -> dict[str, Any]:
+  """Trains `arch` from scratch with `recipe(config)` in `directory` (resumed); returns eval-split results.
+
+  `accuracy` is the final test top-1 (%) of the EMA weights, as the retrain stage reports it.
+  """
+  from dna_jax import input_pipeline
+  from dna_jax import retrain
+  tc = recipe(config)
+  num_classes = input_pipeline.check_dataset(config.data)
+  model = retrain.child_model(config, arch, num_classes)
+  source, target = retrain.data_normalization(config.data), tc.normalization
+  _, results = retrain.train_and_evaluate(
+      model, tc, directory, image_size=config.data.image_size, steps_per_epoch=retrain.steps_per_epoch(tc, config.data),
+      seed=seed, normalization=None if source == target else (source, target),
+      train_batches=lambda start: input_pipeline.create_split(config.data, 'train', tc.batch_size, start_step=start),
+      eval_batches=lambda: input_pipeline.create_split(config.data, 'eval', tc.batch_size))
+  final = results['final']
+  return {'accuracy': final['ema']['top1'], 'top5': final['ema']['top5'], 'raw_accuracy': final['raw']['top1'],
+          'steps': results['steps'], 'elapsed_seconds': results['elapsed_seconds']}
+
+
+def run_directory(workdir: str, index: int, seed: int) -> epath.Path:
+  return epath.Path(workdir) / 'fidelity' / 'runs' / f'{index}_seed{seed}'
+
+
+def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, Any], seed: int) -> dict[str, Any]:
+  """One run's result: read from its result.json if it finished, else trained (resuming) and written there."""
+  directory = run_directory(workdir, pick['index'], seed)
+  result_path, arch_path = directory / 'result.json', directory / 'arch.json'
+  for path in (result_path, arch_path):
+    if path.exists() and json.loads(path.read_text())['arch'] != pick['arch']:
+      raise ValueError(f'{path} belongs to another architecture than {pick["arch"]} (picked.json was replaced?); '
+                       f'delete {directory} to train it again')
+  if result_path.exists():
+    logging.info('Run %s finished before: %s.', directory.name, result_path)
+    return json.loads(result_path.read_text())
+  if not arch_path.exists():
+    _write_json(arch_path, {'arch': pick['arch'], 'seed': seed})
+  logging.info('Fidelity run %s: %s (summed score %.4f).', directory.name, pick['arch'], pick['score'])
+  result = {'index': pick['index'], 'arch': pick['arch'], 'seed': seed,
+            **train_architecture(config, space_lib.from_string(pick['arch']), os.fspath(directory), seed)}
+  _write_json(result_path, result)
+  return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def study_report(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], seed: int,
+                 noise_seed: int, resamples: int) -> dict[str, Any]:
+  """The fidelity.json record: correlations on the `seed` runs, noise from the repeated ones."""
+  acc = [accuracy[p['index'], seed] for p in picks]
+  report: dict[str, Any] = {'num_archs': len(picks), 'seeds': [seed, noise_seed], 'bootstrap': resamples,
+                            'level': LEVEL}
+  proxies = (('', [-p['score'] for p in picks]), ('flops_', [p['flops'] for p in picks]),
+             ('params_', [p['params'] for p in picks]))
+  for prefix, quality in proxies:
+    for name, value in correlations(quality, acc, resamples, seed).items():
+      report[prefix + name] = value
+  per_arch = [{'index': p['index'], 'arch': p['arch'], 'accuracy': [accuracy[p['index'], seed],
+                                                                      accuracy[p['index'], noise_seed]],
+               'abs_diff': abs(accuracy[p['index'], seed] - accuracy[p['index'], noise_seed])}
+              for p in picks if (p['index'], noise_seed) in accuracy]
+  report['noise'] = {'per_arch': per_arch,
+                     'mean_abs_diff': float(np.mean([a['abs_diff'] for a in per_arch])) if per_arch else None}
+  return report
+
+
+def csv_text(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float]) -> str:
+  """fidelity.csv: one row per run (architecture and seed)."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator='\n')
+  writer.writerow(['arch', 'score', 'flops', 'params', 'accuracy', 'seed'])
+  by_index = {p['index']: p for p in picks}
+  for (index, seed), value in sorted(accuracy.items()):
+    p = by_index[index]
+    writer.writerow([p['arch'], repr(p['score']), p['flops'], p['params'], repr(value), seed])
+  return out.getvalue()
+
+
+def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], report: dict[str, Any],
+               seed: int, path_png: str) -> None:
+  """Three panels: accuracy against summed score, FLOPs and params; a net's second-seed run linked by a line."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  colors = {'sample': 'tab:blue', 'lowest': 'tab:green', 'search': 'tab:red', 'search,lowest': 'tab:red'}
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+  panels = (('score', 1, 'summed block score (lower = rated better)', ''),
+            ('flops', 1e6, 'FLOPs (M)', 'flops_'), ('params', 1e6, 'parameters (M)', 'params_'))
+  for ax, (field, unit, label, prefix) in zip(axes, panels):
+    for p in picks:
+      x, y = p[field] / unit, accuracy[p['index'], seed]
+      for (index, other_seed), other in accuracy.items():
+        if index == p['index'] and other_seed != seed:
+          ax.plot([x, x], [y, other], color='0.6', lw=1)
+          ax.plot(x, other, '.', color='0.4', ms=6, label='second seed')
+      ax.plot(x, y, 'o', color=colors[p['role']], ms=6, label=p['role'].replace(',', ' + '))
+    tau, rho = report[prefix + 'kendall_tau'], report[prefix + 'spearman_rho']
+    ax.set_title(f'Kendall tau {tau["value"]:.2f} [{tau["low"]:.2f}, {tau["high"]:.2f}]   '
+                 f'Spearman rho {rho["value"]:.2f} [{rho["low"]:.2f}, {rho["high"]:.2f}]', fontsize=9)
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  unique = dict(zip(labels, handles))
+  axes[0].legend(unique.values(), unique.keys(), fontsize=8)
+  axes[0].set_ylabel('test top-1 (%)')
+  noise = report['noise']['mean_abs_diff']
+  fig.suptitle(f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
+               + (f'; two seeds differ by {noise:.2f} points on average' if noise is not None else ''))
+  fig.tight_layout()
+  fig.savefig(path_png, dpi=120)
+  plt.close(fig)
+
+
+def write_outputs(workdir: str, picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float],
+                  report: dict[str, Any], seed: int) -> None:
+  """fidelity.csv, fidelity.json, fidelity.png and TensorBoard scalars (process 0)."""
+  root = epath.Path(workdir) / 'fidelity'
+  _write_text(root / 'fidelity.csv', csv_text(picks, accuracy))
+  _write_json(root / 'fidelity.json', report)
+  scalars = {f'fidelity/{key}': value['value'] for key, value in report.items()
+             if isinstance(value, dict) and 'value' in value}
+  scalars.update({f'fidelity/{key}_{bound}': value[bound] for key, value in report.items()
+                  if isinstance(value, dict) and 'value' in value for bound in ('low', 'high')})
+  if report['noise']['mean_abs_diff'] is not None:
+    scalars['fidelity/noise_mean_abs_diff'] = report['noise']['mean_abs_diff']
+  writer = metric_writers.create_default_writer(os.fspath(root / 'tb'), just_logging=jax.process_index() > 0)
+  writer.write_scalars(0, scalars)
+  writer.flush()
+  writer.close()
+  if jax.process_index() == 0:
+    plot_study(picks, accuracy, report, seed, os.fspath(root / 'fidelity.png'))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The fidelity stage: pick, train every pick (resuming), report."""
+  fc = config.fidelity
+  if fc.noise_archs and fc.noise_seed == config.seed:
+    raise ValueError(f'fidelity.noise_seed must differ from seed ({config.seed}) to measure training noise')
+  ratings = load_ratings(workdir)
+  picks = load_or_pick(config, workdir, ratings)
+  plan = [(p, config.seed) for p in picks] + [(picks[i], fc.noise_seed)
+                                                for i in noise_indices(len(picks), fc.noise_archs)]
+  epochs = recipe(config).epochs
+  logging.info('Fidelity study: %d training runs of %s epochs each.', len(plan), epochs)
+  accuracy = {}
+  for pick, seed in plan:
+    accuracy[pick['index'], seed] = float(train_once(config, workdir, pick, seed)['accuracy'])
+  report = study_report(picks, accuracy, config.seed, fc.noise_seed, fc.bootstrap)
+  report['epochs'] = epochs
+  write_outputs(workdir, picks, accuracy, report, config.seed)
+  tau, rho = report['kendall_tau'], report['spearman_rho']
+  logging.info('Ranking fidelity over %d architectures: Kendall tau %.3f [%.3f, %.3f], Spearman rho %.3f '
+               '[%.3f, %.3f]; FLOPs tau %.3f, params tau %.3f; noise %s.', len(picks), tau['value'], tau['low'],
+               tau['high'], rho['value'], rho['low'], rho['high'], report['flops_kendall_tau']['value'],
+               report['params_kendall_tau']['value'], report['noise']['mean_abs_diff'])
+  return {'kendall_tau': tau['value'], 'spearman_rho': rho['value'],
+          'flops_kendall_tau': report['flops_kendall_tau']['value'],
+          'params_kendall_tau': report['params_kendall_tau']['value'],
+          'noise_mean_abs_diff': report['noise']['mean_abs_diff'], 'num_archs': len(picks)}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the pipeline saved in WORKDIR/config.json, over the base config."""
+  from dna_jax import config_base
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist (no pipeline run in this workdir): pass --config')
+  config = config_base.get_base_config()
+  config.update(json.loads(path.read_text())['config'])
+  return config
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import app
+  from absl import flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  workdir = flags.FLAGS.workdir
+  config = flags.FLAGS.config if flags.FLAGS.config is not None else saved_config(workdir)
+  print(json.dumps(run(config, workdir), indent=1))
+  print(f'Report: {epath.Path(workdir) / "fidelity" / "fidelity.json"}')
+
+
+def _define_flags() -> None:
+  """Only when run as a script: main.py defines flags of the same names."""
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string('workdir', None, 'Workdir holding ratings (WORKDIR/ratings).')
+  config_flags.DEFINE_config_file('config', None, 'Config file (default: the config saved in WORKDIR/config.json).',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['workdir'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,194 @@
+"""Search space data, architecture formats, the analytic cost model against the real model, describe."""
+
+import json
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dna_jax import costs
+from dna_jax import describe
+from dna_jax import space as space_lib
+from dna_jax.models import child
+from dna_jax.models import layers
+
+
+def flax_param_count(arch, num_classes=1000, size=64):
+  model = child.ChildNet(arch, num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
+def random_architecture(space, rng):
+  choices = []
+  for block in space.blocks:
+    c = rng.randrange(len(block.cells))
+    choices.append((c, tuple(rng.randrange(6) for _ in range(block.cells[c].layers))))
+  return space_lib.make_architecture(space, choices)
+
+
+def test_ops_in_dna_order():
+  assert space_lib.OP_NAMES == ('k3e6', 'k5e6', 'k7e6', 'k3e3', 'k5e3', 'k7e3')
+  assert space_lib.ops_string((0, 4, 4)) == 'k3e6-k5e3-k5e3'
+  assert space_lib.parse_ops('k7e3-k3e6') == (5, 0)
+  with pytest.raises(ValueError, match='valid ops'):
+    space_lib.op_index('k9e6')
+
+
+def test_default_space_size_and_paths():
+  space = space_lib.default_imagenet_space()
+  assert [len(b.cells) for b in space.blocks] == [2, 3, 3, 3, 3, 1]
+  assert [b.teacher_width for b in space.blocks] == [48, 80, 160, 224, 384, 640]
+  assert sum(b.num_paths for b in space.blocks) == 23010
+  assert space.num_architectures == (36 + 216) * (36 + 216 + 1296) * (36 + 216 + 1296) * (216 + 2 * 1296) \
+      * (1296 + 2 * 7776) * 6 == 171411186526175232
+  paths = list(space.blocks[0].cells[0].paths())
+  assert len(paths) == 36 and paths[0] == (0, 0) and paths[7] == (1, 1) and paths[-1] == (5, 5)
+
+
+def test_named_architectures_lie_in_the_default_space():
+  space = space_lib.default_imagenet_space()
+  for name, arch in space_lib.NAMED_ARCHITECTURES.items():
+    assert space_lib.locate(space, arch) is not None, name
+  assert space_lib.locate(space, space_lib.NAMED_ARCHITECTURES['dna_a']) == (1, 2, 2, 1, 1, 0)
+
+
+def test_architecture_round_trips_through_json_and_string():
+  rng = random.Random(0)
+  space = space_lib.default_imagenet_space()
+  for arch in list(space_lib.NAMED_ARCHITECTURES.values()) + [random_architecture(space, rng) for _ in range(5)]:
+    assert space_lib.Architecture.from_json(arch.to_json()) == arch
+    assert space_lib.from_string(str(arch)) == arch
+  small = space_lib.parse_space('2 16 1@8', stem_width=8, ds_width=4, head_width=32)
+  arch = space_lib.make_architecture(small, [(0, (3,))])
+  assert str(arch) == '8,4,32|8s2:k3e3' and space_lib.from_string(str(arch)) == arch
+
+
+def test_parse_space_errors_name_the_block():
+  with pytest.raises(ValueError, match='space block 2'):
+    space_lib.parse_space('2 16 1@8; 2 24 3x12')
+  with pytest.raises(ValueError, match='share the stride'):
+    space_lib.Block((space_lib.Cell(1, 8, 1), space_lib.Cell(1, 8, 2)), 16)
+
+
+def test_malformed_architecture_json_names_the_field():
+  with pytest.raises(ValueError, match=r"blocks\[1\]: missing field 'stride'"):
+    space_lib.Architecture.from_dict({'blocks': [{'width': 8, 'stride': 1, 'ops': ['k3e6']}, {'width': 8}]})
+  with pytest.raises(ValueError, match=r'blocks\[0\]: unknown op'):
+    space_lib.Architecture.from_dict({'blocks': [{'width': 8, 'stride': 1, 'ops': ['k4e6']}]})
+
+
+@pytest.mark.parametrize('name', sorted(space_lib.NAMED_ARCHITECTURES))
+def test_param_count_of_named_nets_equals_the_flax_model(name):
+  arch = space_lib.NAMED_ARCHITECTURES[name]
+  total, per_block = costs.architecture_cost(arch)
+  assert total.params == flax_param_count(arch)
+  assert len(per_block) == 6
+
+
+def test_known_counts():
+  # EfficientNet-B0 with DNA's fixed parts is timm's efficientnet_b0: 5,288,548 parameters.
+  b0, _ = costs.architecture_cost(space_lib.NAMED_ARCHITECTURES['efficientnet_b0'])
+  assert b0.params == 5288548
+  a, _ = costs.architecture_cost(space_lib.NAMED_ARCHITECTURES['dna_a'])
+  assert a.flops <= 350e6 < b0.flops and b0.flops <= 399.4e6
+
+
+def test_param_count_of_random_architectures_and_spaces():
+  rng = random.Random(1)
+  space = space_lib.default_imagenet_space()
+  for _ in range(4):
+    arch = random_architecture(space, rng)
+    assert costs.architecture_cost(arch, num_classes=10)[0].params == flax_param_count(arch, 10)
+  small = space_lib.parse_space('1 16 1@8,2@12; 2 24 2@12,3@16', stem_width=16, ds_width=8, head_width=64)
+  for _ in range(4):
+    arch = random_architecture(small, rng)
+    assert costs.architecture_cost(arch, 32, 10)[0].params == flax_param_count(arch, 10, 32)
+
+
+def test_costs_are_additive_per_block():
+  rng = random.Random(2)
+  space = space_lib.default_imagenet_space()
+  for _ in range(5):
+    arch = random_architecture(space, rng)
+    total, per_block = costs.architecture_cost(arch)
+    fixed = costs.fixed_cost(32, 16, 1280, 224, costs.final_size(arch, 224), 1000)
+    assert total == sum(per_block, fixed)
+    sizes = costs.block_sizes(space, 224)
+    assert sizes == [112, 56, 28, 14, 14, 7]
+    widths = [16] + [b.cell.width for b in arch.blocks]
+    for k, choice in enumerate(arch.blocks):
+      head = 1280 if k == 5 else None
+      assert costs.cell_cost(choice.cell, choice.ops, widths[k], sizes[k], head) == per_block[k]
+
+
+@pytest.mark.parametrize('name', ['efficientnet_b0', 'dna_d'])
+def test_macs_agree_with_xla_cost_analysis(name):
+  """XLA counts 2 FLOPs per multiply-accumulate plus every elementwise op (BN, swish, SE gating, adds).
+
+  The analytic MAC count must be at least half of XLA's and within 10% of it.
+  """
+  arch = space_lib.NAMED_ARCHITECTURES[name]
+  model = child.ChildNet(arch, 1000, conventions=layers.Conventions(depthwise='native'))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  compiled = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(
+      shapes, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)).compile()
+  xla_flops = compiled.cost_analysis()['flops']
+  macs = costs.architecture_cost(arch)[0].macs
+  assert 1.0 <= xla_flops / (2 * macs) <= 1.10
+
+
+def test_describe_reports_model_costs():
+  info = describe.describe(space_lib.NAMED_ARCHITECTURES['dna_c'], 224, 1000)
+  total, _ = costs.architecture_cost(space_lib.NAMED_ARCHITECTURES['dna_c'])
+  assert info['params'] == total.params == 5273896
+  assert info['flops'] == total.flops
+  assert [row['resolution'] for row in info['blocks']] == [112, 56, 28, 14, 14, 7]
+  assert sum(row['params'] for row in info['blocks']) + info['fixed']['params'] == info['params']
+
+
+def run_describe(*args):
+  return subprocess.run([sys.executable, '-m', 'dna_jax.describe', *args], capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_describe_cli(tmp_path):
+  out = run_describe('dna_b', '--json')
+  assert out.returncode == 0, out.stderr
+  data = json.loads(out.stdout)
+  assert isinstance(data['params'], int) and isinstance(data['flops'], int)
+  assert data['params'] == flax_param_count(space_lib.NAMED_ARCHITECTURES['dna_b'])
+  small = run_describe('dna_b', '--json', '--resolution', '192', '--num_classes', '10')
+  assert json.loads(small.stdout)['flops'] < data['flops']
+  path = tmp_path / 'arch.json'
+  path.write_text(space_lib.NAMED_ARCHITECTURES['dna_a'].to_json())
+  table = run_describe(str(path))
+  assert table.returncode == 0 and '4,243,318 params' in table.stdout
+  bad = run_describe('dna_z')
+  assert bad.returncode != 0 and 'dna_a' in bad.stderr and 'Traceback' not in bad.stderr
+  path.write_text('{"blocks": [{"width": 8, "ops": ["k3e6"]}]}')
+  bad = run_describe(str(path))
+  assert bad.returncode != 0 and "missing field 'stride'" in bad.stderr and 'Traceback' not in bad.stderr
+  path.write_text('{not json')
+  bad = run_describe(str(path))
+  assert bad.returncode != 0 and 'not valid JSON' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_depthwise_implementations_agree():
+  rng = np.random.default_rng(0)
+  for size, kernel, stride, padding in [(9, 3, 2, 'tf_same'), (8, 5, 2, 'tf_same'), (8, 7, 1, 'symmetric'),
+                                        (7, 5, 2, 'symmetric')]:
+    x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+    native = layers.depthwise_conv(x, w, stride, padding, 'native')
+    shifted = layers.depthwise_conv(x, w, stride, padding, 'shift_add')
+    out = layers.output_size(size, kernel, stride, padding)
+    assert native.shape == shifted.shape == (2, out, out, 6)
+    np.testing.assert_allclose(native, shifted, rtol=1e-5, atol=1e-5)
+    g1 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'native') ** 2))(w)
+    g2 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'shift_add') ** 2))(w)
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
