@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
   print()
   print(f'device: {device.platform} {device.device_kind}; space {args.space}, {num_cells} cells, batch {batch}, '
         f'{image} px, {args.dtype}, teacher {args.teacher_bn} BN, {args.parallel}; median of {args.steps} steps; compile excluded')
-  print('| measurement | compile s | s/step | img/s | XLA GFLOP/step | XLA GFLOP/s | analytic GFLOP/step | '
-        'analytic GFLOP/s | % of peak (analytic) | load 1/5/15 min |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  print('| measurement | compile s | s/step | img/s | XLA GFLOP/step | XLA GFLOP/s | % of peak (XLA) | '
+        'analytic GFLOP/step | analytic GFLOP/s | % of peak (analytic) | load 1/5/15 min |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for name, comp, step_s, ips, gf, gfs, af, afs, ld in rows:
-    print(f'| {name} | {comp:.1f} | {step_s:.3f} | {ips:.1f} | {gf:.1f} | {gfs:.1f} | {af:.1f} | {afs:.1f} | '
-          f'{100 * afs / args.peak_gflops:.1f} | {ld} |')
+    print(f'| {name} | {comp:.1f} | {step_s:.3f} | {ips:.1f} | {gf:.1f} | {gfs:.1f} | {100 * gfs / args.peak_gflops:.1f} | '
+          f'{af:.1f} | {afs:.1f} | {100 * afs / args.peak_gflops:.1f} | {ld} |')
   full_s, teacher_s, student_s = full['step_s'], teacher_time(num_blocks)['step_s'], student['step_s']
   print()
   print('| summary | value |')
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f'| teacher share | (b)/(a) = {100 * teacher_s / full_s:.0f}%; 1 - (c)/(a) = {100 * (1 - student_s / full_s):.0f}% |')
   print(f'| teacher (b) + student (c) | {teacher_s:.3f} + {student_s:.3f} = {teacher_s + student_s:.3f} s |')
   if separate_s is not None:
-    print(f'| (d) separate, one step per block (sum of 6) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |')
+    print(f'| (d) separate, one step per block (sum of {num_blocks}) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |')
     print(f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
           f'{authors_s / full_s:.2f}x faster |')
   print(f'| peak RSS of the process after (a) | {peak_rss / GiB:.2f} GiB |')

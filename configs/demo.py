@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.calib_examples = 512
   config.data.shuffle_buffer = 4096
 
+  # Short runs: running BatchNorm statistics must catch up within a few hundred steps.
+  config.model.bn_momentum = 0.9
+
   config.space.blocks = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
   config.space.stem_width, config.space.ds_width, config.space.head_width = 16, 8, 128
   config.space.stem_stride = 1

@@ -29,6 +29,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -135,17 +136,21 @@ def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise
   return model, variables, meta
 
 
-def _dense_as_matrix_product(next_fun, args, kwargs, context):
-  """Flax interceptor: Dense layers (the 1x1 convs and SE) on 2-D inputs.
+def _dense_as_conv(next_fun, args, kwargs, context):
+  """Flax interceptor: Dense layers on NHWC input (the 1x1 convs and SE) run as 1x1 convolutions.
 
-  TFLite's converter lowers a Dense over NHWC input to a rank-4 batch_matmul, which it then rejects;
-  on (N*H*W, C) it becomes a plain fully-connected op. Same numbers.
+  TFLite's converter lowers a Dense over NHWC input to a rank-4 batch_matmul, which it then rejects
+  (also after a reshape to 2-D when H = W = 1); a 1x1 convolution becomes its CONV_2D. Same numbers.
   """
-  if isinstance(context.module, nn.Dense) and context.method_name == '__call__' and args[0].ndim > 2:
-    x = args[0]
-    y = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
-    return y.reshape(x.shape[:-1] + y.shape[-1:])
-  return next_fun(*args, **kwargs)
+  module = context.module
+  if not (isinstance(module, nn.Dense) and context.method_name == '__call__' and args[0].ndim == 4):
+    return next_fun(*args, **kwargs)
+  x = args[0].astype(jnp.float32)
+  kernel = module.get_variable('params', 'kernel').astype(jnp.float32)
+  y = lax.conv_general_dilated(x, kernel[None, None], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if module.use_bias:
+    y = y + module.get_variable('params', 'bias').astype(jnp.float32)
+  return y
 
 
 def inference_fn(model: Any, variables: Mapping[str, Any], normalization: str | None = None
@@ -155,7 +160,7 @@ def inference_fn(model: Any, variables: Mapping[str, Any], normalization: str | 
     x = images.astype(jnp.float32)
     if normalization is not None:
       x = normalize(x, 'raw', normalization)
-    with nn.intercept_methods(_dense_as_matrix_product):
+    with nn.intercept_methods(_dense_as_conv):
       return model.apply(variables, x, train=False)[0].astype(jnp.float32)
   return predict
 

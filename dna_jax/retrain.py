@@ -69,7 +69,7 @@ def create_learning_rate_fn(tc: ml_collections.ConfigDict, steps_per_epoch: int)
   total = epochs_to_steps(tc.epochs, steps_per_epoch)
   if tc.schedule == 'exponential':
     # As EfficientNet: the staircase counts from step 0; warm-up overrides its first steps.
-    decay_steps = max(1, int(tc.lr_decay_epochs * steps_per_epoch))
+    decay_steps = max(1.0, tc.lr_decay_epochs * steps_per_epoch)
 
     def schedule(step):
       decayed = peak * tc.lr_decay ** jnp.floor(step / decay_steps)
@@ -193,6 +193,7 @@ def steps_per_epoch(tc: ml_collections.ConfigDict, data_config: ml_collections.C
 
 
 def variables_of(state: TrainState, ema: bool) -> dict[str, Any]:
+  """The model variables of `state`: its EMA ones or the trained ones."""
   return {'params': state.ema_params if ema else state.params,
           'batch_stats': state.ema_batch_stats if ema else state.batch_stats}
 
@@ -226,7 +227,7 @@ def parallel_eval(mode: str, apply_fn: Callable[..., Any], normalization: tuple[
 
 def evaluate_batches(eval_fn: Callable[[Any, Any], dict[str, Array]], variables: Any,
                      batches: Iterable[dict[str, np.ndarray]], mode: str) -> dict[str, float]:
-  """Top-1/top-5 (%) and mean loss over every batch of an eval split."""
+  """Top-1/top-5 accuracy (fractions) and mean loss over every batch of an eval split."""
   totals = None
   for batch in batches:
     sums = eval_fn(variables, parallel.shard_batch(batch, mode))
@@ -235,7 +236,7 @@ def evaluate_batches(eval_fn: Callable[[Any, Any], dict[str, Array]], variables:
     raise ValueError('the eval split yielded no batches')
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   count = max(totals['count'], 1.0)
-  return {'top1': 100 * totals['top1'] / count, 'top5': 100 * totals['top5'] / count,
+  return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
           'loss': totals['loss'] / count, 'count': int(totals['count'])}
 
 
@@ -341,8 +342,8 @@ def train_and_evaluate(model: Any, tc: ml_collections.ConfigDict, directory: str
                       'top5': result[weights]['top5']}
       if on_best is not None:
         on_best(host_copy(variables_of(state, weights == 'ema')), meta['best'])
-    logging.info('Eval at step %d: EMA top-1 %.2f top-5 %.2f | raw top-1 %.2f top-5 %.2f', step,
-                 result['ema']['top1'], result['ema']['top5'], result['raw']['top1'], result['raw']['top5'])
+    logging.info('Eval at step %d: EMA top-1 %.2f%% top-5 %.2f%% | raw top-1 %.2f%% top-5 %.2f%%', step,
+                 *(100 * result[n][k] for n in ('ema', 'raw') for k in ('top1', 'top5')))
     return record
 
   try:
@@ -545,7 +546,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      **evaluate_batches(p_eval, replicate(variables, rc.parallel),
                                         input_pipeline.create_split(config.data, 'eval', rc.batch_size),
                                         rc.parallel)}
-    logging.info('Evaluated %s (%s): top-1 %.2f top-5 %.2f on %d images.', name, directory,
-                 results[name]['top1'], results[name]['top5'], results[name]['count'])
+    logging.info('Evaluated %s (%s): top-1 %.2f%% top-5 %.2f%% on %d images.', name, directory,
+                 100 * results[name]['top1'], 100 * results[name]['top5'], results[name]['count'])
   _write_json(root / 'evaluation.json', results)
   return {f'{name}_{k}': r[k] for name, r in results.items() for k in ('top1', 'top5')}

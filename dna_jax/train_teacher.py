@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   variant = efficientnet.variant_name(config.teacher.variant)
   overrides = dict(num_classes=num_classes, stem_stride=config.teacher.stem_stride, keras_input=False,
                    conventions=layers.conventions_from_config(config.model.to_dict() | {
-                       'padding': 'tf_same', 'bn_epsilon': 1e-3, 'bn_momentum': 0.99}))
+                       'padding': 'tf_same', 'bn_epsilon': 1e-3, 'bn_momentum': config.model.bn_momentum}))
   model = efficientnet.variant(variant, bn_axis_name=parallel.AXIS, **overrides)
   state, results = retrain.train_and_evaluate(
       model, tc, os.fspath(epath.Path(workdir) / 'teacher_training'), image_size=image_size,
@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               'weights': 'ema', 'eval_top1': final['ema']['top1'], 'eval_top5': final['ema']['top5']}
   teacher_lib.save(directory, efficientnet.variant(variant, **overrides),
                    retrain.host_copy(retrain.variables_of(state, ema=True)), metadata, overwrite=True)
-  logging.info('Teacher %s written to %s: eval top-1 %.2f (EMA), %.2f (raw).', variant, directory,
-               final['ema']['top1'], final['raw']['top1'])
+  logging.info('Teacher %s written to %s: eval top-1 %.2f%% (EMA), %.2f%% (raw).', variant, directory,
+               100 * final['ema']['top1'], 100 * final['raw']['top1'])
   return {'directory': directory, 'top1': final['ema']['top1'], 'top5': final['ema']['top5'],
           'top1_raw': final['raw']['top1'], 'top5_raw': final['raw']['top5']}

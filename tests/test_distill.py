@@ -222,3 +222,16 @@ def _with_fixed_path(step, states, batch, teacher_variables):
     return step(states, batch, teacher_variables)
   finally:
     distill.sample_path = original
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_teacher, caplog):
+  config = make_config(epochs=2)
+  train(config, tmp_path, tiny_teacher, 2)  # checkpoints at steps 2 and 4
+  latest = tmp_path / 'distill' / 'block_3' / '4'
+  assert latest.exists()
+  for f in latest.rglob('*'):
+    if f.is_file() and f.suffix not in ('.json',) and f.stat().st_size > 0 and 'state' in str(f):
+      f.write_bytes(b'\0garbage')
+  state, meta = restore_block(config, tmp_path, 3, tiny_teacher)
+  assert int(state.step) == 2 and meta['step'] == 2
+  assert 'unreadable' in caplog.text

@@ -156,32 +156,49 @@ def test_learning_rate_schedule_matches_efficientnet():
 
 
 def test_weight_decay_skips_batchnorm_and_biases():
-  params = make_model().init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)))['params']
-  mask = retrain.kernel_mask(params)
+  params = jax.eval_shape(lambda: make_model().init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3))))
+  mask = retrain.kernel_mask(params['params'])
   assert mask['head']['classifier']['kernel'] and not mask['head']['classifier']['bias']
   assert not mask['stem']['bn']['scale'] and mask['block1_layer0']['dwconv']['kernel']
 
 
-def test_supernet_weights_of_the_chosen_paths_are_copied():
+def test_nan_guard_names_the_first_bad_step():
+  window = [(7, {'loss': 1.0, 'grad_norm': 2.0}), (8, {'loss': 1.0, 'grad_norm': float('inf')}),
+            (9, {'loss': float('nan'), 'grad_norm': 1.0})]
+  retrain.check_finite(window[:1])
+  with pytest.raises(FloatingPointError, match='non-finite grad_norm at step 8'):
+    retrain.check_finite(window)
+
+
+def test_init_from_supernet_copies_the_chosen_paths(tmp_path):
+  """Fake distillation checkpoints in distill.py's layout: WORKDIR/distill/block_K, cells as 'cellC'."""
   variables = child.init_child(make_model(None), jax.random.PRNGKey(0), IMAGE)
   ones = lambda tree: jax.tree.map(np.ones_like, tree)
-  op = space_lib.OP_NAMES[ARCH.blocks[1].ops[0]]
   # Block 2's supernet cell reads a 12-wide teacher feature where the child's block 1 gives 8 channels.
   wrong_in = child.init_child(child.ChildNet(space_lib.from_string('8,8,32|12s2:k3e3/16s2:k3e6'), CLASSES),
                               jax.random.PRNGKey(1), IMAGE)
+  op = space_lib.OP_NAMES[ARCH.blocks[1].ops[0]]
   cells = [
-      {c: {'stem': ones(variables[c]['stem']), 'ds': ones(variables[c]['ds']),
-           'layer0': {'k3e3': ones(variables[c]['block1_layer0'])}} for c in variables},
-      {c: {'layer0': {op: ones(wrong_in[c]['block2_layer0'])}} for c in variables},
+      (0, {c: {'stem': ones(variables[c]['stem']), 'ds': ones(variables[c]['ds']),
+               'layer0': {'k3e3': ones(variables[c]['block1_layer0'])}} for c in variables}),
+      (1, {c: {'layer0': {op: ones(wrong_in[c]['block2_layer0'])}} for c in variables}),
   ]
-  new, copied, kept = retrain.transfer_supernet_weights(variables, ARCH, cells)
+  space = space_lib.parse_space('2 12 1@8; 2 20 1@12,1@16', stem_width=8, ds_width=8, head_width=32)
+  for k, (cell_index, cell) in enumerate(cells):
+    state = {'step': np.int32(5), 'params': {f'cell{cell_index}': cell['params']},
+             'batch_stats': {f'cell{cell_index}': cell['batch_stats']}}
+    with ocp.CheckpointManager(tmp_path / 'distill' / f'block_{k + 1}') as manager:
+      manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  new = retrain.init_from_supernet(variables, ARCH, str(tmp_path), space=space)
   assert np.all(new['params']['block1_layer0']['dwconv']['kernel'] == 1)
   assert np.all(new['batch_stats']['stem']['bn']['var'] == 1)
-  # Block 2's first layer reads 12 channels in the supernet, 8 in the child: its expanded convs keep their init.
-  assert np.array_equal(new['params']['block2_layer0']['dwconv']['kernel'],
-                        variables['params']['block2_layer0']['dwconv']['kernel'])
-  assert np.array_equal(new['params']['head']['conv']['kernel'], variables['params']['head']['conv']['kernel'])
-  assert copied > 0 and kept > 0 and copied + kept == len(jax.tree.leaves(variables))
+  # Block 2's first layer has 12 inputs in the supernet, 8 in the child: its expanded convs keep their init.
+  np.testing.assert_array_equal(new['params']['block2_layer0']['dwconv']['kernel'],
+                                variables['params']['block2_layer0']['dwconv']['kernel'])
+  assert np.all(new['params']['block2_layer0']['project_bn']['bias'] == 1)  # same shape: copied
+  np.testing.assert_array_equal(new['params']['head']['conv']['kernel'], variables['params']['head']['conv']['kernel'])
+  with pytest.raises(FileNotFoundError, match='no distillation checkpoint'):
+    retrain.init_from_supernet(variables, ARCH, str(tmp_path / 'elsewhere'), space=space)
 
 
 def test_normalizations_round_trip():
@@ -195,34 +212,35 @@ def test_normalizations_round_trip():
 
 def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
   import tensorflow as tf
+  size = 8  # The last block runs on 1x1 maps, a case TFLite's converter needs help with.
   model = make_model(None)
-  variables = child.init_child(model, jax.random.PRNGKey(3), IMAGE)
+  variables = child.init_child(model, jax.random.PRNGKey(3), size)
   # Non-trivial BatchNorm statistics so that inference mode matters.
   variables['batch_stats'] = jax.tree.map(lambda x: x + 0.3, variables['batch_stats'])
-  meta = export_lib.make_meta(ARCH, CLASSES, IMAGE, model.conventions, 'imagenet')
+  meta = export_lib.make_meta(ARCH, CLASSES, size, model.conventions, 'imagenet')
   export_lib.save_child_checkpoint(str(tmp_path / 'ckpt'), variables, meta)
   loaded_model, loaded, loaded_meta = export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
   assert loaded_meta == meta
   assert_trees_equal(loaded, variables)
-  other = export_lib.make_meta(space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, IMAGE,
+  other = export_lib.make_meta(space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, size,
                                model.conventions, 'imagenet')
   (tmp_path / 'ckpt' / 'meta.json').write_text(json.dumps(other))
   with pytest.raises(ValueError, match=r'block2_layer0/dwconv/kernel is \(3, 3, 1, 48\).*needs \(5, 5, 1, 48\)'):
     export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
 
-  pixels = np.random.default_rng(4).uniform(0, 255, (3, IMAGE, IMAGE, 3)).astype(np.float32)
+  pixels = np.random.default_rng(4).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
   expected = np.asarray(model.apply(variables, export_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])
-  saved_model = export_lib.export(loaded_model, loaded, IMAGE, str(tmp_path / 'sm'), 'saved_model',
+  saved_model = export_lib.export(loaded_model, loaded, size, str(tmp_path / 'sm'), 'saved_model',
                                   normalization='imagenet')
   serve = tf.saved_model.load(saved_model).signatures['serving_default']
   np.testing.assert_allclose(serve(images=tf.constant(pixels))['logits'].numpy(), expected, atol=1e-4)
 
-  tflite = export_lib.export(loaded_model, loaded, IMAGE, str(tmp_path / 'model.tflite'), 'tflite',
+  tflite = export_lib.export(loaded_model, loaded, size, str(tmp_path / 'model.tflite'), 'tflite',
                              normalization='imagenet')
   interpreter = tf.lite.Interpreter(model_path=tflite)
   interpreter.allocate_tensors()
   (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
-  assert tuple(inp['shape']) == (1, IMAGE, IMAGE, 3)
+  assert tuple(inp['shape']) == (1, size, size, 3)
   for i in range(len(pixels)):
     interpreter.set_tensor(inp['index'], pixels[i:i + 1])
     interpreter.invoke()
