@@ -143,6 +143,17 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
           'how': f'pieces measured, composed: {parts} + {NUM_OPS ** lead} x {sub_s:.3f} s (subtree, mean of {subtrees})'}
 
 
+def subtree_temp_bytes(cell, variables, data, chunk: int) -> int:
+  """XLA's temp bytes of one vmapped subtree call of rate_cell at `chunk` (lowered and compiled, not run)."""
+  calib, inputs, target, mask = data
+  lead = cell.cell.layers - rate.trailing_levels(cell.cell.layers, chunk)
+  level_shape = lambda x: jax.ShapeDtypeStruct(x.shape[:1] + (x.shape[1] // 2, x.shape[2] // 2, cell.cell.width),
+                                               x.dtype)
+  c, x = (calib, inputs) if lead == 0 else (level_shape(calib), level_shape(inputs))
+  fn = jax.jit(functools.partial(rate.subtree_errors, cell, lead))
+  return fn.lower(variables, c, x, target, mask).compile().memory_analysis().temp_size_in_bytes
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=32, help='rating images per batch')
@@ -154,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
   parser.add_argument('--rating_images', type=int, default=10000)
   parser.add_argument('--skip_teacher', action='store_true')
+  parser.add_argument('--memory_chunks', default='216',
+                      help='chunk sizes whose subtree call memory_analysis is reported for 4@192 (besides --chunk_size; '
+                           "'' to skip)")
   parser.add_argument('--peak_gflops', type=float, default=157.0,
                       help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)')
   args = parser.parse_args(argv)
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
   chosen = {'4@192': all_cells[BLOCK][0]}
   if args.five_layer != 'skip':
     chosen['5@192'] = all_cells[BLOCK][2]
-  results = {}
+  results, memory_lines = {}, []
   for name, cell in chosen.items():
     rcell = rate.for_rating(cell, None)
     variables = jax.jit(cell.init)(jax.random.key(1), jnp.zeros((1, in_size, in_size, in_ch)))
@@ -189,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), compile {ours["compile_s"]:.1f} s, '
           f'load {ours["load"]}', flush=True)
     results[name] = (cell, naive, ours)
+    if name == '4@192' and args.memory_chunks is not None:
+      chunks = sorted({args.chunk_size} | {int(c) for c in args.memory_chunks.split(',') if c.strip()}, reverse=True)
+      for chunk in chunks:
+        temp = subtree_temp_bytes(rcell, variables, data, chunk)
+        memory_lines.append(f'4@192 subtree call at chunk {chunk} ({6 ** rate.trailing_levels(4, chunk)} paths vmapped), '
+                            f'batch {args.batch} + calib {args.calib_batch}: XLA temp {temp / 2**30:.2f} GiB '
+                            '(memory_analysis, compiled not run)')
+        print(f'  {memory_lines[-1]}', flush=True)
     del variables
 
   teacher = {}
@@ -255,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
         f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
         f'({"teacher not measured" if not teacher else "teacher included"}); the authors\' code: about 446 h on this CPU')
+  for line in memory_lines:
+    print(f'- {line}')
   print(f'- peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; '
         f'load average at end {load()}')
   return 0

@@ -8,8 +8,12 @@ every 2.4 epochs (or cosine), weight decay as an L2 term in the gradient (couple
 drop-connect growing with depth, and an exponential moving average of the weights and BatchNorm
 statistics (TensorFlow's `num_updates` rule: decay min(d, (1 + t) / (10 + t))) used for evaluation.
 
-Layout of WORKDIR/retrain/: checkpoints/ (Orbax: train state + meta JSON, resumed automatically),
-best/ and final/ (child checkpoints, see `export.py`), tb/ (TensorBoard), results.json.
+Layout of WORKDIR/retrain/: checkpoints/ (Orbax: train state + meta JSON with elapsed time, every eval
+and the best one; resumed automatically), best/ (weights of the best eval top-1, EMA or raw) and final/
+(final EMA weights; both child checkpoints, see `export.py`), tb/ (TensorBoard), results.json ({arch,
+params, flops, macs, image_size, num_classes, steps, elapsed_seconds, final: {step, epoch, ema: {top1,
+top5, loss, count}, raw: {...}}, best: {step, weights, top1, top5}}; accuracies are fractions) and, from
+the evaluate stage, evaluation.json.
 The train loop is generic over any Flax model returning (logits, features) with BatchNorm; the
 teacher stage (`train_teacher.py`) reuses it.
 """

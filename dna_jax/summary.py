@@ -23,7 +23,10 @@ def _json(path: epath.Path) -> dict[str, Any] | None:
 
 
 def _pct(value: Any) -> str:
-  return f'{100 * value:.2f}%' if isinstance(value, (int, float)) else 'n/a'
+  """Accuracies are stored in percent (stage markers) or as fractions (results files)."""
+  if not isinstance(value, (int, float)):
+    return 'n/a'
+  return f'{value if value > 1 else 100 * value:.2f}%'
 
 
 def summarize(workdir: str) -> str:
