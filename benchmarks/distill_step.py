@@ -2,15 +2,14 @@
 
   PYTHONPATH=. python benchmarks/distill_step.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--dtype float32|bfloat16] [--teacher_bn inference|train] [--skip_separate] [--memory_batch 64]
-      [--peak_gflops 157]
+      [--no_full] [--peak_gflops 157]
 
 --space imagenet: all 15 cells of `space.default_imagenet_space()`, EfficientNet-B7 teacher, 224 px
 (batch 8 by default). --space small: the demo space '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 (stem 16, DS 8, stem stride 1) against the 'tiny' teacher at 32 px (batch 128 by default).
 Random weights and images (speed does not depend on their values); one device, the step run as
-`parallel.data_parallel(distill.distill_step, --parallel)` as training runs it (default pmap, training's
-default; with --parallel shard_map the BatchNorm statistics are marked varying on entry, see
-`_varying_stats`).
+`parallel.data_parallel(distill.distill_step, --parallel)` as training runs it (default shard_map;
+pmap gives the same program on one device).
 
 Measured (median of --steps runs after one warm-up; compile time measured apart and excluded):
   (a) full step: teacher once (up to the last block) + every cell fwd+bwd + Adam;
@@ -28,6 +27,10 @@ Memory: the process's peak RSS after the full step (ru_maxrss: includes the comp
 teacher weights), the device's peak bytes where the backend reports them, and XLA's
 `memory_analysis()` of the full step lowered and compiled (never run) at --memory_batch per device:
 argument + output + temp - aliased bytes.
+--no_full skips compiling the all-cells program (for the ImageNet space its XLA:CPU compile grew past
+16 GiB of host memory on the 24 GiB test machine) and estimates (a) = teacher(up_to=6) + the sum over
+blocks of [(d_k) - teacher(up_to=k)], (c) likewise, and the memory from the per-block programs'
+memory_analysis at --batch, temp extrapolated linearly to --memory_batch (all labelled as estimates).
 """
 
 from __future__ import annotations
@@ -78,8 +81,11 @@ def compile_and_time(fn, args, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
+  m = compiled.memory_analysis()
+  memory = None if m is None else {'args': m.argument_size_in_bytes, 'out': m.output_size_in_bytes,
+                                   'temp': m.temp_size_in_bytes, 'alias': m.alias_size_in_bytes}
   return {'compile_s': compile_s, 'step_s': statistics.median(times), 'min_s': min(times),
-          'flops': xla_flops(compiled), 'load': load()}
+          'flops': xla_flops(compiled), 'load': load(), 'memory': memory}
 
 
 def setup(args):
@@ -129,17 +135,6 @@ def teacher_macs(model, image: int, up_to: int) -> int:
   return macs
 
 
-def _varying_stats(step, states, batch, *broadcast):
-  """shard_map work-around: BatchNorm statistics enter the step marked varying over the data axis.
-
-  Under shard_map, `SupernetCell.apply`'s lax.switch returns updated (varying) statistics for the
-  drawn op and the incoming (invariant) ones for the others, which shard_map's type check rejects.
-  distill_step pmeans the statistics afterwards, so marking them varying on entry changes nothing else.
-  """
-  states = {n: s.replace(batch_stats=parallel.varying(s.batch_stats)) for n, s in states.items()}
-  return step(states, batch, *broadcast)
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
@@ -148,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--teacher_bn', choices=('inference', 'train'), default='inference',
                       help="teacher BatchNorm: running statistics (dna_jax's default) or the authors' batch stats")
-  parser.add_argument('--parallel', choices=parallel.MODES, default='pmap',
-                      help="how the per-device step is mapped (training's default: pmap); one device either way")
+  parser.add_argument('--parallel', choices=parallel.MODES, default='shard_map',
+                      help='how the per-device step is mapped (training offers both); one device either way')
+  parser.add_argument('--no_full', action='store_true',
+                      help='do not compile the all-cells program (its XLA:CPU compile needs > 16 GiB of host memory '
+                           'for the ImageNet space): estimate (a) and (c) from the per-block programs (d) instead')
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
   parser.add_argument('--peak_gflops', type=float, default=157.0,
@@ -193,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     step = functools.partial(distill.distill_step, blocks=blocks, teacher_apply=teacher_apply,
                              optimizers={n: o for n, o in optimizers.items() if n in names}, sampling='uniform',
                              seed=0)
-    if args.parallel == 'shard_map':
-      step = functools.partial(_varying_stats, step)
     return parallel.data_parallel(step, args.parallel, num_broadcast=1), {n: states[n] for n in names}
 
   rows = []
@@ -213,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
   # (a) the full step.
   full_fn, full_states = make_step(all_ids, teacher_apply_for(num_blocks))
-  full = compile_and_time(full_fn, (full_states, batch_in, teacher_vars), args.steps)
-  row(f'(a) full step: teacher once + {num_cells} cells', full, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+  if not args.no_full:
+    full = compile_and_time(full_fn, (full_states, batch_in, teacher_vars), args.steps)
+    row(f'(a) full step: teacher once + {num_cells} cells', full, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   mem_stats = device.memory_stats() or {}
   device_peak = mem_stats.get('peak_bytes_in_use')
@@ -231,20 +228,29 @@ def main(argv: list[str] | None = None) -> int:
   row(f'(b) teacher forward (up_to={num_blocks})', teacher_time(num_blocks), batch, 2 * t_macs[num_blocks])
 
   # (c) the student part alone: the same step, teacher features precomputed and passed in.
-  features = jax.jit(teacher_apply_for(num_blocks))(teacher_vars, images)
-  student_fn, _ = make_step(all_ids, lambda feats, _images: feats)
-  student = compile_and_time(student_fn, (full_states, batch_in, features), args.steps)
-  row(f'(c) student part: {num_cells} cells fwd+bwd+Adam', student, batch, 6 * s_macs)
+  if not args.no_full:
+    features = jax.jit(teacher_apply_for(num_blocks))(teacher_vars, images)
+    student_fn, _ = make_step(all_ids, lambda feats, _images: feats)
+    student = compile_and_time(student_fn, (full_states, batch_in, features), args.steps)
+    row(f'(c) student part: {num_cells} cells fwd+bwd+Adam', student, batch, 6 * s_macs)
 
   separate_s = authors_s = None
-  if not args.skip_separate:
+  per_block = {}
+  if not args.skip_separate or args.no_full:
     separate_s = 0.0
     for k in all_ids:
       fn, st = make_step([k], teacher_apply_for(k + 1))
       result = compile_and_time(fn, (st, batch_in, teacher_vars), args.steps)
+      per_block[k] = result
       separate_s += result['step_s']
       row(f'(d) separate block {k + 1}: teacher up_to={k + 1} + {len(cells[k])} cells', result, batch,
           2 * t_macs[k + 1] + 6 * analytic_student_macs(space, cells, image, stem_stride, [k]) * batch)
+    if args.no_full:
+      # Estimates from the per-block programs: block k's student part = (d_k) - teacher(up_to=k+1).
+      student_est = sum(max(per_block[k]['step_s'] - teacher_time(k + 1)['step_s'], 0.0) for k in all_ids)
+      student = {'step_s': student_est, 'compile_s': float('nan')}
+      full = {'step_s': teacher_time(num_blocks)['step_s'] + student_est,
+              'compile_s': sum(r['compile_s'] for r in per_block.values())}
     authors_s = student['step_s']
     for k in all_ids:
       authors_s += len(cells[k]) * teacher_time(k + 1)['step_s']
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
   memory = None
-  if args.memory_batch:
+  if args.memory_batch and not args.no_full:
     if args.parallel == 'pmap':
       abstract = {'image': jax.ShapeDtypeStruct((jax.local_device_count(), args.memory_batch, image, image, 3),
                                                 jnp.float32)}
@@ -282,14 +288,32 @@ def main(argv: list[str] | None = None) -> int:
   print()
   print('| summary | value |')
   print('|---|---|')
-  print(f'| full step (a) | {full_s:.3f} s = {batch / full_s:.1f} img/s (compile {full["compile_s"]:.1f} s, excluded) |')
+  if args.no_full:
+    print(f'| full step (a), ESTIMATED (not compiled): teacher(up_to={num_blocks}) + sum over blocks of '
+          f'[(d_k) - teacher(up_to=k)] | {full_s:.3f} s = {batch / full_s:.1f} img/s (the {num_blocks} per-block '
+          f'programs compiled in {full["compile_s"]:.0f} s together) |')
+  else:
+    print(f'| full step (a) | {full_s:.3f} s = {batch / full_s:.1f} img/s (compile {full["compile_s"]:.1f} s, excluded) |')
   print(f'| teacher share | (b)/(a) = {100 * teacher_s / full_s:.0f}%; 1 - (c)/(a) = {100 * (1 - student_s / full_s):.0f}% |')
   print(f'| teacher (b) + student (c) | {teacher_s:.3f} + {student_s:.3f} = {teacher_s + student_s:.3f} s |')
   if separate_s is not None:
     print(f'| (d) separate, one step per block (sum of {num_blocks}) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |')
     print(f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
           f'{authors_s / full_s:.2f}x faster |')
-  print(f'| peak RSS of the process after (a) | {peak_rss / GiB:.2f} GiB |')
+  if args.no_full and per_block and all(r['memory'] for r in per_block.values()):
+    shared = sum(x.nbytes for x in jax.tree.leaves(teacher_vars)) + images.nbytes
+    args_b = sum(r['memory']['args'] for r in per_block.values()) - (num_blocks - 1) * shared
+    temp_b = sum(r['memory']['temp'] for r in per_block.values())
+    scale = (args.memory_batch or batch) / batch
+    total = args_b + images.nbytes * (scale - 1) + temp_b * scale
+    print(f'| memory_analysis of the {num_blocks} per-block programs at batch {batch} | arguments of the all-cells '
+          f'step {args_b / GiB:.2f} GiB (teacher weights + images counted once); temp summed over blocks '
+          f'{temp_b / GiB:.2f} GiB |')
+    if args.memory_batch:
+      print(f'| per-device memory at batch {args.memory_batch}, EXTRAPOLATED (temp x {scale:g}, linear in batch; '
+            f'sum of per-block temps, an upper bound) | {total / GiB:.2f} GiB; '
+            f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |')
+  print(f'| peak RSS of the process{"" if args.no_full else " after (a)"} | {peak_rss / GiB:.2f} GiB |')
   if device_peak is not None:
     print(f'| device peak bytes in use after (a) | {device_peak / GiB:.2f} GiB |')
   if memory:
@@ -298,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
           f'(args {memory["args"] / GiB:.2f} + out {memory["out"] / GiB:.2f} + temp {memory["temp"] / GiB:.2f} '
           f'- aliased {memory["alias"] / GiB:.2f}; compiled in {memory["compile_s"]:.0f} s, not run); '
           f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |')
+  print(f'| peak RSS of the process at end | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB |')
   print(f'| load average at end | {load()} |')
   return 0
 

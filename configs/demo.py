@@ -7,9 +7,9 @@ Stages: train a tiny EfficientNet teacher (no pretrained one exists for this dat
 distil all 6 cells of 3 blocks -> rate all 336 paths -> exact search under a FLOPs
 budget -> retrain the chosen net from scratch -> evaluate on the test split.
 The space holds 42 x 252 x 42 = 444,528 architectures.
-Measured on 2 CPU cores (see README, performance section): about 10 minutes end to end,
-teacher ~89% test top-1, the searched net ~87-88% after its short retraining.
-`:local` is the same with fewer steps (a smoke run of about 4 minutes).
+On 2 CPU cores the stages take minutes each, a large part of it XLA compilation of the
+distillation and rating steps (see README, performance section, for measured times).
+`:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
 """
@@ -43,16 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.space.stem_stride = 1
 
   config.teacher.variant = 'tiny'
-  config.teacher.epochs = 3
+  config.teacher.epochs = 2
   config.teacher.batch_size = 256
   config.teacher.learning_rate = 0.004
   config.teacher.stem_stride = 1
 
   config.distill.epochs = 4
-  config.distill.steps_per_epoch = 60
+  config.distill.steps_per_epoch = 50
   config.distill.batch_size = 128
   config.distill.learning_rates = '0.005,0.005,0.005'
-  config.distill.checkpoint_every_steps = 60
+  config.distill.checkpoint_every_steps = 50
   config.distill.log_every_steps = 20
 
   config.rate.batch_size = 1000
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search.top_k = 5
 
   config.retrain.arch = 'search'
-  config.retrain.epochs = 3
+  config.retrain.epochs = 2
   config.retrain.batch_size = 256
   config.retrain.optimizer = 'adam'
   config.retrain.base_learning_rate = 0.004

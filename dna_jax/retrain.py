@@ -202,24 +202,6 @@ def variables_of(state: TrainState, ema: bool) -> dict[str, Any]:
           'batch_stats': state.ema_batch_stats if ema else state.batch_stats}
 
 
-def host_copy(tree: Any) -> Any:
-  """NumPy copy of a replicated pytree (works for pmap outputs and global arrays on any host)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
-                      tree)
-
-
-def replicate(tree: Any, mode: str) -> Any:
-  """Puts a host pytree on the devices as `parallel.data_parallel(mode)` returns its state.
-
-  (With another placement the step's second call would compile again.)
-  """
-  if mode == 'pmap':
-    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), (parallel.AXIS,)), P())
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
-  sharding = NamedSharding(parallel.make_mesh(), P())
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
 def parallel_eval(mode: str, apply_fn: Callable[..., Any], normalization: tuple[str, str] | None = None
                   ) -> Callable[[Any, Any], dict[str, Array]]:
   step = functools.partial(eval_step, apply_fn=apply_fn, normalization=normalization)
@@ -296,7 +278,7 @@ def train_and_evaluate(model: Any, tc: ml_collections.ConfigDict, directory: str
   meta: dict[str, Any] = {'elapsed_seconds': 0.0, 'best': None, 'evals': []}
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(host_copy(state)), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(parallel.host_copy(state)), meta=ocp.args.JsonRestore()))
     state, meta = restored['state'], restored['meta']
     logging.info('Resumed from %s at step %d of %d.', root / 'checkpoints', int(state.step), total_steps)
   else:
@@ -307,7 +289,7 @@ def train_and_evaluate(model: Any, tc: ml_collections.ConfigDict, directory: str
                             opt_state=state.tx.init(variables['params']))
     parameter_overview.log_parameter_overview(state.params)
   start = int(state.step)
-  state = replicate(state, mode)
+  state = parallel.replicate(state, mode)
   p_step = parallel.data_parallel(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn, label_smoothing=tc.label_smoothing,
                         ema_decay=tc.ema_decay, normalization=normalization),
@@ -330,7 +312,7 @@ def train_and_evaluate(model: Any, tc: ml_collections.ConfigDict, directory: str
     flush(step)
     meta['elapsed_seconds'] = elapsed0 + time.time() - t0
     if step not in manager.all_steps():
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_copy(state)),
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(parallel.host_copy(state)),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
 
   def evaluate_now(step: int) -> dict[str, Any]:
@@ -345,7 +327,7 @@ def train_and_evaluate(model: Any, tc: ml_collections.ConfigDict, directory: str
       meta['best'] = {'step': step, 'weights': weights, 'top1': result[weights]['top1'],
                       'top5': result[weights]['top5']}
       if on_best is not None:
-        on_best(host_copy(variables_of(state, weights == 'ema')), meta['best'])
+        on_best(parallel.host_copy(variables_of(state, weights == 'ema')), meta['best'])
     logging.info('Eval at step %d: EMA top-1 %.2f%% top-5 %.2f%% | raw top-1 %.2f%% top-5 %.2f%%', step,
                  *(100 * result[n][k] for n in ('ema', 'raw') for k in ('top1', 'top5')))
     return record
@@ -511,7 +493,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_batches=lambda start: input_pipeline.create_split(config.data, 'train', rc.batch_size,
                                                               start_step=start),
       eval_batches=lambda: input_pipeline.create_split(config.data, 'eval', rc.batch_size))
-  export_lib.save_child_checkpoint(os.fspath(root / 'final'), host_copy(variables_of(state, ema=True)),
+  export_lib.save_child_checkpoint(os.fspath(root / 'final'), parallel.host_copy(variables_of(state, ema=True)),
                                    {**meta, 'weights': 'ema', 'step': results['steps']})
   results = {'arch': str(arch), 'params': cost.params, 'flops': cost.flops, 'macs': cost.macs,
              'image_size': image_size, 'num_classes': num_classes, **results}
@@ -547,7 +529,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     target = meta['normalization']
     p_eval = parallel_eval(rc.parallel, model.apply, None if source == target else (source, target))
     results[name] = {'directory': directory, 'arch': meta['arch'],
-                     **evaluate_batches(p_eval, replicate(variables, rc.parallel),
+                     **evaluate_batches(p_eval, parallel.replicate(variables, rc.parallel),
                                         input_pipeline.create_split(config.data, 'eval', rc.batch_size),
                                         rc.parallel)}
     logging.info('Evaluated %s (%s): top-1 %.2f%% top-5 %.2f%% on %d images.', name, directory,

@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               'image_size': image_size, 'normalization': config.data.normalization, 'epochs': tc.epochs,
               'weights': 'ema', 'eval_top1': final['ema']['top1'], 'eval_top5': final['ema']['top5']}
   teacher_lib.save(directory, efficientnet.variant(variant, **overrides),
-                   retrain.host_copy(retrain.variables_of(state, ema=True)), metadata, overwrite=True)
+                   parallel.host_copy(retrain.variables_of(state, ema=True)), metadata, overwrite=True)
   logging.info('Teacher %s written to %s: eval top-1 %.2f%% (EMA), %.2f%% (raw).', variant, directory,
                100 * final['ema']['top1'], 100 * final['raw']['top1'])
   return {'directory': directory, 'top1': final['ema']['top1'], 'top5': final['ema']['top5'],

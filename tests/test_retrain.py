@@ -110,7 +110,7 @@ def test_resume_equals_uninterrupted(whole_run, tmp_path, monkeypatch):
   resumed, results = train(tmp_path, config, eval_batches=eval_batches)
   assert int(whole.step) == int(resumed.step) == 12
   for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
-    assert_trees_equal(retrain.host_copy(getattr(whole, field)), retrain.host_copy(getattr(resumed, field)))
+    assert_trees_equal(parallel.host_copy(getattr(whole, field)), parallel.host_copy(getattr(resumed, field)))
   assert results['best'] == whole_run['results']['best']
 
 
@@ -125,24 +125,24 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
                         devices=jax.local_devices()[:1])
   p_step = parallel.data_parallel(step, 'pmap')
   results = {
-      'pmap': p_step(retrain.replicate(state, 'pmap'), batch),
+      'pmap': p_step(parallel.replicate(state, 'pmap'), batch),
       'shard_map': parallel.data_parallel(step, 'shard_map')(
-          retrain.replicate(state, 'shard_map'), parallel.shard_batch(batch, 'shard_map')),
+          parallel.replicate(state, 'shard_map'), parallel.shard_batch(batch, 'shard_map')),
   }
   reference, metrics = one_device(state, jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch))
   assert not np.allclose(jax.tree.leaves(reference.params)[0], jax.tree.leaves(state.params)[0])
   for name, (new_state, new_metrics) in results.items():
     for field in ('params', 'batch_stats'):
-      assert_trees_equal(retrain.host_copy(getattr(new_state, field)), retrain.host_copy(getattr(reference, field)),
+      assert_trees_equal(parallel.host_copy(getattr(new_state, field)), parallel.host_copy(getattr(reference, field)),
                          rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(float(new_metrics['loss']), float(metrics['loss']), rtol=1e-5)
 
   # EMA: TF ExponentialMovingAverage(0.15, num_updates=t) decays by min(0.15, (1 + t) / (10 + t)) = 0.1, 0.15.
   first = results['pmap'][0]
   second, _ = p_step(first, next(fixed_batches(1)))
-  params = [retrain.host_copy(s.params) for s in (state, first, second)]
+  params = [parallel.host_copy(s.params) for s in (state, first, second)]
   expected = jax.tree.map(lambda p0, p1, p2: 0.15 * (0.1 * p0 + 0.9 * p1) + 0.85 * p2, *params)
-  assert_trees_equal(retrain.host_copy(second.ema_params), expected, rtol=1e-6, atol=1e-7)
+  assert_trees_equal(parallel.host_copy(second.ema_params), expected, rtol=1e-6, atol=1e-7)
   assert not np.allclose(jax.tree.leaves(second.ema_params)[0], jax.tree.leaves(second.params)[0])
 
 
