@@ -21,24 +21,4 @@ from dna_jax import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = config_base.get_base_config()
-  config.stages = 'retrain,evaluate'
-  config.retrain.arch = 'dna_d'
-
-  config.data.dataset = 'imagenet2012'
-  config.data.image_size = 224
-  config.data.normalization = 'imagenet'
-  config.data.dtype = 'bfloat16'
-  config.data.rating_examples = 0  # No search here: train on the whole train split.
-  config.model.dtype = 'bfloat16'
-
-  if arg == 'local':
-    config.data.update(dict(dataset='fashion_mnist', image_size=32, dtype='float32', augment='simple',
-                            eval_split='test[:2000]', shuffle_buffer=4096))
-    # Running BatchNorm statistics that settle within the few steps of a smoke run.
-    config.model.update(dict(dtype='float32', bn_momentum=0.9))
-    config.retrain.update(dict(batch_size=64, epochs=3, steps_per_epoch=100, warmup_epochs=0.5,
-                               lr_decay_epochs=1.0, checkpoint_every_steps=100, log_every_steps=20))
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; valid: local')
-  return config
+  return config_base.get_retrain_config('dna_d', arg)

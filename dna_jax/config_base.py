@@ -114,6 +114,31 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Retraining a named net on ImageNet (TPU pod slice, batch 4096); `arg='local'`: a CPU smoke run."""
+  config = get_base_config()
+  config.stages = 'retrain,evaluate'
+  config.retrain.arch = arch
+
+  config.data.dataset = 'imagenet2012'
+  config.data.image_size = 224
+  config.data.normalization = 'imagenet'
+  config.data.dtype = 'bfloat16'
+  config.data.rating_examples = 0  # No search here: train on the whole train split.
+  config.model.dtype = 'bfloat16'
+
+  if arg == 'local':
+    config.data.update(dict(dataset='fashion_mnist', image_size=32, dtype='float32', augment='simple',
+                            eval_split='test[:2000]', shuffle_buffer=4096))
+    # Running BatchNorm statistics that settle within the few steps of a smoke run.
+    config.model.update(dict(dtype='float32', bn_momentum=0.9))
+    config.retrain.update(dict(batch_size=64, epochs=3, steps_per_epoch=100, warmup_epochs=0.5,
+                               lr_decay_epochs=1.0, checkpoint_every_steps=100, log_every_steps=20))
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; valid: local')
+  return config
+
+
 def parse_stages(text: str) -> list[str]:
   """Validated stage list in pipeline order."""
   names = [s.strip() for s in text.split(',') if s.strip()]
