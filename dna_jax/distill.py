@@ -201,9 +201,8 @@ def restore_latest(manager: ocp.CheckpointManager, target: BlockState, where: st
 
 
 def save_block(manager: ocp.CheckpointManager, state: BlockState, meta: dict[str, Any]) -> None:
+  """Saves on every process (Orbax synchronises them; process 0 writes)."""
   step = int(state.step)
-  if step in manager.all_steps():
-    return
   # Host copies: the step's outputs are replicated over every device, and Orbax would slice each replica.
   host_state = parallel.host_copy(state)
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)),
@@ -318,8 +317,13 @@ def _train_group(states, p_step, batches, teacher_variables, start, total_steps,
     flush.t = time.time()
   flush.t = time.time()
 
+  saved = set()
+
   def save(step):
     flush(step)
+    if step in saved:
+      return
+    saved.add(step)
     for name, state in states.items():
       meta = {'step': step, 'elapsed_seconds': elapsed[name] + time.time() - t0, 'total_steps': total_steps}
       save_block(managers[name], state, meta)
