@@ -184,7 +184,9 @@ def block_input_sizes(image_size: int, stem_stride: int, space: space_lib.Search
 def checkpoint_manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True))
+          max_to_keep=config.keep_checkpoints, create=True,
+          # Several managers saving at once deadlock in Orbax's async finalize barrier across processes.
+          enable_async_checkpointing=jax.process_count() == 1))
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: BlockState, where: str
