@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from absl import logging
 from etils import epath

@@ -1,7 +1,5 @@
 """Rating: the prefix-sharing vmapped evaluator equals naive per-path evaluation."""
 
-import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
