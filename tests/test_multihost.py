@@ -35,7 +35,8 @@ def test_two_processes_match_one_process(tmp_path):
   a = np.load(tmp_path / 'params_1.npz')
   b = np.load(tmp_path / 'params_2.npz')
   assert sorted(a.files) == sorted(b.files) and len(a.files) > 50
-  # Cross-process reductions sum in another order: float32 rounding (~1e-6) only. A wrong global batch
-  # or gradient average would move parameters by ~lr = 1e-2 in 3 Adam steps.
+  # Cross-process reductions sum in another order: float32 rounding only, which Adam can blow up to
+  # ~1e-5 on parameters whose gradient is ~0 (a BN bias feeding another BN). A wrong global batch or
+  # gradient average moves parameters by ~lr = 1e-2 in 3 Adam steps.
   for key in a.files:
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4, err_msg=key)
