@@ -301,18 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
           f'{authors_s / full_s:.2f}x faster |')
   if args.no_full and per_block and all(r['memory'] for r in per_block.values()):
-    shared = sum(x.nbytes for x in jax.tree.leaves(teacher_vars)) + images.nbytes
-    args_b = sum(r['memory']['args'] for r in per_block.values()) - (num_blocks - 1) * shared
-    temp_b = sum(r['memory']['temp'] for r in per_block.values())
+    # jit drops unused arguments (a block-k program holds only the teacher up to block k), so the
+    # all-cells step's arguments are counted from the trees themselves.
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     scale = (args.memory_batch or batch) / batch
-    total = args_b + images.nbytes * (scale - 1) + temp_b * scale
-    print(f'| memory_analysis of the {num_blocks} per-block programs at batch {batch} | arguments of the all-cells '
-          f'step {args_b / GiB:.2f} GiB (teacher weights + images counted once); temp summed over blocks '
-          f'{temp_b / GiB:.2f} GiB |')
+    args_b = nbytes(full_states) + nbytes(teacher_vars) + images.nbytes * scale
+    temp_b = sum(r['memory']['temp'] for r in per_block.values())
+    temps = ', '.join(f"{r['memory']['temp'] / GiB:.2f}" for r in per_block.values())
+    total = args_b + nbytes(full_states) + temp_b * scale
+    print(f'| memory_analysis of the {num_blocks} per-block programs at batch {batch} | temp summed over blocks '
+          f'{temp_b / GiB:.2f} GiB (blocks 1..{num_blocks}: {temps}) |')
     if args.memory_batch:
-      print(f'| per-device memory at batch {args.memory_batch}, EXTRAPOLATED (temp x {scale:g}, linear in batch; '
-            f'sum of per-block temps, an upper bound) | {total / GiB:.2f} GiB; '
-            f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |')
+      print(f'| per-device memory of the all-cells step at batch {args.memory_batch}, EXTRAPOLATED: arguments '
+            f'{args_b / GiB:.2f} + new states {nbytes(full_states) / GiB:.2f} + summed temp x {scale:g} (linear in '
+            f'batch; an upper bound) | {total / GiB:.2f} GiB; {"fits" if total < 16 * GiB else "does NOT fit"} '
+            'a 16 GiB TPU v5e chip |')
   print(f'| peak RSS of the process{"" if args.no_full else " after (a)"} | {peak_rss / GiB:.2f} GiB |')
   if device_peak is not None:
     print(f'| device peak bytes in use after (a) | {device_peak / GiB:.2f} GiB |')
