@@ -390,7 +390,8 @@ def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], 
   fig.suptitle(f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
                + (f'; two seeds differ by {noise:.2f} points on average' if noise is not None else ''))
   fig.tight_layout()
-  fig.savefig(path_png, dpi=120)
+  with epath.Path(path_png).open('wb') as f:
+    fig.savefig(f, dpi=120, format='png')
   plt.close(fig)
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 
 from dna_jax import space as space_lib
@@ -121,10 +123,9 @@ def architecture_rating(ratings: Ratings, arch: space_lib.Architecture) -> dict[
 
 
 def _atomic_write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  tmp = epath.Path(f'{path}.tmp-{os.getpid()}')
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int,
@@ -140,10 +141,9 @@ def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int
 
 def _read_json(path: str) -> dict[str, Any]:
   try:
-    with open(path) as f:
-      text = f.read()
+    text = epath.Path(path).read_text()
   except OSError as e:
-    raise ValueError(f'{path}: cannot read ({e.strerror})') from None
+    raise ValueError(f'{path}: cannot read ({e.strerror or e})') from None
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
@@ -156,10 +156,10 @@ def _read_json(path: str) -> dict[str, Any]:
 def write_meta(ratings_dir: str, space: space_lib.SearchSpace, resolution: int, num_classes: int,
                stem_stride: int = 2) -> None:
   """Creates `meta.json`; keeps the completed blocks of an identical existing one, refuses a different one."""
-  os.makedirs(ratings_dir, exist_ok=True)
+  epath.Path(ratings_dir).mkdir(parents=True, exist_ok=True)
   record = _meta_record(space, resolution, num_classes, stem_stride)
   path = os.path.join(ratings_dir, META)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     old = _read_json(path)
     keys = ('space', 'resolution', 'num_classes', 'stem_stride', 'fixed')
     changed = [k for k in keys if old.get(k) != record[k]]
@@ -227,7 +227,7 @@ def write_block_ratings(ratings_dir: str, space: space_lib.SearchSpace, block_in
 def block_complete(ratings_dir: str, block_index: int) -> bool:
   """True when block `block_index` (0-based) has its table written and recorded in meta.json."""
   path = os.path.join(ratings_dir, META)
-  if not os.path.exists(path) or not os.path.exists(block_file(ratings_dir, block_index)):
+  if not epath.Path(path).exists() or not epath.Path(block_file(ratings_dir, block_index)).exists():
     return False
   try:
     return block_index + 1 in _read_json(path).get('complete_blocks', [])
@@ -240,7 +240,7 @@ def block_complete(ratings_dir: str, block_index: int) -> bool:
 
 def _read_meta(ratings_dir: str) -> tuple[dict[str, Any], space_lib.SearchSpace]:
   path = os.path.join(ratings_dir, META)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise ValueError(f'{path}: missing (no ratings here; run the rating stage first)')
   meta = _read_json(path)
   try:
@@ -264,57 +264,56 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
                                                   'flops', 'params', 'macs')}
   seen: dict[tuple[int, int, int], int] = {}
   try:
-    f = open(path, newline='')
+    text = epath.Path(path).read_text()
   except OSError as e:
-    raise ValueError(f'{path}: cannot read ({e.strerror}); ratings of block {block_index + 1} are missing') from None
-  with f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None or tuple(h.strip() for h in header) != COLUMNS:
-      raise ValueError(f'{path}, line 1: expected header {",".join(COLUMNS)}, got {",".join(header or [])!r}')
-    for line, row in enumerate(reader, start=2):
-      if not row:
-        continue
-      where = f'{path}, line {line}'
-      if len(row) != len(COLUMNS):
-        raise ValueError(f'{where}: expected {len(COLUMNS)} fields ({",".join(COLUMNS)}), got {len(row)}')
+    raise ValueError(f'{path}: cannot read ({e.strerror or e}); ratings of block {block_index + 1} are missing') from None
+  reader = csv.reader(io.StringIO(text, newline=''))
+  header = next(reader, None)
+  if header is None or tuple(h.strip() for h in header) != COLUMNS:
+    raise ValueError(f'{path}, line 1: expected header {",".join(COLUMNS)}, got {",".join(header or [])!r}')
+  for line, row in enumerate(reader, start=2):
+    if not row:
+      continue
+    where = f'{path}, line {line}'
+    if len(row) != len(COLUMNS):
+      raise ValueError(f'{where}: expected {len(COLUMNS)} fields ({",".join(COLUMNS)}), got {len(row)}')
+    try:
+      number = int(row[0])
+      width = int(row[3])
+      score, mse = float(row[4]), float(row[5])
+      flops, params, macs = int(row[6]), int(row[7]), int(row[8])
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from None
+    if number != block_index + 1:
+      raise ValueError(f'{where}: block is {number}, expected {block_index + 1}')
+    if row[1] not in cell_ids:
+      raise ValueError(f'{where}: cell {row[1]!r} is not in block {block_index + 1} '
+                       f'(cells {", ".join(cell_ids)})')
+    cell = cell_ids[row[1]]
+    key = (cell, row[2])
+    if key not in ops_cache:
       try:
-        number = int(row[0])
-        width = int(row[3])
-        score, mse = float(row[4]), float(row[5])
-        flops, params, macs = int(row[6]), int(row[7]), int(row[8])
+        ops = space_lib.parse_ops(row[2])
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
-      if number != block_index + 1:
-        raise ValueError(f'{where}: block is {number}, expected {block_index + 1}')
-      if row[1] not in cell_ids:
-        raise ValueError(f'{where}: cell {row[1]!r} is not in block {block_index + 1} '
-                         f'(cells {", ".join(cell_ids)})')
-      cell = cell_ids[row[1]]
-      key = (cell, row[2])
-      if key not in ops_cache:
-        try:
-          ops = space_lib.parse_ops(row[2])
-        except ValueError as e:
-          raise ValueError(f'{where}: {e}') from None
-        if len(ops) != block.cells[cell].layers:
-          raise ValueError(f'{where}: ops {row[2]!r} has {len(ops)} layers, cell {row[1]} has '
-                           f'{block.cells[cell].layers}')
-        ops_cache[key] = (ops, path_index(ops))
-      ops, index = ops_cache[key]
-      if width not in widths:
-        raise ValueError(f'{where}: in_channels {width} is not a possible input width of block '
-                         f'{block_index + 1} (expected one of {sorted(widths)})')
-      if not (math.isfinite(score) and math.isfinite(mse)):
-        raise ValueError(f'{where}: score and mse must be finite, got {row[4]}, {row[5]}')
-      if min(flops, params, macs) < 0:
-        raise ValueError(f'{where}: negative cost')
-      if (cell, index, width) in seen:
-        raise ValueError(f'{where}: duplicate of line {seen[cell, index, width]} '
-                         f'(cell {row[1]}, ops {row[2]}, in_channels {width})')
-      seen[cell, index, width] = line
-      for name, value in zip(cols, (cell, index, ops, width, score, mse, flops, params, macs)):
-        cols[name].append(value)
+      if len(ops) != block.cells[cell].layers:
+        raise ValueError(f'{where}: ops {row[2]!r} has {len(ops)} layers, cell {row[1]} has '
+                         f'{block.cells[cell].layers}')
+      ops_cache[key] = (ops, path_index(ops))
+    ops, index = ops_cache[key]
+    if width not in widths:
+      raise ValueError(f'{where}: in_channels {width} is not a possible input width of block '
+                       f'{block_index + 1} (expected one of {sorted(widths)})')
+    if not (math.isfinite(score) and math.isfinite(mse)):
+      raise ValueError(f'{where}: score and mse must be finite, got {row[4]}, {row[5]}')
+    if min(flops, params, macs) < 0:
+      raise ValueError(f'{where}: negative cost')
+    if (cell, index, width) in seen:
+      raise ValueError(f'{where}: duplicate of line {seen[cell, index, width]} '
+                       f'(cell {row[1]}, ops {row[2]}, in_channels {width})')
+    seen[cell, index, width] = line
+    for name, value in zip(cols, (cell, index, ops, width, score, mse, flops, params, macs)):
+      cols[name].append(value)
   expected = block.num_paths * len(widths)
   if len(seen) != expected:
     missing = next((c, ops, w) for c, cell in enumerate(block.cells) for i, ops in enumerate(cell.paths())

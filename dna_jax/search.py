@@ -43,6 +43,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from etils import epath
 import numpy as np
 
 from dna_jax import ratings as ratings_lib
@@ -504,12 +505,15 @@ def plot_pareto(ratings: ratings_lib.Ratings, results: Sequence[Result], path_pn
     ax.legend(fontsize=8)
   fig.suptitle(f'{ratings.directory or "ratings"}: {ratings.resolution}px, {ratings.num_classes} classes')
   fig.tight_layout()
-  fig.savefig(path_png, dpi=120)
+  with epath.Path(path_png).open('wb') as f:
+    fig.savefig(f, dpi=120, format='png')
   plt.close(fig)
 
 
 def default_out_dir(ratings_dir: str) -> str:
   """WORKDIR/search beside WORKDIR/ratings."""
+  if '://' in ratings_dir:
+    return os.path.join(os.path.dirname(ratings_dir.rstrip('/')), 'search')
   return os.path.join(os.path.dirname(os.path.abspath(ratings_dir)), 'search')
 
 
@@ -519,18 +523,17 @@ def run_search(ratings_dir: str, out_dir: str | None = None, max_flops: int | No
   """Reads the ratings, searches, writes `arch_1.json`.. and `pareto.png` into `out_dir`."""
   out_dir = out_dir or default_out_dir(ratings_dir)
   names = [f'arch_{i}.json' for i in range(1, top_k + 1)] + (['pareto.png'] if plot else [])
-  existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+  existing = [n for n in names if (epath.Path(out_dir) / n).exists()]
   if existing and not overwrite:
     raise ValueError(f'{out_dir} already holds {", ".join(existing)}; choose another output directory '
                      'or pass --overwrite')
   ratings = ratings_lib.read_ratings(ratings_dir)
   results = search(ratings, max_flops, max_params, top_k)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   for rank, result in enumerate(results, 1):
     record = {**result.to_dict(), 'rank': rank, 'max_flops': max_flops, 'max_params': max_params,
-              'ratings': os.path.abspath(ratings_dir)}
-    with open(os.path.join(out_dir, f'arch_{rank}.json'), 'w') as f:
-      f.write(json.dumps(record, indent=1) + '\n')
+              'ratings': ratings_dir if '://' in ratings_dir else os.path.abspath(ratings_dir)}
+    (epath.Path(out_dir) / f'arch_{rank}.json').write_text(json.dumps(record, indent=1) + '\n')
   if plot:
     plot_pareto(ratings, results, os.path.join(out_dir, 'pareto.png'))
   return results

@@ -14,6 +14,8 @@ import json
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
+from etils import epath
+
 
 @dataclasses.dataclass(frozen=True)
 class Op:
@@ -335,10 +337,9 @@ def load_architecture(name_or_path: str) -> Architecture:
     return NAMED_ARCHITECTURES[name_or_path]
   if name_or_path.endswith('.json'):
     try:
-      with open(name_or_path) as f:
-        text = f.read()
+      text = epath.Path(name_or_path).read_text()
     except OSError as e:
-      raise ValueError(f'cannot read architecture file {name_or_path}: {e.strerror}') from None
+      raise ValueError(f'cannot read architecture file {name_or_path}: {e.strerror or e}') from None
     try:
       return Architecture.from_json(text)
     except ValueError as e:
