@@ -106,17 +106,9 @@ def analytic_student_macs(space, cells, image: int, stem_stride: int, block_ids)
   total = 0
   for k in block_ids:
     for cell in cells[k]:
-      size = sizes[k]
-      if cell.stem is not None:
-        stem_width, ds_width, s = cell.stem
-        size = layers.output_size(size, 3, s, 'tf_same')
-        total += costs.conv_cost(3, stem_width, 3, size * size).macs
-        total += costs.mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
-      for l in range(cell.cell.layers):
-        cin, cout, stride = cell.layer_shape(l)
-        per_op = [costs.mbconv_cost(cin, cout, op.expansion, op.kernel, stride, size) for op in space_lib.OPS]
-        total += sum(c.macs for c, _ in per_op) // len(per_op)
-        size = per_op[0][1]
+      layer_shapes = [cell.layer_shape(l) for l in range(cell.cell.layers)]
+      stem_macs, per_layer = costs.supernet_cell_macs(layer_shapes, sizes[k], cell.stem)
+      total += stem_macs + sum(sum(per_op) // len(per_op) for per_op in per_layer)
   return total
 
 

@@ -72,18 +72,9 @@ def timed(fn, *args):
 
 def tree_macs(cell: supernet.SupernetCell, size: int) -> int:
   """Per-image MACs of rating every path of `cell` as a prefix tree (every op of layer l on 6**l prefixes)."""
-  total = 0
-  if cell.stem is not None:
-    stem_width, ds_width, s = cell.stem
-    size = layers.output_size(size, 3, s, 'tf_same')
-    total += costs.conv_cost(3, stem_width, 3, size * size).macs
-    total += costs.mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
-  for l in range(cell.cell.layers):
-    cin, cout, stride = cell.layer_shape(l)
-    per_op = [costs.mbconv_cost(cin, cout, op.expansion, op.kernel, stride, size) for op in space_lib.OPS]
-    total += NUM_OPS ** l * sum(c.macs for c, _ in per_op)
-    size = per_op[0][1]
-  return total
+  layer_shapes = [cell.layer_shape(l) for l in range(cell.cell.layers)]
+  stem_macs, per_layer = costs.supernet_cell_macs(layer_shapes, size, cell.stem)
+  return stem_macs + sum(NUM_OPS ** l * sum(per_op) for l, per_op in enumerate(per_layer))
 
 
 def naive_fn(cell: supernet.SupernetCell):

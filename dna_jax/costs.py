@@ -58,6 +58,27 @@ def mbconv_cost(in_ch: int, out_ch: int, expansion: int, kernel: int, stride: in
   return cost, out_size
 
 
+def supernet_cell_macs(layer_shapes: Sequence[tuple[int, int, int]], size: int,
+                       stem: tuple[int, int, int] | None = None) -> tuple[int, list[list[int]]]:
+  """Per-image MACs of a distillation cell on a `size` x `size` input.
+
+  `layer_shapes`: (input channels, output channels, stride) per layer; `stem`: (stem width,
+  DS width, stem stride) of a block-1 cell. Returns the stem + DS MACs (0 without a stem) and,
+  per layer, the MACs of every candidate op in `space.OPS` order.
+  """
+  stem_macs = 0
+  if stem is not None:
+    stem_width, ds_width, stem_stride = stem
+    size = output_size(size, 3, stem_stride, 'tf_same')
+    stem_macs = conv_cost(3, stem_width, 3, size * size).macs + mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
+  per_layer = []
+  for cin, cout, stride in layer_shapes:
+    per_op = [mbconv_cost(cin, cout, op.expansion, op.kernel, stride, size) for op in space_lib.OPS]
+    per_layer.append([cost.macs for cost, _ in per_op])
+    size = per_op[0][1]
+  return stem_macs, per_layer
+
+
 def block_sizes(space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int,
                 stem_stride: int = 2) -> list[int]:
   """Input spatial size of every block (strides are fixed per block)."""

@@ -192,3 +192,16 @@ def test_depthwise_implementations_agree():
     g1 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'native') ** 2))(w)
     g2 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'shift_add') ** 2))(w)
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_supernet_cell_macs_match_the_child_costs():
+  cell = space_lib.Cell(layers=3, width=24, stride=2)
+  in_channels, size = 16, 32
+  shapes = [(in_channels if l == 0 else 24, 24, 2 if l == 0 else 1) for l in range(3)]
+  stem_macs, per_layer = costs.supernet_cell_macs(shapes, size)
+  assert stem_macs == 0 and [len(ops) for ops in per_layer] == [space_lib.NUM_OPS] * 3
+  for ops in [(0, 0, 0), (5, 2, 3), (1, 4, 5)]:
+    expected = costs.cell_cost(cell, ops, in_channels, size).macs
+    assert sum(per_layer[l][op] for l, op in enumerate(ops)) == expected
+  stem_macs, _ = costs.supernet_cell_macs(shapes, size, stem=(16, 8, 1))
+  assert stem_macs == costs.fixed_cost(16, 8, 8, size, 1, 1, stem_stride=1).macs - 8 * 1
