@@ -79,3 +79,18 @@ def test_bad_config_fails_at_start_up_with_a_clear_message(tmp_path):
   out = run_main('--config', demo, '--workdir', str(tmp_path), '--config.stages=')
   assert out.returncode != 0 and 'config.stages is empty' in out.stderr
   assert not (tmp_path / 'stages').exists()
+
+
+def test_library_info_records_are_hidden_but_warnings_and_our_own_kept():
+  import logging as std_logging
+  from dna_jax import main as main_lib
+  quiet = main_lib.QuietLibraries()
+
+  def record(path, level):
+    return std_logging.LogRecord('absl', level, path, 1, 'message', None, None)
+
+  site = '/venv/lib/python3.11/site-packages'
+  assert not quiet.filter(record(f'{site}/orbax/checkpoint/checkpoint_manager.py', std_logging.INFO))
+  assert not quiet.filter(record(f'{site}/tensorflow_datasets/core/reader.py', std_logging.INFO))
+  assert quiet.filter(record(f'{site}/orbax/checkpoint/checkpoint_manager.py', std_logging.WARNING))
+  assert quiet.filter(record('/src/dna_jax/distill.py', std_logging.INFO))
