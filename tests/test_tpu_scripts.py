@@ -420,3 +420,12 @@ def test_notebook_runs_the_readme_demo_command():
 def test_notebook_is_what_make_notebook_writes():
   expected = nbformat.writes(make_notebook.build_notebook(_readme_demo_command(), _jax_pin()))
   assert _notebook() == expected, 'out of date: python tpu_scripts/make_notebook.py'
+
+
+def test_notebook_clones_the_given_repository_url():
+  url = 'https://example.com/me/dna_jax.git'
+  cells = {cell.id: cell for cell in make_notebook.build_notebook(_readme_demo_command(), _jax_pin(), url).cells}
+  assert f"REPO_URL = '{url}'" in cells['clone'].source
+  default = {cell.id: cell for cell in make_notebook.build_notebook(_readme_demo_command(), _jax_pin()).cells}
+  assert f"REPO_URL = '{make_notebook.REPO_URL}'" in default['clone'].source
+  assert "if 'OWNER' in REPO_URL" in default['clone'].source

@@ -2,6 +2,7 @@
 
 python tpu_scripts/make_notebook.py           # regenerate after README.md's demo command changes
 python tpu_scripts/make_notebook.py --check   # exit 1 if the committed notebook is out of date
+python tpu_scripts/make_notebook.py --repo_url https://github.com/ME/dna_jax.git   # a fork's notebook
 
 The notebook runs exactly the README's demo command: the fenced block that follows the line
 `<!-- demo-command -->` in README.md:
@@ -28,7 +29,8 @@ DEMO_MARKER = '<!-- demo-command -->'
 # Used only while README.md has no marked block yet (a warning says so); the test compares with README.
 FALLBACK_DEMO_COMMAND = ('python -m pip install -r requirements.txt && '
                          'python -m dna_jax.main --config configs/demo.py --workdir /tmp/dna_demo')
-# Edit to the project's public URL; the notebook refuses to clone while it contains "OWNER".
+# The project has no public URL yet: the notebook asks for one (its REPO_URL field, or --repo_url here)
+# and refuses to clone while the URL contains "OWNER".
 REPO_URL = 'https://github.com/OWNER/dna_jax.git'
 COLAB_REPO_DIR = '/content/dna_jax'
 LIBTPU_URL = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
@@ -83,7 +85,7 @@ def demo_cell_source(command):
   return f'%%bash\nset -euo pipefail\ncd {COLAB_REPO_DIR}\n{command}'
 
 
-def build_notebook(command, jax_pin):
+def build_notebook(command, jax_pin, repo_url=REPO_URL):
   """The notebook as an nbformat v4 node, cells with fixed ids so regeneration is byte-stable."""
   workdir = workdir_of(command)
   markdown, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
@@ -100,7 +102,7 @@ def build_notebook(command, jax_pin):
       code(
           'import os\n'
           'import subprocess\n\n'
-          f"REPO_URL = '{REPO_URL}'  # @param {{type:\"string\"}}\n"
+          f"REPO_URL = '{repo_url}'  # @param {{type:\"string\"}}\n"
           f"REPO_DIR = '{COLAB_REPO_DIR}'\n\n"
           'if not os.path.isdir(REPO_DIR):\n'
           "  if 'OWNER' in REPO_URL:\n"
@@ -159,10 +161,12 @@ def demo_command_from_readme():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--check', action='store_true', help='exit 1 if the notebook is out of date')
+  parser.add_argument('--repo_url', default=REPO_URL, help='git URL the notebook clones (default: a placeholder '
+                      'that the notebook asks the user to replace)')
   args = parser.parse_args()
   with open(REQUIREMENTS_PATH, encoding='utf-8') as requirements:
     jax_pin = jax_version(requirements.read())
-  text = nbformat.writes(build_notebook(demo_command_from_readme(), jax_pin))
+  text = nbformat.writes(build_notebook(demo_command_from_readme(), jax_pin, args.repo_url))
   if args.check:
     with open(NOTEBOOK_PATH, encoding='utf-8') as committed:
       if committed.read() != text:
