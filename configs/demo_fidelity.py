@@ -35,9 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stages = 'fidelity'
   config.fidelity.num_archs = 10
   config.fidelity.noise_archs = 2
-  config.fidelity.epochs = 2
+  config.fidelity.epochs = 1
   if arg == 'local':
     config.fidelity.num_archs = 6
     config.fidelity.noise_archs = 1
-    config.fidelity.epochs = 1
+    config.fidelity.epochs = 0.5
   return config

@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       # The authors ran the frozen teacher with BatchNorm in training mode (batch statistics).
       train_mode_bn=False,
       # Only for stages=teacher (demo): train the teacher on the data first.
-      epochs=0, batch_size=256, learning_rate=0.002, weight_decay=1e-5, stem_stride=2,
+      epochs=0.0, batch_size=256, learning_rate=0.002, weight_decay=1e-5, stem_stride=2,
       # 0: training examples // batch_size.
       steps_per_epoch=0))
 
@@ -74,7 +74,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.retrain = ml_collections.ConfigDict(dict(
       # 'search' (the search stage's best), a named net (dna_a..dna_d, efficientnet_b0) or a JSON path.
       arch='search',
-      epochs=350,
+      epochs=350.0,
       batch_size=4096,
       optimizer='rmsprop',
       # Per 256 images; scaled linearly with the global batch.
@@ -109,7 +109,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # stages=fidelity (see fidelity.py): num_archs nets trained standalone with the retrain recipe for `epochs`
   # (0: retrain.epochs); noise_archs of them again with noise_seed; `bootstrap` resamples per interval.
-  config.fidelity = ml_collections.ConfigDict(dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0,
+  config.fidelity = ml_collections.ConfigDict(dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0,
                                                    bootstrap=2000))
   return config
 
