@@ -281,7 +281,7 @@ def train_architecture(config: ml_collections.ConfigDict, arch: space_lib.Archit
                        seed: int) -> dict[str, Any]:
   """Trains `arch` from scratch with `recipe(config)` in `directory` (resumed); returns eval-split results.
 
-  `accuracy` is the final test top-1 (%) of the EMA weights, as the retrain stage reports it.
+  `accuracy` is the final test top-1 (a fraction) of the EMA weights, as the retrain stage reports it.
   """
   from dna_jax import input_pipeline
   from dna_jax import retrain
@@ -358,6 +358,10 @@ def csv_text(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], fl
   return out.getvalue()
 
 
+ROLE_LABELS = {'lowest': 'best rated (lowest score)', 'search': "search's choice",
+               'search,lowest': "search's choice, best rated", 'sample': 'stratified sample'}
+
+
 def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], report: dict[str, Any],
                seed: int, path_png: str) -> None:
   """Three panels: accuracy against summed score, FLOPs and params; a net's second-seed run linked by a line."""
@@ -371,12 +375,12 @@ def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], 
             ('flops', 1e6, 'FLOPs (M)', 'flops_'), ('params', 1e6, 'parameters (M)', 'params_'))
   for ax, (field, unit, label, prefix) in zip(axes, panels):
     for p in picks:
-      x, y = p[field] / unit, accuracy[p['index'], seed]
+      x, y = p[field] / unit, 100 * accuracy[p['index'], seed]
       for (index, other_seed), other in accuracy.items():
         if index == p['index'] and other_seed != seed:
-          ax.plot([x, x], [y, other], color='0.6', lw=1)
-          ax.plot(x, other, '.', color='0.4', ms=6, label='second seed')
-      ax.plot(x, y, 'o', color=colors[p['role']], ms=6, label=p['role'].replace(',', ' + '))
+          ax.plot([x, x], [y, 100 * other], color='0.6', lw=1)
+          ax.plot(x, 100 * other, '.', color='0.4', ms=6, label='second seed')
+      ax.plot(x, y, 'o', color=colors[p['role']], ms=6, label=ROLE_LABELS.get(p['role'], p['role']))
     tau, rho = report[prefix + 'kendall_tau'], report[prefix + 'spearman_rho']
     ax.set_title(f'Kendall tau {tau["value"]:.2f} [{tau["low"]:.2f}, {tau["high"]:.2f}]   '
                  f'Spearman rho {rho["value"]:.2f} [{rho["low"]:.2f}, {rho["high"]:.2f}]', fontsize=9)
@@ -388,7 +392,7 @@ def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], 
   axes[0].set_ylabel('test top-1 (%)')
   noise = report['noise']['mean_abs_diff']
   fig.suptitle(f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
-               + (f'; two seeds differ by {noise:.2f} points on average' if noise is not None else ''))
+               + (f'; two seeds differ by {100 * noise:.2f} points on average' if noise is not None else ''))
   fig.tight_layout()
   with epath.Path(path_png).open('wb') as f:
     fig.savefig(f, dpi=120, format='png')
@@ -433,10 +437,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report['epochs'] = epochs
   write_outputs(workdir, picks, accuracy, report, config.seed)
   tau, rho = report['kendall_tau'], report['spearman_rho']
+  noise = report['noise']['mean_abs_diff']
   logging.info('Ranking fidelity over %d architectures: Kendall tau %.3f [%.3f, %.3f], Spearman rho %.3f '
-               '[%.3f, %.3f]; FLOPs tau %.3f, params tau %.3f; noise %s.', len(picks), tau['value'], tau['low'],
-               tau['high'], rho['value'], rho['low'], rho['high'], report['flops_kendall_tau']['value'],
-               report['params_kendall_tau']['value'], report['noise']['mean_abs_diff'])
+               '[%.3f, %.3f]; FLOPs tau %.3f, params tau %.3f; two seeds differ by %s top-1 points on average.',
+               len(picks), tau['value'], tau['low'], tau['high'], rho['value'], rho['low'], rho['high'],
+               report['flops_kendall_tau']['value'], report['params_kendall_tau']['value'],
+               'n/a' if noise is None else f'{100 * noise:.2f}')
   return {'kendall_tau': tau['value'], 'spearman_rho': rho['value'],
           'flops_kendall_tau': report['flops_kendall_tau']['value'],
           'params_kendall_tau': report['params_kendall_tau']['value'],
