@@ -330,3 +330,16 @@ def test_prefetch_to_device():
     assert isinstance(batch['x'], jax.Array)
     assert len(batch['x'].sharding.device_set) == jax.local_device_count()
     np.testing.assert_array_equal(batch['x'], expected['x'])
+
+
+def test_autotune_switch_keeps_the_batches(imagenet_dir):
+  config = _config(imagenet_dir)
+  assert input_pipeline.dataset_options(config).autotune.enabled
+  config.autotune, config.num_threads = False, 2
+  options = input_pipeline.dataset_options(config)
+  assert not options.autotune.enabled and options.threading.private_threadpool_size == 2
+  config.num_threads = 0
+  tuned = next(input_pipeline.create_split(_config(imagenet_dir), 'train', 8))
+  fixed = next(input_pipeline.create_split(config, 'train', 8))
+  np.testing.assert_array_equal(tuned['image'], fixed['image'])
+  np.testing.assert_array_equal(tuned['label'], fixed['label'])
