@@ -33,6 +33,7 @@ from jax import lax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dna_jax import files
 from dna_jax import space as space_lib
 from dna_jax.models import child
 from dna_jax.models import layers
@@ -109,9 +110,7 @@ def save_child_checkpoint(directory: str, variables: Mapping[str, Any], meta: Ma
   checkpointer.wait_until_finished()
   checkpointer.close()
   if jax.process_index() == 0:
-    tmp = path / (META_FILE + '.tmp')
-    tmp.write_text(json.dumps(dict(meta), indent=1))
-    tmp.rename(path / META_FILE)
+    files.atomic_write_text(path / META_FILE, json.dumps(dict(meta), indent=1))
 
 
 def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise: str = 'auto',

@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dna_jax import files
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import space as space_lib
@@ -197,10 +198,7 @@ def noise_indices(num_archs: int, noise_archs: int) -> list[int]:
 def _write_text(path: epath.Path, text: str) -> None:
   """Atomic write, process 0 only."""
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(path)
+    files.atomic_write_text(path, text)
 
 
 def _write_json(path: epath.Path, data: Any) -> None:

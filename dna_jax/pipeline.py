@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from dna_jax import config_base
+from dna_jax import files
 from dna_jax import space as space_lib
 
 # Fields that define what a workdir holds: a rerun with other values would mix results.
@@ -61,11 +62,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                        'Use a new --workdir, or restore those config values to resume.')
     return
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / 'config.json.tmp'
-    tmp.write_text(json.dumps({'identity': identity, 'config': json.loads(config.to_json_best_effort())},
-                              indent=1))
-    tmp.rename(path)
+    files.atomic_write_text(path, json.dumps({'identity': identity,
+                                              'config': json.loads(config.to_json_best_effort())}, indent=1))
 
 
 def stage_marker(workdir: str, stage: str) -> epath.Path:

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 from etils import epath
 import numpy as np
 
+from dna_jax import files
 from dna_jax import space as space_lib
 
 COLUMNS = ('block', 'cell', 'ops', 'in_channels', 'score', 'mse', 'flops', 'params', 'macs')
@@ -122,12 +123,6 @@ def architecture_rating(ratings: Ratings, arch: space_lib.Architecture) -> dict[
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = epath.Path(f'{path}.tmp-{os.getpid()}')
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int,
                  stem_stride: int) -> dict[str, Any]:
   from dna_jax import costs  # imports JAX (through the layer helpers): only writers need it
@@ -167,7 +162,7 @@ def write_meta(ratings_dir: str, space: space_lib.SearchSpace, resolution: int, 
       raise ValueError(f'{path} describes other ratings (different {", ".join(changed)}); '
                        'use a fresh ratings directory or delete the old one')
     record['complete_blocks'] = sorted(int(k) for k in old.get('complete_blocks', []))
-  _atomic_write(path, json.dumps(record, indent=1) + '\n')
+  files.atomic_write_text(path, json.dumps(record, indent=1) + '\n')
 
 
 def _check_values(name: str, values: Mapping[int, np.ndarray], block: space_lib.Block, block_index: int) -> dict:
@@ -216,11 +211,11 @@ def write_block_ratings(ratings_dir: str, space: space_lib.SearchSpace, block_in
         lines.append(f'{block_index + 1},{cell.name},{text},{width},{float(scores[c][p])!r},'
                      f'{float(mses[c][p])!r},{cost.flops},{cost.params},{cost.macs}')
   path = block_file(ratings_dir, block_index)
-  _atomic_write(path, '\n'.join(lines) + '\n')
+  files.atomic_write_text(path, '\n'.join(lines) + '\n')
   meta_path = os.path.join(ratings_dir, META)
   meta = _read_json(meta_path)
   meta['complete_blocks'] = sorted(set(meta.get('complete_blocks', [])) | {block_index + 1})
-  _atomic_write(meta_path, json.dumps(meta, indent=1) + '\n')
+  files.atomic_write_text(meta_path, json.dumps(meta, indent=1) + '\n')
   return path
 
 

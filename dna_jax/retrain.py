@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 
 from dna_jax import costs
 from dna_jax import export as export_lib
+from dna_jax import files
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax.models import child
@@ -457,10 +458,7 @@ def child_model(config: ml_collections.ConfigDict, arch: space_lib.Architecture,
 
 def _write_json(path: epath.Path, data: Any) -> None:
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.rename(path)
+    files.atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
