@@ -57,7 +57,7 @@ from dna_jax.models import layers
 from dna_jax.models import supernet
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def load() -> str:
@@ -82,10 +82,24 @@ def compile_and_time(fn, args, steps: int) -> dict[str, float]:
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   m = compiled.memory_analysis()
-  memory = None if m is None else {'args': m.argument_size_in_bytes, 'out': m.output_size_in_bytes,
-                                   'temp': m.temp_size_in_bytes, 'alias': m.alias_size_in_bytes}
-  return {'compile_s': compile_s, 'step_s': statistics.median(times), 'min_s': min(times),
-          'flops': xla_flops(compiled), 'load': load(), 'memory': memory}
+  memory = (
+    None
+    if m is None
+    else {
+      'args': m.argument_size_in_bytes,
+      'out': m.output_size_in_bytes,
+      'temp': m.temp_size_in_bytes,
+      'alias': m.alias_size_in_bytes,
+    }
+  )
+  return {
+    'compile_s': compile_s,
+    'step_s': statistics.median(times),
+    'min_s': min(times),
+    'flops': xla_flops(compiled),
+    'load': load(),
+    'memory': memory,
+  }
 
 
 def setup(args):
@@ -120,8 +134,15 @@ def teacher_macs(model, image: int, up_to: int) -> int:
     if i > up_to:
       break
     for j in range(stage.repeats):
-      cost, size = costs.mbconv_cost(channels, stage.width, stage.expansion, stage.kernel,
-                                     stage.stride if j == 0 else 1, size, model.conventions.padding)
+      cost, size = costs.mbconv_cost(
+        channels,
+        stage.width,
+        stage.expansion,
+        stage.kernel,
+        stage.stride if j == 0 else 1,
+        size,
+        model.conventions.padding,
+      )
       macs += cost.macs
       channels = stage.width
   return macs
@@ -133,17 +154,32 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--batch', type=int, default=0, help='default: 8 (imagenet) or 128 (small)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (median)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
-  parser.add_argument('--teacher_bn', choices=('inference', 'train'), default='inference',
-                      help="teacher BatchNorm: running statistics (dna_jax's default) or the authors' batch stats")
-  parser.add_argument('--parallel', choices=parallel.MODES, default='shard_map',
-                      help='how the per-device step is mapped (training offers both); one device either way')
-  parser.add_argument('--no_full', action='store_true',
-                      help='do not compile the all-cells program (its XLA:CPU compile needs > 16 GiB of host memory '
-                           'for the ImageNet space): estimate (a) and (c) from the per-block programs (d) instead')
+  parser.add_argument(
+    '--teacher_bn',
+    choices=('inference', 'train'),
+    default='inference',
+    help="teacher BatchNorm: running statistics (dna_jax's default) or the authors' batch stats",
+  )
+  parser.add_argument(
+    '--parallel',
+    choices=parallel.MODES,
+    default='shard_map',
+    help='how the per-device step is mapped (training offers both); one device either way',
+  )
+  parser.add_argument(
+    '--no_full',
+    action='store_true',
+    help='do not compile the all-cells program (its XLA:CPU compile needs > 16 GiB of host memory '
+    'for the ImageNet space): estimate (a) and (c) from the per-block programs (d) instead',
+  )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
-  parser.add_argument('--peak_gflops', type=float, default=157.0,
-                      help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)')
+  parser.add_argument(
+    '--peak_gflops',
+    type=float,
+    default=157.0,
+    help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)',
+  )
   args = parser.parse_args(argv)
   batch = args.batch or (8 if args.space == 'imagenet' else 128)
   if batch % jax.device_count():
@@ -154,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
   num_cells = sum(len(c) for c in cells)
   train_bn = args.teacher_bn == 'train'
   device = jax.devices()[0]
-  print(f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; '
-        f'space {args.space} ({num_blocks} blocks, {num_cells} cells); teacher '
-        f'{"B7" if args.space == "imagenet" else "tiny"} ({args.teacher_bn} BN); batch {batch}, {image} px, '
-        f'{args.dtype}; peak {args.peak_gflops:g} GFLOP/s; load average at start {load()}', flush=True)
+  print(
+    f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; '
+    f'space {args.space} ({num_blocks} blocks, {num_cells} cells); teacher '
+    f'{"B7" if args.space == "imagenet" else "tiny"} ({args.teacher_bn} BN); batch {batch}, {image} px, '
+    f'{args.dtype}; peak {args.peak_gflops:g} GFLOP/s; load average at start {load()}',
+    flush=True,
+  )
 
   rng = np.random.default_rng(0)
   images_np = rng.uniform(0, 255, (1, batch, image, image, 3)).astype(np.float32)
@@ -169,10 +208,16 @@ def main(argv: list[str] | None = None) -> int:
   print(f'teacher init {time.perf_counter() - t0:.1f} s', flush=True)
 
   sizes = distill.block_input_sizes(image, stem_stride, space)
-  optimizers = {f'block{k + 1}': distill.create_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
-                for k in range(num_blocks)}
-  states = {f'block{k + 1}': distill.create_block_state(jax.random.key(k), tuple(cells[k]), sizes[k],
-                                                        optimizers[f'block{k + 1}']) for k in range(num_blocks)}
+  optimizers = {
+    f'block{k + 1}': distill.create_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
+    for k in range(num_blocks)
+  }
+  states = {
+    f'block{k + 1}': distill.create_block_state(
+      jax.random.key(k), tuple(cells[k]), sizes[k], optimizers[f'block{k + 1}']
+    )
+    for k in range(num_blocks)
+  }
 
   def teacher_apply_for(up_to):
     return functools.partial(teacher_lib.teacher_features, model, up_to=up_to, train_mode_bn=train_bn)
@@ -180,20 +225,38 @@ def main(argv: list[str] | None = None) -> int:
   def make_step(block_ids, teacher_apply):
     blocks = tuple((k, tuple(cells[k])) for k in block_ids)
     names = {f'block{k + 1}' for k in block_ids}
-    step = functools.partial(distill.distill_step, blocks=blocks, teacher_apply=teacher_apply,
-                             optimizers={n: o for n, o in optimizers.items() if n in names}, sampling='uniform',
-                             seed=0)
+    step = functools.partial(
+      distill.distill_step,
+      blocks=blocks,
+      teacher_apply=teacher_apply,
+      optimizers={n: o for n, o in optimizers.items() if n in names},
+      sampling='uniform',
+      seed=0,
+    )
     return parallel.data_parallel(step, args.parallel, num_broadcast=1), {n: states[n] for n in names}
 
   rows = []
 
   def row(name, result, images_per_step, analytic_flops):
     step_s = result['step_s']
-    rows.append((name, result['compile_s'], step_s, images_per_step / step_s, result['flops'] / 1e9,
-                 result['flops'] / step_s / 1e9, analytic_flops / 1e9, analytic_flops / step_s / 1e9,
-                 result['load']))
-    print(f'  measured {name}: {step_s:.3f} s/step (min {result["min_s"]:.3f}), compile {result["compile_s"]:.1f} s, '
-          f'load {result["load"]}', flush=True)
+    rows.append(
+      (
+        name,
+        result['compile_s'],
+        step_s,
+        images_per_step / step_s,
+        result['flops'] / 1e9,
+        result['flops'] / step_s / 1e9,
+        analytic_flops / 1e9,
+        analytic_flops / step_s / 1e9,
+        result['load'],
+      )
+    )
+    print(
+      f'  measured {name}: {step_s:.3f} s/step (min {result["min_s"]:.3f}), compile {result["compile_s"]:.1f} s, '
+      f'load {result["load"]}',
+      flush=True,
+    )
 
   all_ids = list(range(num_blocks))
   t_macs = {k: teacher_macs(model, image, k) * batch for k in range(1, num_blocks + 1)}
@@ -235,63 +298,96 @@ def main(argv: list[str] | None = None) -> int:
       result = compile_and_time(fn, (st, batch_in, teacher_vars), args.steps)
       per_block[k] = result
       separate_s += result['step_s']
-      row(f'(d) separate block {k + 1}: teacher up_to={k + 1} + {len(cells[k])} cells', result, batch,
-          2 * t_macs[k + 1] + 6 * analytic_student_macs(space, cells, image, stem_stride, [k]) * batch)
+      row(
+        f'(d) separate block {k + 1}: teacher up_to={k + 1} + {len(cells[k])} cells',
+        result,
+        batch,
+        2 * t_macs[k + 1] + 6 * analytic_student_macs(space, cells, image, stem_stride, [k]) * batch,
+      )
     if args.no_full:
       # Estimates from the per-block programs: block k's student part = (d_k) - teacher(up_to=k+1).
       student_est = sum(max(per_block[k]['step_s'] - teacher_time(k + 1)['step_s'], 0.0) for k in all_ids)
       student = {'step_s': student_est, 'compile_s': float('nan')}
-      full = {'step_s': teacher_time(num_blocks)['step_s'] + student_est,
-              'compile_s': sum(r['compile_s'] for r in per_block.values())}
+      full = {
+        'step_s': teacher_time(num_blocks)['step_s'] + student_est,
+        'compile_s': sum(r['compile_s'] for r in per_block.values()),
+      }
     authors_s = student['step_s']
     for k in all_ids:
       authors_s += len(cells[k]) * teacher_time(k + 1)['step_s']
-    print('  teacher forward by up_to: ' + ', '.join(f'{u}: {r["step_s"]:.3f} s' for u, r in sorted(teacher_fns.items())),
-          flush=True)
+    print(
+      '  teacher forward by up_to: ' + ', '.join(f'{u}: {r["step_s"]:.3f} s' for u, r in sorted(teacher_fns.items())),
+      flush=True,
+    )
 
   memory = None
   if args.memory_batch and not args.no_full:
     if args.parallel == 'pmap':
-      abstract = {'image': jax.ShapeDtypeStruct((jax.local_device_count(), args.memory_batch, image, image, 3),
-                                                jnp.float32)}
+      abstract = {
+        'image': jax.ShapeDtypeStruct((jax.local_device_count(), args.memory_batch, image, image, 3), jnp.float32)
+      }
     else:
       sharding = jax.sharding.NamedSharding(parallel.make_mesh(), jax.P(parallel.AXIS))
-      abstract = {'image': jax.ShapeDtypeStruct((args.memory_batch * jax.device_count(), image, image, 3),
-                                                jnp.float32, sharding=sharding)}
+      abstract = {
+        'image': jax.ShapeDtypeStruct(
+          (args.memory_batch * jax.device_count(), image, image, 3), jnp.float32, sharding=sharding
+        )
+      }
     start = time.perf_counter()
     try:
       compiled = full_fn.lower(full_states, abstract, teacher_vars).compile()
       m = compiled.memory_analysis()
-      memory = {'compile_s': time.perf_counter() - start, 'args': m.argument_size_in_bytes,
-                'out': m.output_size_in_bytes, 'temp': m.temp_size_in_bytes, 'alias': m.alias_size_in_bytes}
+      memory = {
+        'compile_s': time.perf_counter() - start,
+        'args': m.argument_size_in_bytes,
+        'out': m.output_size_in_bytes,
+        'temp': m.temp_size_in_bytes,
+        'alias': m.alias_size_in_bytes,
+      }
     except Exception as e:  # pylint: disable=broad-except
       print(f'  memory_analysis at batch {args.memory_batch} failed: {type(e).__name__}: {e}', flush=True)
 
   print()
-  print(f'device: {device.platform} {device.device_kind}; space {args.space}, {num_cells} cells, batch {batch}, '
-        f'{image} px, {args.dtype}, teacher {args.teacher_bn} BN, {args.parallel}; median of {args.steps} steps; compile excluded')
-  print('| measurement | compile s | s/step | img/s | XLA GFLOP/step | XLA GFLOP/s | % of peak (XLA) | '
-        'analytic GFLOP/step | analytic GFLOP/s | % of peak (analytic) | load 1/5/15 min |')
+  print(
+    f'device: {device.platform} {device.device_kind}; space {args.space}, {num_cells} cells, batch {batch}, '
+    f'{image} px, {args.dtype}, teacher {args.teacher_bn} BN, {args.parallel}; median of {args.steps} steps; compile excluded'
+  )
+  print(
+    '| measurement | compile s | s/step | img/s | XLA GFLOP/step | XLA GFLOP/s | % of peak (XLA) | '
+    'analytic GFLOP/step | analytic GFLOP/s | % of peak (analytic) | load 1/5/15 min |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   for name, comp, step_s, ips, gf, gfs, af, afs, ld in rows:
-    print(f'| {name} | {comp:.1f} | {step_s:.3f} | {ips:.1f} | {gf:.1f} | {gfs:.1f} | {100 * gfs / args.peak_gflops:.1f} | '
-          f'{af:.1f} | {afs:.1f} | {100 * afs / args.peak_gflops:.1f} | {ld} |')
+    print(
+      f'| {name} | {comp:.1f} | {step_s:.3f} | {ips:.1f} | {gf:.1f} | {gfs:.1f} | {100 * gfs / args.peak_gflops:.1f} | '
+      f'{af:.1f} | {afs:.1f} | {100 * afs / args.peak_gflops:.1f} | {ld} |'
+    )
   full_s, teacher_s, student_s = full['step_s'], teacher_time(num_blocks)['step_s'], student['step_s']
   print()
   print('| summary | value |')
   print('|---|---|')
   if args.no_full:
-    print(f'| full step (a), ESTIMATED (not compiled): teacher(up_to={num_blocks}) + sum over blocks of '
-          f'[(d_k) - teacher(up_to=k)] | {full_s:.3f} s = {batch / full_s:.1f} img/s (the {num_blocks} per-block '
-          f'programs compiled in {full["compile_s"]:.0f} s together) |')
+    print(
+      f'| full step (a), ESTIMATED (not compiled): teacher(up_to={num_blocks}) + sum over blocks of '
+      f'[(d_k) - teacher(up_to=k)] | {full_s:.3f} s = {batch / full_s:.1f} img/s (the {num_blocks} per-block '
+      f'programs compiled in {full["compile_s"]:.0f} s together) |'
+    )
   else:
-    print(f'| full step (a) | {full_s:.3f} s = {batch / full_s:.1f} img/s (compile {full["compile_s"]:.1f} s, excluded) |')
-  print(f'| teacher share | (b)/(a) = {100 * teacher_s / full_s:.0f}%; 1 - (c)/(a) = {100 * (1 - student_s / full_s):.0f}% |')
+    print(
+      f'| full step (a) | {full_s:.3f} s = {batch / full_s:.1f} img/s (compile {full["compile_s"]:.1f} s, excluded) |'
+    )
+  print(
+    f'| teacher share | (b)/(a) = {100 * teacher_s / full_s:.0f}%; 1 - (c)/(a) = {100 * (1 - student_s / full_s):.0f}% |'
+  )
   print(f'| teacher (b) + student (c) | {teacher_s:.3f} + {student_s:.3f} = {teacher_s + student_s:.3f} s |')
   if separate_s is not None:
-    print(f'| (d) separate, one step per block (sum of {num_blocks}) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |')
-    print(f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
-          f'{authors_s / full_s:.2f}x faster |')
+    print(
+      f'| (d) separate, one step per block (sum of {num_blocks}) | {separate_s:.3f} s: full step is {separate_s / full_s:.2f}x faster |'
+    )
+    print(
+      f"| (e) authors' way, estimated: teacher re-run per cell + (c) | {authors_s:.3f} s: full step is "
+      f'{authors_s / full_s:.2f}x faster |'
+    )
   if args.no_full and per_block and all(r['memory'] for r in per_block.values()):
     # jit drops unused arguments (a block-k program holds only the teacher up to block k), so the
     # all-cells step's arguments are counted from the trees themselves.
@@ -299,24 +395,30 @@ def main(argv: list[str] | None = None) -> int:
     scale = (args.memory_batch or batch) / batch
     args_b = nbytes(full_states) + nbytes(teacher_vars) + images.nbytes * scale
     temp_b = sum(r['memory']['temp'] for r in per_block.values())
-    temps = ', '.join(f"{r['memory']['temp'] / GiB:.2f}" for r in per_block.values())
+    temps = ', '.join(f'{r["memory"]["temp"] / GiB:.2f}' for r in per_block.values())
     total = args_b + nbytes(full_states) + temp_b * scale
-    print(f'| memory_analysis of the {num_blocks} per-block programs at batch {batch} | temp summed over blocks '
-          f'{temp_b / GiB:.2f} GiB (blocks 1..{num_blocks}: {temps}) |')
+    print(
+      f'| memory_analysis of the {num_blocks} per-block programs at batch {batch} | temp summed over blocks '
+      f'{temp_b / GiB:.2f} GiB (blocks 1..{num_blocks}: {temps}) |'
+    )
     if args.memory_batch:
-      print(f'| per-device memory of the all-cells step at batch {args.memory_batch}, EXTRAPOLATED: arguments '
-            f'{args_b / GiB:.2f} + new states {nbytes(full_states) / GiB:.2f} + summed temp x {scale:g} (linear in '
-            f'batch; an upper bound) | {total / GiB:.2f} GiB; {"fits" if total < 16 * GiB else "does NOT fit"} '
-            'a 16 GiB TPU v5e chip |')
+      print(
+        f'| per-device memory of the all-cells step at batch {args.memory_batch}, EXTRAPOLATED: arguments '
+        f'{args_b / GiB:.2f} + new states {nbytes(full_states) / GiB:.2f} + summed temp x {scale:g} (linear in '
+        f'batch; an upper bound) | {total / GiB:.2f} GiB; {"fits" if total < 16 * GiB else "does NOT fit"} '
+        'a 16 GiB TPU v5e chip |'
+      )
   print(f'| peak RSS of the process{"" if args.no_full else " after (a)"} | {peak_rss / GiB:.2f} GiB |')
   if device_peak is not None:
     print(f'| device peak bytes in use after (a) | {device_peak / GiB:.2f} GiB |')
   if memory:
     total = memory['args'] + memory['out'] + memory['temp'] - memory['alias']
-    print(f'| memory_analysis of (a) at per-device batch {args.memory_batch} ({args.dtype}) | {total / GiB:.2f} GiB '
-          f'(args {memory["args"] / GiB:.2f} + out {memory["out"] / GiB:.2f} + temp {memory["temp"] / GiB:.2f} '
-          f'- aliased {memory["alias"] / GiB:.2f}; compiled in {memory["compile_s"]:.0f} s, not run); '
-          f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |')
+    print(
+      f'| memory_analysis of (a) at per-device batch {args.memory_batch} ({args.dtype}) | {total / GiB:.2f} GiB '
+      f'(args {memory["args"] / GiB:.2f} + out {memory["out"] / GiB:.2f} + temp {memory["temp"] / GiB:.2f} '
+      f'- aliased {memory["alias"] / GiB:.2f}; compiled in {memory["compile_s"]:.0f} s, not run); '
+      f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |'
+    )
   print(f'| peak RSS of the process at end | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB |')
   print(f'| load average at end | {load()} |')
   return 0

@@ -39,8 +39,7 @@ def write_imagenet_tars(manual_dir: str, num_images: int) -> float:
   """Two classes of random smooth 400x300 JPEGs; returns the mean JPEG KB."""
   rng = np.random.default_rng(0)
   sizes = []
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'),
-                    'w') as outer:
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as outer:
     for synset in ('n01440764', 'n01443537'):
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode='w') as tar:
@@ -53,8 +52,7 @@ def write_imagenet_tars(manual_dir: str, num_images: int) -> float:
           sizes.append(len(data))
           _add(tar, f'{synset}_{i}.JPEG', data)
       _add(outer, f'{synset}.tar', inner.getvalue())
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'),
-                    'w') as tar:
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as tar:
     _add(tar, 'ILSVRC2012_val_00000001.JPEG', data)
   return float(np.mean(sizes)) / 1024
 
@@ -85,23 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = os.path.join(root, 'data')
     prepare_data.prepare('imagenet2012', data_dir, manual_dir=manual)
     config = input_pipeline.get_data_config()
-    config.update(dict(data_dir=data_dir, rating_examples=0, calib_examples=1,
-                       cache=True, shuffle_buffer=args.num_images,
-                       image_size=args.image_size,
-                       resize_method=args.resize_method))
+    config.update(
+      dict(
+        data_dir=data_dir,
+        rating_examples=0,
+        calib_examples=1,
+        cache=True,
+        shuffle_buffer=args.num_images,
+        image_size=args.image_size,
+        resize_method=args.resize_method,
+      )
+    )
     try:
       input_pipeline.check_dataset(config)
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       return 1
-    print(f'{args.num_images} JPEGs 400x300 ({kb:.0f} KB mean), train '
-          f'preprocessing to {args.image_size}x{args.image_size} '
-          f'({args.resize_method}), batch {args.batch}, {args.steps} steps')
+    print(
+      f'{args.num_images} JPEGs 400x300 ({kb:.0f} KB mean), train '
+      f'preprocessing to {args.image_size}x{args.image_size} '
+      f'({args.resize_method}), batch {args.batch}, {args.steps} steps'
+    )
     for threads in (1, cores):
       config.num_threads = threads
       rate = images_per_second(config, args.batch, args.steps)
-      print(f'  {threads} thread(s): {rate:7.1f} images/s = '
-            f'{rate / threads:6.1f} images/s per core')
+      print(f'  {threads} thread(s): {rate:7.1f} images/s = {rate / threads:6.1f} images/s per core')
   return 0
 
 

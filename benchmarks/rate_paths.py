@@ -43,8 +43,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import costs
@@ -74,16 +74,18 @@ def tree_macs(cell: supernet.SupernetCell, size: int) -> int:
   """Per-image MACs of rating every path of `cell` as a prefix tree (every op of layer l on 6**l prefixes)."""
   layer_shapes = [cell.layer_shape(l) for l in range(cell.cell.layers)]
   stem_macs, per_layer = costs.supernet_cell_macs(layer_shapes, size, cell.stem)
-  return stem_macs + sum(NUM_OPS ** l * sum(per_op) for l, per_op in enumerate(per_layer))
+  return stem_macs + sum(NUM_OPS**l * sum(per_op) for l, per_op in enumerate(per_layer))
 
 
 def naive_fn(cell: supernet.SupernetCell):
   """One path: recalibrate + evaluate layer by layer (naive_path_errors' computation), path traced."""
+
   def one_path(variables, path, calib, inputs, target, mask):
     for l in range(cell.cell.layers):
       branches = [functools.partial(rate._op_pair, cell, variables, l, j) for j in range(NUM_OPS)]  # pylint: disable=protected-access
       calib, inputs = lax.switch(path[l], branches, calib, inputs)
     return rate.path_errors(inputs[None], target, mask)
+
   return jax.jit(one_path)
 
 
@@ -93,16 +95,25 @@ def measure_naive(cell, variables, data, num_paths: int, seed: int) -> dict[str,
   paths = [jnp.asarray(rng.integers(0, NUM_OPS, cell.cell.layers), jnp.int32) for _ in range(num_paths + 1)]
   compile_s, _ = timed(fn, variables, paths[0], *data)
   times = [timed(fn, variables, p, *data)[0] for p in paths[1:]]
-  return {'compile_s': compile_s - statistics.median(times), 'path_s': statistics.mean(times),
-          'median_s': statistics.median(times), 'n': num_paths, 'load': load()}
+  return {
+    'compile_s': compile_s - statistics.median(times),
+    'path_s': statistics.mean(times),
+    'median_s': statistics.median(times),
+    'n': num_paths,
+    'load': load(),
+  }
 
 
 def measure_rate_cell(cell, variables, data, chunk: int, repeats: int) -> dict[str, float]:
   first, _ = timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))
   times = [timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))[0] for _ in range(repeats)]
   steady = statistics.median(times)
-  return {'compile_s': first - steady, 'cell_s': steady, 'how': f'measured, whole cell, median of {repeats}',
-          'load': load()}
+  return {
+    'compile_s': first - steady,
+    'cell_s': steady,
+    'how': f'measured, whole cell, median of {repeats}',
+    'load': load(),
+  }
 
 
 def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str, float]:
@@ -117,7 +128,7 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
   for level in range(lead):
     c, x = level_inputs[-1]
     fns = [rate.compiled('op', cell, None, level, j) for j in range(NUM_OPS)]
-    first = [timed(f, variables, c, x) for f in fns]          # compile + run
+    first = [timed(f, variables, c, x) for f in fns]  # compile + run
     steady = [timed(f, variables, c, x)[0] for f in fns]
     compile_s += sum(t for t, _ in first) - sum(steady)
     level_times.append(statistics.mean(steady))
@@ -128,18 +139,23 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
   times = [timed(sub, variables, c, x, target, mask)[0] for _ in range(subtrees)]
   sub_s = statistics.mean(times)
   compile_s += first - sub_s
-  total = sum(NUM_OPS ** (l + 1) * t for l, t in enumerate(level_times)) + NUM_OPS ** lead * sub_s
+  total = sum(NUM_OPS ** (l + 1) * t for l, t in enumerate(level_times)) + NUM_OPS**lead * sub_s
   parts = ' + '.join(f'{NUM_OPS ** (l + 1)} x {t:.3f}' for l, t in enumerate(level_times))
-  return {'compile_s': compile_s, 'cell_s': total, 'load': load(),
-          'how': f'pieces measured, composed: {parts} + {NUM_OPS ** lead} x {sub_s:.3f} s (subtree, mean of {subtrees})'}
+  return {
+    'compile_s': compile_s,
+    'cell_s': total,
+    'load': load(),
+    'how': f'pieces measured, composed: {parts} + {NUM_OPS**lead} x {sub_s:.3f} s (subtree, mean of {subtrees})',
+  }
 
 
 def subtree_temp_bytes(cell, variables, data, chunk: int) -> int:
   """XLA's temp bytes of one vmapped subtree call of rate_cell at `chunk` (lowered and compiled, not run)."""
   calib, inputs, target, mask = data
   lead = cell.cell.layers - rate.trailing_levels(cell.cell.layers, chunk)
-  level_shape = lambda x: jax.ShapeDtypeStruct(x.shape[:1] + (x.shape[1] // 2, x.shape[2] // 2, cell.cell.width),
-                                               x.dtype)
+  level_shape = lambda x: jax.ShapeDtypeStruct(
+    x.shape[:1] + (x.shape[1] // 2, x.shape[2] // 2, cell.cell.width), x.dtype
+  )
   c, x = (calib, inputs) if lead == 0 else (level_shape(calib), level_shape(inputs))
   fn = jax.jit(functools.partial(rate.subtree_errors, cell, lead))
   return fn.lower(variables, c, x, target, mask).compile().memory_analysis().temp_size_in_bytes
@@ -156,15 +172,24 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
   parser.add_argument('--rating_images', type=int, default=10000)
   parser.add_argument('--skip_teacher', action='store_true')
-  parser.add_argument('--memory_chunks', default='216',
-                      help='chunk sizes whose subtree call memory_analysis is reported for 4@192 (besides --chunk_size; '
-                           "'' to skip)")
-  parser.add_argument('--peak_gflops', type=float, default=157.0,
-                      help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)')
+  parser.add_argument(
+    '--memory_chunks',
+    default='216',
+    help="chunk sizes whose subtree call memory_analysis is reported for 4@192 (besides --chunk_size; '' to skip)",
+  )
+  parser.add_argument(
+    '--peak_gflops',
+    type=float,
+    default=157.0,
+    help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)',
+  )
   args = parser.parse_args(argv)
   device = jax.devices()[0]
-  print(f'device: {device.platform} {device.device_kind}; jax {jax.__version__}; batch {args.batch}, calib '
-        f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {load()}', flush=True)
+  print(
+    f'device: {device.platform} {device.device_kind}; jax {jax.__version__}; batch {args.batch}, calib '
+    f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {load()}',
+    flush=True,
+  )
 
   space = space_lib.default_imagenet_space()
   all_cells = supernet.supernet_cells(space)
@@ -174,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
   out_ch = all_cells[BLOCK][0].out_channels
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  data = (normal(args.calib_batch, in_size, in_size, in_ch), normal(args.batch, in_size, in_size, in_ch),
-          normal(args.batch, out_size, out_size, out_ch), jnp.ones((args.batch,), jnp.float32))
+  data = (
+    normal(args.calib_batch, in_size, in_size, in_ch),
+    normal(args.batch, in_size, in_size, in_ch),
+    normal(args.batch, out_size, out_size, out_ch),
+    jnp.ones((args.batch,), jnp.float32),
+  )
 
   chosen = {'4@192': all_cells[BLOCK][0]}
   if args.five_layer != 'skip':
@@ -185,22 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     rcell = rate.for_rating(cell, None)
     variables = jax.jit(cell.init)(jax.random.key(1), jnp.zeros((1, in_size, in_size, in_ch)))
     naive = measure_naive(rcell, variables, data, args.naive_paths, seed=len(results))
-    print(f'  {name} naive: {naive["path_s"]:.4f} s/path (median {naive["median_s"]:.4f}), compile '
-          f'{naive["compile_s"]:.1f} s, load {naive["load"]}', flush=True)
+    print(
+      f'  {name} naive: {naive["path_s"]:.4f} s/path (median {naive["median_s"]:.4f}), compile '
+      f'{naive["compile_s"]:.1f} s, load {naive["load"]}',
+      flush=True,
+    )
     if cell.cell.layers <= 4 or args.five_layer == 'full':
       ours = measure_rate_cell(rcell, variables, data, args.chunk_size, args.repeats)
     else:
       ours = measure_pieces(rcell, variables, data, args.chunk_size, args.subtrees)
-    print(f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), compile {ours["compile_s"]:.1f} s, '
-          f'load {ours["load"]}', flush=True)
+    print(
+      f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), compile {ours["compile_s"]:.1f} s, '
+      f'load {ours["load"]}',
+      flush=True,
+    )
     results[name] = (cell, naive, ours)
     if name == '4@192' and args.memory_chunks is not None:
       chunks = sorted({args.chunk_size} | {int(c) for c in args.memory_chunks.split(',') if c.strip()}, reverse=True)
       for chunk in chunks:
         temp = subtree_temp_bytes(rcell, variables, data, chunk)
-        memory_lines.append(f'4@192 subtree call at chunk {chunk} ({6 ** rate.trailing_levels(4, chunk)} paths vmapped), '
-                            f'batch {args.batch} + calib {args.calib_batch}: XLA temp {temp / 2**30:.2f} GiB '
-                            '(memory_analysis, compiled not run)')
+        memory_lines.append(
+          f'4@192 subtree call at chunk {chunk} ({6 ** rate.trailing_levels(4, chunk)} paths vmapped), '
+          f'batch {args.batch} + calib {args.calib_batch}: XLA temp {temp / 2**30:.2f} GiB '
+          '(memory_analysis, compiled not run)'
+        )
         print(f'  {memory_lines[-1]}', flush=True)
     del variables
 
@@ -214,36 +251,50 @@ def main(argv: list[str] | None = None) -> int:
       first, _ = timed(fn, tvars, images)
       times = [timed(fn, tvars, images)[0] for _ in range(2)]
       teacher[up_to] = statistics.median(times)
-      print(f'  teacher B7 up_to={up_to}, batch {args.batch}: {teacher[up_to]:.3f} s (compile '
-            f'{first - teacher[up_to]:.1f} s), load {load()}', flush=True)
+      print(
+        f'  teacher B7 up_to={up_to}, batch {args.batch}: {teacher[up_to]:.3f} s (compile '
+        f'{first - teacher[up_to]:.1f} s), load {load()}',
+        flush=True,
+      )
   t5, t6 = teacher.get(BLOCK + 1, 0.0), teacher.get(len(space.blocks), 0.0)
 
   b, calib_b = args.batch, args.calib_batch
   print()
-  print(f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), fp32; '
-        f'{b} rating + {calib_b} calibration images per path; compile excluded')
-  print('| cell | paths | method | what is timed | s per cell per batch | ms / path / image | paths/s (per batch) '
-        '| GFLOP/s (analytic) | compile s | load 1/5/15 |')
+  print(
+    f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), fp32; '
+    f'{b} rating + {calib_b} calibration images per path; compile excluded'
+  )
+  print(
+    '| cell | paths | method | what is timed | s per cell per batch | ms / path / image | paths/s (per batch) '
+    '| GFLOP/s (analytic) | compile s | load 1/5/15 |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|')
   summary = []
   for name, (cell, naive, ours) in results.items():
     paths = cell.cell.num_paths
     naive_cell = naive['path_s'] * paths
     ours_gflops = 2 * tree_macs(cell, in_size) * (b + calib_b) / ours['cell_s'] / 1e9
-    print(f'| {name} | {paths} | rate_cell (prefix tree + vmap) | {ours["how"]} | {ours["cell_s"]:.2f} | '
-          f'{1e3 * ours["cell_s"] / paths / b:.4f} | {paths / ours["cell_s"]:.1f} | {ours_gflops:.1f} '
-          f'({100 * ours_gflops / args.peak_gflops:.0f}% of peak) | {ours["compile_s"]:.1f} | {ours["load"]} |')
-    print(f'| {name} | {paths} | naive, one path at a time | {naive["n"]} random paths measured, x {paths} '
-          f'extrapolated | {naive_cell:.1f} | {1e3 * naive["path_s"] / b:.3f} | {1 / naive["path_s"]:.2f} | - | '
-          f'{naive["compile_s"]:.1f} | {naive["load"]} |')
+    print(
+      f'| {name} | {paths} | rate_cell (prefix tree + vmap) | {ours["how"]} | {ours["cell_s"]:.2f} | '
+      f'{1e3 * ours["cell_s"] / paths / b:.4f} | {paths / ours["cell_s"]:.1f} | {ours_gflops:.1f} '
+      f'({100 * ours_gflops / args.peak_gflops:.0f}% of peak) | {ours["compile_s"]:.1f} | {ours["load"]} |'
+    )
+    print(
+      f'| {name} | {paths} | naive, one path at a time | {naive["n"]} random paths measured, x {paths} '
+      f'extrapolated | {naive_cell:.1f} | {1e3 * naive["path_s"] / b:.3f} | {1 / naive["path_s"]:.2f} | - | '
+      f'{naive["compile_s"]:.1f} | {naive["load"]} |'
+    )
     ratio = naive_cell / ours['cell_s']
     line = f'{name}: rate_cell is {ratio:.1f}x faster per path per image than the naive loop (student only)'
     if teacher:
       with_t = (naive['path_s'] + t5) * paths
-      print(f'| {name} | {paths} | naive + teacher B7 up_to=5 re-run per path | naive + {t5:.2f} s per path | '
-            f'{with_t:.1f} | {1e3 * (naive["path_s"] + t5) / b:.3f} | {1 / (naive["path_s"] + t5):.3f} | - | - | - |')
-      line += (f'; with the teacher re-run per path vs once per batch for this cell: '
-               f'{with_t / (ours["cell_s"] + t5):.0f}x')
+      print(
+        f'| {name} | {paths} | naive + teacher B7 up_to=5 re-run per path | naive + {t5:.2f} s per path | '
+        f'{with_t:.1f} | {1e3 * (naive["path_s"] + t5) / b:.3f} | {1 / (naive["path_s"] + t5):.3f} | - | - | - |'
+      )
+      line += (
+        f'; with the teacher re-run per path vs once per batch for this cell: {with_t / (ours["cell_s"] + t5):.0f}x'
+      )
     summary.append(line)
 
   # Projection to the whole default space.
@@ -263,15 +314,19 @@ def main(argv: list[str] | None = None) -> int:
   print()
   for line in summary:
     print(f'- {line}')
-  print(f'- whole default space (23,010 paths, 15 cells) on {args.rating_images} images, projected: '
-        f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
-        f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
-        f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
-        f'({"teacher not measured" if not teacher else "teacher included"}); the authors\' code: about 446 h on this CPU')
+  print(
+    f'- whole default space (23,010 paths, 15 cells) on {args.rating_images} images, projected: '
+    f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
+    f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
+    f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
+    f"({'teacher not measured' if not teacher else 'teacher included'}); the authors' code: about 446 h on this CPU"
+  )
   for line in memory_lines:
     print(f'- {line}')
-  print(f'- peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; '
-        f'load average at end {load()}')
+  print(
+    f'- peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; '
+    f'load average at end {load()}'
+  )
   return 0
 
 

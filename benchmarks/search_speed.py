@@ -71,21 +71,27 @@ def main() -> None:
       write_scores(directory, args.scores, args.noise, args.seed)
       print(f'wrote ratings in {time.perf_counter() - start:.1f} s')
     seconds, ratings = timed(lambda: ratings_lib.read_ratings(directory), 1)
-    print(f'space: {ratings.space.num_architectures:.3g} architectures, '
-          f'{sum(len(b) for b in ratings.blocks):,} rating rows; read in {seconds:.2f} s')
+    print(
+      f'space: {ratings.space.num_architectures:.3g} architectures, '
+      f'{sum(len(b) for b in ratings.blocks):,} rating rows; read in {seconds:.2f} s'
+    )
     for cost in ('flops', 'params'):
       seconds, (front, _) = timed(lambda: search_lib.pareto_front(ratings, cost), 1)
       print(f'pareto_front({cost}): {len(front):,} points in {seconds:.3f} s')
     print(f'\nscores: {args.scores}; median of {args.repeats} runs')
-    print(f'{"max_flops":>10} {"max_params":>10} {"top_k":>5} {"seconds":>8}  {"best score":>10} {"MFLOPs":>7} '
-          f'{"Mparams":>7}  {"k-th score":>10}')
+    print(
+      f'{"max_flops":>10} {"max_params":>10} {"top_k":>5} {"seconds":>8}  {"best score":>10} {"MFLOPs":>7} '
+      f'{"Mparams":>7}  {"k-th score":>10}'
+    )
     for max_flops, max_params in BUDGETS:
       for top_k in (1, 10):
         budget = (None if max_flops is None else int(max_flops), None if max_params is None else int(max_params))
         seconds, results = timed(lambda: search_lib.search(ratings, *budget, top_k), args.repeats)
         best = results[0]
-        print(f'{_m(max_flops):>10} {_m(max_params):>10} {top_k:>5} {seconds:>8.3f}  {best.score:>10.5f} '
-              f'{best.flops / 1e6:>7.1f} {best.params / 1e6:>7.3f}  {results[-1].score:>10.5f}')
+        print(
+          f'{_m(max_flops):>10} {_m(max_params):>10} {top_k:>5} {seconds:>8.3f}  {best.score:>10.5f} '
+          f'{best.flops / 1e6:>7.1f} {best.params / 1e6:>7.3f}  {results[-1].score:>10.5f}'
+        )
 
 
 def _m(value) -> str:

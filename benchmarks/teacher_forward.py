@@ -40,8 +40,15 @@ def analytic_macs(model: efficientnet.EfficientNet, resolution: int, full: bool)
   macs = costs.conv_cost(3, channels, 3, size * size).macs
   for stage in efficientnet.scaled_stages(model):
     for j in range(stage.repeats):
-      cost, size = costs.mbconv_cost(channels, stage.width, stage.expansion, stage.kernel,
-                                     stage.stride if j == 0 else 1, size, model.conventions.padding)
+      cost, size = costs.mbconv_cost(
+        channels,
+        stage.width,
+        stage.expansion,
+        stage.kernel,
+        stage.stride if j == 0 else 1,
+        size,
+        model.conventions.padding,
+      )
       macs += cost.macs
       channels = stage.width
   if full:
@@ -69,8 +76,12 @@ def measure(variant: str, batch: int, resolution: int, steps: int, full: bool) -
     start = time.perf_counter()
     jax.block_until_ready(compiled(variables, images))
     times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'step_s': statistics.median(times), 'xla_flops': flops,
-          'macs': analytic_macs(model, resolution, full) * batch}
+  return {
+    'compile_s': compile_s,
+    'step_s': statistics.median(times),
+    'xla_flops': flops,
+    'macs': analytic_macs(model, resolution, full) * batch,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--resolution', type=int, default=224)
   parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--peak_gflops', type=float, default=157.0,
-                      help='device fp32 peak in GFLOP/s (default: 157, the 2-core CPU this project is tested on)')
+  parser.add_argument(
+    '--peak_gflops',
+    type=float,
+    default=157.0,
+    help='device fp32 peak in GFLOP/s (default: 157, the 2-core CPU this project is tested on)',
+  )
   parser.add_argument('--full', action='store_true', help='include the head (logits)')
   args = parser.parse_args(argv)
   try:
@@ -89,17 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   device = jax.devices()[0]
-  print(f'device: {device.platform} {device.device_kind} x{jax.device_count()}; batch {args.batch}, '
-        f'{args.resolution} px, {"full net" if args.full else "stem..block 6"}, peak {args.peak_gflops:g} GFLOP/s')
+  print(
+    f'device: {device.platform} {device.device_kind} x{jax.device_count()}; batch {args.batch}, '
+    f'{args.resolution} px, {"full net" if args.full else "stem..block 6"}, peak {args.peak_gflops:g} GFLOP/s'
+  )
   print('| teacher | batch | res | compile s | s/batch | img/s | GMAC/img | XLA GFLOP/img | GFLOP/s | % of peak |')
   print('|---|---|---|---|---|---|---|---|---|---|')
   for variant in variants:
     result = measure(variant, args.batch, args.resolution, args.steps, args.full)
     gflops = 2 * result['macs'] / result['step_s'] / 1e9
-    print(f"| {variant.upper()} | {args.batch} | {args.resolution} | {result['compile_s']:.1f} | "
-          f"{result['step_s']:.3f} | {args.batch / result['step_s']:.1f} | {result['macs'] / args.batch / 1e9:.2f} | "
-          f"{result['xla_flops'] / args.batch / 1e9:.2f} | {gflops:.1f} | {100 * gflops / args.peak_gflops:.1f} |",
-          flush=True)
+    print(
+      f'| {variant.upper()} | {args.batch} | {args.resolution} | {result["compile_s"]:.1f} | '
+      f'{result["step_s"]:.3f} | {args.batch / result["step_s"]:.1f} | {result["macs"] / args.batch / 1e9:.2f} | '
+      f'{result["xla_flops"] / args.batch / 1e9:.2f} | {gflops:.1f} | {100 * gflops / args.peak_gflops:.1f} |',
+      flush=True,
+    )
   return 0
 
 

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stages = 'distill,rate,search'
   config.data.dataset = 'imagenet2012'
   config.data.image_size = 224
-  config.data.normalization = 'raw'   # the Keras-converted teacher normalises inside
+  config.data.normalization = 'raw'  # the Keras-converted teacher normalises inside
   config.data.color_jitter = 0.4
   config.data.rating_examples = 10000
   config.teacher.variant = 'b7'
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distill.batch_size = 512
   config.rate.batch_size = 512
   config.rate.calib_batch_size = 512
-  config.search.max_flops = 350_000_000   # DNA-a's budget; DNA-b used 399M, DNA-c 5.3M params
+  config.search.max_flops = 350_000_000  # DNA-a's budget; DNA-b used 399M, DNA-c 5.3M params
   config.search.top_k = 5
   if arg == 'local':
     config.model.dtype = 'float32'

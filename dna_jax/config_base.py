@@ -23,26 +23,36 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.get_data_config()
 
   # Numerical conventions of the student/child nets (see models.layers.Conventions).
-  config.model = ml_collections.ConfigDict(dict(
-      padding='tf_same', bn_epsilon=1e-3, bn_momentum=0.99, depthwise='auto', dtype='float32'))
+  config.model = ml_collections.ConfigDict(
+    dict(padding='tf_same', bn_epsilon=1e-3, bn_momentum=0.99, depthwise='auto', dtype='float32')
+  )
 
   # A named space ('imagenet') or blocks written as 'STRIDE TEACHER_WIDTH CELLS; ...',
   # e.g. '2 48 2@24,3@24; 2 80 2@40,3@40' (see space.parse_space).
-  config.space = ml_collections.ConfigDict(dict(
-      blocks='imagenet', stem_width=32, ds_width=16, head_width=1280, stem_stride=2))
+  config.space = ml_collections.ConfigDict(
+    dict(blocks='imagenet', stem_width=32, ds_width=16, head_width=1280, stem_stride=2)
+  )
 
-  config.teacher = ml_collections.ConfigDict(dict(
+  config.teacher = ml_collections.ConfigDict(
+    dict(
       variant='b7',
       # Directory written by `python -m dna_jax.convert_teacher`, or by the teacher stage.
       checkpoint='',
       # The authors ran the frozen teacher with BatchNorm in training mode (batch statistics).
       train_mode_bn=False,
       # Only for stages=teacher (demo): train the teacher on the data first.
-      epochs=0.0, batch_size=256, learning_rate=0.002, weight_decay=1e-5, stem_stride=2,
+      epochs=0.0,
+      batch_size=256,
+      learning_rate=0.002,
+      weight_decay=1e-5,
+      stem_stride=2,
       # 0: training examples // batch_size.
-      steps_per_epoch=0))
+      steps_per_epoch=0,
+    )
+  )
 
-  config.distill = ml_collections.ConfigDict(dict(
+  config.distill = ml_collections.ConfigDict(
+    dict(
       epochs=20,
       # 0: one pass over the training split per epoch.
       steps_per_epoch=0,
@@ -60,18 +70,24 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=500,
       keep_checkpoints=2,
       log_every_steps=50,
-      profile_steps=0))
+      profile_steps=0,
+    )
+  )
 
-  config.rate = ml_collections.ConfigDict(dict(
+  config.rate = ml_collections.ConfigDict(
+    dict(
       batch_size=256,
       # Paths evaluated together in one vmapped call (lower it if device memory runs out).
       chunk_size=216,
       calib_batch_size=64,
-      blocks=''))
+      blocks='',
+    )
+  )
 
   config.search = ml_collections.ConfigDict(dict(max_flops=0, max_params=0, top_k=5))
 
-  config.retrain = ml_collections.ConfigDict(dict(
+  config.retrain = ml_collections.ConfigDict(
+    dict(
       # 'search' (the search stage's best), a named net (dna_a..dna_d, efficientnet_b0) or a JSON path.
       arch='search',
       epochs=350.0,
@@ -105,12 +121,15 @@ def get_base_config() -> ml_collections.ConfigDict:
       eval_every_epochs=1.0,
       # stages=evaluate: a child checkpoint directory (e.g. from dna_jax.convert_authors); '' evaluates
       # WORKDIR/retrain/final and best.
-      checkpoint=''))
+      checkpoint='',
+    )
+  )
 
   # stages=fidelity (see fidelity.py): num_archs nets trained standalone with the retrain recipe for `epochs`
   # (0: retrain.epochs); noise_archs of them again with noise_seed; `bootstrap` resamples per interval.
-  config.fidelity = ml_collections.ConfigDict(dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0,
-                                                   bootstrap=2000))
+  config.fidelity = ml_collections.ConfigDict(
+    dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0, bootstrap=2000)
+  )
   return config
 
 
@@ -128,12 +147,29 @@ def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.Conf
   config.model.dtype = 'bfloat16'
 
   if arg == 'local':
-    config.data.update(dict(dataset='fashion_mnist', image_size=32, dtype='float32', augment='simple',
-                            eval_split='test[:2000]', shuffle_buffer=4096))
+    config.data.update(
+      dict(
+        dataset='fashion_mnist',
+        image_size=32,
+        dtype='float32',
+        augment='simple',
+        eval_split='test[:2000]',
+        shuffle_buffer=4096,
+      )
+    )
     # Running BatchNorm statistics that settle within the few steps of a smoke run.
     config.model.update(dict(dtype='float32', bn_momentum=0.9))
-    config.retrain.update(dict(batch_size=64, epochs=3, steps_per_epoch=100, warmup_epochs=0.5,
-                               lr_decay_epochs=1.0, checkpoint_every_steps=100, log_every_steps=20))
+    config.retrain.update(
+      dict(
+        batch_size=64,
+        epochs=3,
+        steps_per_epoch=100,
+        warmup_epochs=0.5,
+        lr_decay_epochs=1.0,
+        checkpoint_every_steps=100,
+        log_every_steps=20,
+      )
+    )
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; valid: local')
   return config

@@ -16,11 +16,13 @@ torch is optional: it is imported only to read the checkpoint file
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,7 @@ class TensorMap:
   layout: 'conv' (OIHW -> HWIO; depthwise (C,1,k,k) -> (k,k,1,C)), 'pointwise' ((out,in,1,1) -> Dense
   (in,out)), 'linear' ((out,in) -> (in,out)) or 'vector' (unchanged).
   """
+
   torch_name: str
   collection: str
   path: tuple[str, ...]
@@ -78,17 +81,31 @@ def _torch_modules(arch: space_lib.Architecture) -> list[tuple[str, tuple[str, .
   """(torch module, flax module path, kind) in network order; kind is 'conv', 'pointwise', 'linear' or 'bn'."""
   modules = [('conv_stem', ('stem', 'conv'), 'conv'), ('bn1', ('stem', 'bn'), 'bn')]
   se = [('se.conv_reduce', ('se', 'reduce'), 'pointwise'), ('se.conv_expand', ('se', 'expand'), 'pointwise')]
-  ds = [('conv_dw', ('dwconv',), 'conv'), ('bn1', ('dw_bn',), 'bn'), *se,
-        ('conv_pw', ('project_conv',), 'pointwise'), ('bn2', ('project_bn',), 'bn')]
+  ds = [
+    ('conv_dw', ('dwconv',), 'conv'),
+    ('bn1', ('dw_bn',), 'bn'),
+    *se,
+    ('conv_pw', ('project_conv',), 'pointwise'),
+    ('bn2', ('project_bn',), 'bn'),
+  ]
   modules += [(f'blocks.0.0.{t}', ('ds', *f), kind) for t, f, kind in ds]
-  mbconv = [('conv_pw', ('expand_conv',), 'pointwise'), ('bn1', ('expand_bn',), 'bn'),
-            ('conv_dw', ('dwconv',), 'conv'), ('bn2', ('dw_bn',), 'bn'), *se,
-            ('conv_pwl', ('project_conv',), 'pointwise'), ('bn3', ('project_bn',), 'bn')]
+  mbconv = [
+    ('conv_pw', ('expand_conv',), 'pointwise'),
+    ('bn1', ('expand_bn',), 'bn'),
+    ('conv_dw', ('dwconv',), 'conv'),
+    ('bn2', ('dw_bn',), 'bn'),
+    *se,
+    ('conv_pwl', ('project_conv',), 'pointwise'),
+    ('bn3', ('project_bn',), 'bn'),
+  ]
   for k, choice in enumerate(arch.blocks, start=1):
     for l in range(choice.cell.layers):
       modules += [(f'blocks.{k}.{l}.{t}', (f'block{k}_layer{l}', *f), kind) for t, f, kind in mbconv]
-  modules += [('conv_head', ('head', 'conv'), 'pointwise'), ('bn2', ('head', 'bn'), 'bn'),
-              ('classifier', ('head', 'classifier'), 'linear')]
+  modules += [
+    ('conv_head', ('head', 'conv'), 'pointwise'),
+    ('bn2', ('head', 'bn'), 'bn'),
+    ('classifier', ('head', 'classifier'), 'linear'),
+  ]
   return modules
 
 
@@ -98,14 +115,20 @@ def tensor_map(arch: space_lib.Architecture, num_classes: int) -> tuple[TensorMa
   model = child.ChildNet(arch, num_classes=num_classes, conventions=CONVENTIONS)
   images = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
-  leaves = {(collection, *(k.key for k in path)): leaf.shape
-            for collection in shapes
-            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]}
+  leaves = {
+    (collection, *(k.key for k in path)): leaf.shape
+    for collection in shapes
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]
+  }
   entries = []
   for torch_module, flax_module, kind in _torch_modules(arch):
     if kind == 'bn':
-      fields = [('weight', 'params', 'scale'), ('bias', 'params', 'bias'),
-                ('running_mean', 'batch_stats', 'mean'), ('running_var', 'batch_stats', 'var')]
+      fields = [
+        ('weight', 'params', 'scale'),
+        ('bias', 'params', 'bias'),
+        ('running_mean', 'batch_stats', 'mean'),
+        ('running_var', 'batch_stats', 'var'),
+      ]
     else:
       fields = [('weight', 'params', 'kernel'), ('bias', 'params', 'bias')]
     for torch_field, collection, flax_field in fields:
@@ -122,21 +145,26 @@ def _format_shape(shape: Sequence[int]) -> str:
   return '(' + ', '.join(str(int(d)) for d in shape) + ')'
 
 
-def _mismatches(entries: Sequence[TensorMap], state_dict: Mapping[str, np.ndarray]
-                ) -> tuple[list[TensorMap], list[str], list[TensorMap]]:
+def _mismatches(
+  entries: Sequence[TensorMap], state_dict: Mapping[str, np.ndarray]
+) -> tuple[list[TensorMap], list[str], list[TensorMap]]:
   """(missing, surplus, mis-shaped) tensors of `state_dict` against `entries`."""
   expected = {e.torch_name for e in entries}
   missing = [e for e in entries if e.torch_name not in state_dict]
   surplus = [name for name in state_dict if name not in expected]
-  misshaped = [e for e in entries
-               if e.torch_name in state_dict and tuple(state_dict[e.torch_name].shape) != e.torch_shape]
+  misshaped = [
+    e for e in entries if e.torch_name in state_dict and tuple(state_dict[e.torch_name].shape) != e.torch_shape
+  ]
   return missing, surplus, misshaped
 
 
 def matching_named_architectures(state_dict: Mapping[str, np.ndarray], num_classes: int) -> list[str]:
   """Named architectures whose every tensor name and shape the state dict fits exactly."""
-  return [name for name, arch in space_lib.NAMED_ARCHITECTURES.items()
-          if not any(_mismatches(tensor_map(arch, num_classes), state_dict))]
+  return [
+    name
+    for name, arch in space_lib.NAMED_ARCHITECTURES.items()
+    if not any(_mismatches(tensor_map(arch, num_classes), state_dict))
+  ]
 
 
 def infer_num_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
@@ -144,8 +172,12 @@ def infer_num_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
   return int(weight.shape[0]) if weight is not None and len(weight.shape) == 2 else None
 
 
-def map_state_dict(arch: space_lib.Architecture, state_dict: Mapping[str, np.ndarray],
-                   num_classes: int | None = None, arch_label: str | None = None) -> tuple[dict[str, Any], int]:
+def map_state_dict(
+  arch: space_lib.Architecture,
+  state_dict: Mapping[str, np.ndarray],
+  num_classes: int | None = None,
+  arch_label: str | None = None,
+) -> tuple[dict[str, Any], int]:
   """Flax variables ({'params', 'batch_stats'}) of the ChildNet of `arch` from an authors'-names state dict.
 
   `state_dict` maps torch names (no 'module.' prefix, no num_batches_tracked) to arrays. `num_classes`
@@ -161,16 +193,22 @@ def map_state_dict(arch: space_lib.Architecture, state_dict: Mapping[str, np.nda
     problems = []
     if missing:
       first = missing[0]
-      problems.append(f'{len(missing)} tensor(s) missing, first {first.torch_name!r} '
-                      f'(expected shape {_format_shape(first.torch_shape)})')
+      problems.append(
+        f'{len(missing)} tensor(s) missing, first {first.torch_name!r} '
+        f'(expected shape {_format_shape(first.torch_shape)})'
+      )
     if surplus:
-      problems.append(f'{len(surplus)} surplus tensor(s) the architecture has no place for, first '
-                      f'{surplus[0]!r} (shape {_format_shape(state_dict[surplus[0]].shape)})')
+      problems.append(
+        f'{len(surplus)} surplus tensor(s) the architecture has no place for, first '
+        f'{surplus[0]!r} (shape {_format_shape(state_dict[surplus[0]].shape)})'
+      )
     if misshaped:
       first = misshaped[0]
-      problems.append(f'{len(misshaped)} tensor(s) of the wrong shape, first {first.torch_name!r} has shape '
-                      f'{_format_shape(state_dict[first.torch_name].shape)}, expected shape '
-                      f'{_format_shape(first.torch_shape)}')
+      problems.append(
+        f'{len(misshaped)} tensor(s) of the wrong shape, first {first.torch_name!r} has shape '
+        f'{_format_shape(state_dict[first.torch_name].shape)}, expected shape '
+        f'{_format_shape(first.torch_shape)}'
+      )
     message = f'checkpoint does not fit architecture {label} ({arch}, {num_classes} classes): ' + '; '.join(problems)
     fits = [name for name in matching_named_architectures(state_dict, inferred or num_classes) if name != arch_label]
     if fits:
@@ -208,15 +246,17 @@ def select_state_dict(checkpoint: Any, use_ema: bool = True) -> tuple[Mapping[st
   if checkpoint and all(hasattr(v, 'shape') for v in checkpoint.values()):
     return checkpoint, 'plain state dict'
   wanted = "'state_dict_ema' or 'state_dict'" if use_ema else "'state_dict' (--no_ema)"
-  raise ConversionError(f'no model weights found in the checkpoint: expected a state dict or a dict with '
-                        f'{wanted}; top-level keys are {sorted(map(str, checkpoint))[:10]}')
+  raise ConversionError(
+    f'no model weights found in the checkpoint: expected a state dict or a dict with '
+    f'{wanted}; top-level keys are {sorted(map(str, checkpoint))[:10]}'
+  )
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """float32 NumPy arrays, 'module.' prefixes (DataParallel) stripped, num_batches_tracked dropped."""
   cleaned = {}
   for name, tensor in state_dict.items():
-    name = name[len('module.'):] if name.startswith('module.') else name
+    name = name[len('module.') :] if name.startswith('module.') else name
     if name.endswith('num_batches_tracked'):
       continue
     if hasattr(tensor, 'detach'):
@@ -230,13 +270,16 @@ def _load_error(error: Exception) -> str:
   text = str(error).strip() or type(error).__name__
   if 'WeightsUnpickler error:' in text:
     cause = text.split('WeightsUnpickler error:', 1)[1].strip().splitlines()[0].split('. Please use')[0]
-    return (f'the safe loader (weights_only) refused it: {cause.rstrip(".")}. If the file comes from a source '
-            'you trust, retry with --trust_pickle')
+    return (
+      f'the safe loader (weights_only) refused it: {cause.rstrip(".")}. If the file comes from a source '
+      'you trust, retry with --trust_pickle'
+    )
   return text.splitlines()[0].rstrip('.') + ' (is it a PyTorch checkpoint file?)'
 
 
-def read_torch_checkpoint(path: str, use_ema: bool = True, trust_pickle: bool = False
-                          ) -> tuple[dict[str, np.ndarray], str]:
+def read_torch_checkpoint(
+  path: str, use_ema: bool = True, trust_pickle: bool = False
+) -> tuple[dict[str, np.ndarray], str]:
   """(state dict as NumPy arrays, entry it came from) of a PyTorch checkpoint file."""
   torch = _import_torch()
   if not os.path.isfile(path):
@@ -256,8 +299,7 @@ def read_torch_checkpoint(path: str, use_ema: bool = True, trust_pickle: bool = 
 
 def make_meta(arch: space_lib.Architecture, arch_name: str | None, num_classes: int, source: str) -> dict[str, Any]:
   """The meta.json record of a converted net (`export.make_meta` plus 'arch_name' and 'source')."""
-  return export.make_meta(arch, num_classes, IMAGE_SIZE, CONVENTIONS, 'imagenet', arch_name=arch_name,
-                          source=source)
+  return export.make_meta(arch, num_classes, IMAGE_SIZE, CONVENTIONS, 'imagenet', arch_name=arch_name, source=source)
 
 
 def check_output_directory(directory: str, overwrite: bool) -> None:
@@ -271,8 +313,10 @@ def check_output_directory(directory: str, overwrite: bool) -> None:
     raise ConversionError(f'output directory {directory} is not empty; choose another --out or pass --overwrite')
   others = [name for name in entries if name not in (export.META_FILE, export.VARIABLES_DIR)]
   if others:  # --overwrite replaces the whole directory: never delete what this tool did not write
-    raise ConversionError(f'--overwrite would delete {directory}, which holds more than a converted checkpoint '
-                          f'({", ".join(others[:5])}); delete it yourself or choose another --out')
+    raise ConversionError(
+      f'--overwrite would delete {directory}, which holds more than a converted checkpoint '
+      f'({", ".join(others[:5])}); delete it yourself or choose another --out'
+    )
 
 
 def load_converted(directory: str, **options: Any) -> tuple[child.ChildNet, dict[str, Any], dict[str, Any]]:
@@ -283,42 +327,56 @@ def load_converted(directory: str, **options: Any) -> tuple[child.ChildNet, dict
   return export.load_child_checkpoint(directory, **options)
 
 
-def convert(arch_spec: str, checkpoint: str, out: str, num_classes: int | None = None, use_ema: bool = True,
-            overwrite: bool = False, trust_pickle: bool = False) -> dict[str, Any]:
+def convert(
+  arch_spec: str,
+  checkpoint: str,
+  out: str,
+  num_classes: int | None = None,
+  use_ema: bool = True,
+  overwrite: bool = False,
+  trust_pickle: bool = False,
+) -> dict[str, Any]:
   """Reads, maps and writes one checkpoint; returns the metadata written."""
   arch = space_lib.load_architecture(arch_spec)
   arch_name = next((name for name, named in space_lib.NAMED_ARCHITECTURES.items() if named == arch), None)
   check_output_directory(os.path.abspath(out), overwrite)  # before the slow part
   state_dict, entry = read_torch_checkpoint(checkpoint, use_ema, trust_pickle)
   variables, num_classes = map_state_dict(arch, state_dict, num_classes, arch_label=arch_name or arch_spec)
-  meta = make_meta(arch, arch_name, num_classes,
-                   f"authors' PyTorch checkpoint {os.path.abspath(checkpoint)} ({entry})")
+  meta = make_meta(arch, arch_name, num_classes, f"authors' PyTorch checkpoint {os.path.abspath(checkpoint)} ({entry})")
   export.save_child_checkpoint(os.path.abspath(out), variables, meta)
   return meta
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dna_jax.convert_authors', description=__doc__.splitlines()[0])
-  parser.add_argument('--arch', required=True, help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
-                      'a path to an architecture JSON file, or an architecture string')
+  parser.add_argument(
+    '--arch',
+    required=True,
+    help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
+    'a path to an architecture JSON file, or an architecture string',
+  )
   parser.add_argument('--checkpoint', required=True, help="the authors' .pth/.pth.tar file")
   parser.add_argument('--out', required=True, help='output directory (Orbax variables + meta.json)')
   parser.add_argument('--num_classes', type=int, default=None, help='default: the classifier size in the file')
   parser.add_argument('--no_ema', action='store_true', help="take 'state_dict' even when 'state_dict_ema' exists")
   parser.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty --out')
-  parser.add_argument('--trust_pickle', action='store_true',
-                      help='load with full pickle (runs code from the file); only for files you trust')
+  parser.add_argument(
+    '--trust_pickle',
+    action='store_true',
+    help='load with full pickle (runs code from the file); only for files you trust',
+  )
   args = parser.parse_args(argv)
   try:
     if args.num_classes is not None and args.num_classes < 1:
       raise ConversionError('--num_classes must be positive')
-    meta = convert(args.arch, args.checkpoint, args.out, args.num_classes, not args.no_ema, args.overwrite,
-                   args.trust_pickle)
+    meta = convert(
+      args.arch, args.checkpoint, args.out, args.num_classes, not args.no_ema, args.overwrite, args.trust_pickle
+    )
   except ValueError as e:  # ConversionError and the architecture parser's errors
     print(f'error: {e}', file=sys.stderr)
     return 2
   name = meta['arch_name'] or meta['arch']
-  print(f"converted {name} ({meta['num_classes']} classes) from {meta['source']} to {os.path.abspath(args.out)}")
+  print(f'converted {name} ({meta["num_classes"]} classes) from {meta["source"]} to {os.path.abspath(args.out)}')
   return 0
 
 

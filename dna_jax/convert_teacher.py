@@ -22,22 +22,23 @@ Before writing, `--verify` (default) compares the Flax model with Keras on rando
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import math
 import os
 import re
 import sys
+from typing import Any
 import warnings
-from typing import Any, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: keep its C++ logging quiet
 
-import flax  # noqa: E402
-import jax  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import flax
+import jax
+import keras
+import numpy as np
 
-from dna_jax import teacher  # noqa: E402
-from dna_jax.models import efficientnet  # noqa: E402
+from dna_jax import teacher
+from dna_jax.models import efficientnet
 
 KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/keras-applications/'
 KERAS_VARIANTS = ('b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7')
@@ -45,11 +46,23 @@ VERIFY_RESOLUTION = 64
 VERIFY_TOLERANCE = 1e-3
 
 # layers.MBConv sub-module -> suffix of the Keras layer 'block{stage}{letter}_{suffix}'.
-_MBCONV_LAYERS = {'expand_conv': 'expand_conv', 'expand_bn': 'expand_bn', 'dwconv': 'dwconv', 'dw_bn': 'bn',
-                  'se/reduce': 'se_reduce', 'se/expand': 'se_expand', 'project_conv': 'project_conv',
-                  'project_bn': 'project_bn'}
-_OUTER_LAYERS = {'stem/conv': 'stem_conv', 'stem/bn': 'stem_bn', 'head/conv': 'top_conv', 'head/bn': 'top_bn',
-                 'head/classifier': 'predictions'}
+_MBCONV_LAYERS = {
+  'expand_conv': 'expand_conv',
+  'expand_bn': 'expand_bn',
+  'dwconv': 'dwconv',
+  'dw_bn': 'bn',
+  'se/reduce': 'se_reduce',
+  'se/expand': 'se_expand',
+  'project_conv': 'project_conv',
+  'project_bn': 'project_bn',
+}
+_OUTER_LAYERS = {
+  'stem/conv': 'stem_conv',
+  'stem/bn': 'stem_bn',
+  'head/conv': 'top_conv',
+  'head/bn': 'top_bn',
+  'head/classifier': 'predictions',
+}
 _BN_WEIGHTS = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean', 'var': 'moving_variance'}
 
 
@@ -61,29 +74,36 @@ def keras_file_name(variant: str) -> str:
   return f'efficientnet{variant}.h5'
 
 
-def build_keras(variant: str, weights_path: str | None, num_classes: int = 1000,
-                input_shape: tuple[int, int, int] | None = None) -> keras.Model:
+def build_keras(
+  variant: str, weights_path: str | None, num_classes: int = 1000, input_shape: tuple[int, int, int] | None = None
+) -> keras.Model:
   """keras.applications.EfficientNet{variant} with weights from a local file, or ImageNet's if None."""
   constructor = getattr(keras.applications, f'EfficientNet{variant.upper()}')
   kind = f'keras.applications.EfficientNet{variant.upper()}'
   if weights_path is None:
     if num_classes != 1000:
-      raise ConversionError(f'the ImageNet weights have 1000 classes; --num_classes {num_classes} needs '
-                            '--keras_weights')
+      raise ConversionError(
+        f'the ImageNet weights have 1000 classes; --num_classes {num_classes} needs --keras_weights'
+      )
     try:
       return constructor(weights='imagenet', classifier_activation=None)
     except Exception as e:  # Keras raises a bare Exception when the download fails.
       name = keras_file_name(variant)
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ConversionError(
-          f'could not get the ImageNet weights of {kind} ({reason}). Without internet access, download '
-          f'{KERAS_WEIGHTS_URL}{name} elsewhere, copy it here and rerun with --keras_weights {name}') from None
+        f'could not get the ImageNet weights of {kind} ({reason}). Without internet access, download '
+        f'{KERAS_WEIGHTS_URL}{name} elsewhere, copy it here and rerun with --keras_weights {name}'
+      ) from None
   if not os.path.isfile(weights_path):
-    raise ConversionError(f'--keras_weights {weights_path}: no such file (expected e.g. '
-                          f'{keras_file_name(variant)} from {KERAS_WEIGHTS_URL})')
+    raise ConversionError(
+      f'--keras_weights {weights_path}: no such file (expected e.g. '
+      f'{keras_file_name(variant)} from {KERAS_WEIGHTS_URL})'
+    )
   if not weights_path.endswith('.h5'):
-    raise ConversionError(f'--keras_weights {weights_path}: expected a Keras weights file ending in .h5 '
-                          '(.h5 as Keras downloads it, or .weights.h5 from model.save_weights)')
+    raise ConversionError(
+      f'--keras_weights {weights_path}: expected a Keras weights file ending in .h5 '
+      '(.h5 as Keras downloads it, or .weights.h5 from model.save_weights)'
+    )
   model = constructor(weights=None, classes=num_classes, classifier_activation=None, input_shape=input_shape)
   try:
     with warnings.catch_warnings(record=True) as caught:  # a mismatched file warns once per layer
@@ -94,9 +114,11 @@ def build_keras(variant: str, weights_path: str | None, num_classes: int = 1000,
       raise ValueError(f'{len(skipped)} layers not found in the file ({skipped[0]})')
   except Exception as e:  # Keras/h5py raise assorted types on a mismatched file.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConversionError(f'cannot load {weights_path} into {kind} with {num_classes} classes: {first}. '
-                          f'Is it a weights file of EfficientNet{variant.upper()} (check --variant and '
-                          '--num_classes)?') from None
+    raise ConversionError(
+      f'cannot load {weights_path} into {kind} with {num_classes} classes: {first}. '
+      f'Is it a weights file of EfficientNet{variant.upper()} (check --variant and '
+      '--num_classes)?'
+    ) from None
   return model
 
 
@@ -152,8 +174,9 @@ def input_rescale(keras_model: keras.Model, variance: np.ndarray, mode: str = 'a
   return np.ones(3, np.float32)
 
 
-def convert(keras_model: keras.Model, variant: str, num_classes: int = 1000,
-            imagenet_rescale: str = 'auto') -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
+def convert(
+  keras_model: keras.Model, variant: str, num_classes: int = 1000, imagenet_rescale: str = 'auto'
+) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
   """(Flax model, variables) equal to `keras_model`; strict one-to-one mapping by layer name."""
   model = efficientnet.variant(variant, num_classes=num_classes)
   arrays = keras_arrays(keras_model)
@@ -175,12 +198,12 @@ def convert(keras_model: keras.Model, variant: str, num_classes: int = 1000,
     flat[key] = array.astype(leaf.dtype)
     used[source] = name
   if ('normalization', 'rescale') in abstract:
-    flat[('normalization', 'rescale')] = input_rescale(keras_model, arrays['normalization/variance'],
-                                                       imagenet_rescale)
+    flat[('normalization', 'rescale')] = input_rescale(keras_model, arrays['normalization/variance'], imagenet_rescale)
   unused = [k for k in arrays if k not in used and k != 'normalization/count']
   if unused:
-    raise ConversionError(f'Keras variable {unused[0]} {arrays[unused[0]].shape} has no Flax counterpart '
-                          f'({len(unused)} unused)')
+    raise ConversionError(
+      f'Keras variable {unused[0]} {arrays[unused[0]].shape} has no Flax counterpart ({len(unused)} unused)'
+    )
   return model, flax.traverse_util.unflatten_dict(flat)
 
 
@@ -194,8 +217,15 @@ def keras_taps(keras_model: keras.Model, model: efficientnet.EfficientNet) -> di
   return taps
 
 
-def verify(keras_model: keras.Model, variant: str, model: efficientnet.EfficientNet, variables: dict[str, Any],
-           resolution: int = VERIFY_RESOLUTION, batch: int = 2, seed: int = 0) -> dict[str, float]:
+def verify(
+  keras_model: keras.Model,
+  variant: str,
+  model: efficientnet.EfficientNet,
+  variables: dict[str, Any],
+  resolution: int = VERIFY_RESOLUTION,
+  batch: int = 2,
+  seed: int = 0,
+) -> dict[str, float]:
   """Max relative error (max |flax - keras| / max |keras|) of logits and every feature on random images.
 
   Runs a copy of the Keras model at `resolution` without Keras's extra ImageNet rescale, and the
@@ -209,15 +239,18 @@ def verify(keras_model: keras.Model, variant: str, model: efficientnet.Efficient
   plain = {**variables, 'normalization': {**variables['normalization'], 'rescale': np.ones(3, np.float32)}}
   logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(plain, images)
   got = [logits] + [features[k] for k in taps]
-  return {name: float(np.max(np.abs(np.asarray(g) - e)) / max(float(np.max(np.abs(e))), 1e-30))
-          for name, g, e in zip(['logits', *taps], got, expected)}
+  return {
+    name: float(np.max(np.abs(np.asarray(g) - e)) / max(float(np.max(np.abs(e))), 1e-30))
+    for name, g, e in zip(['logits', *taps], got, expected)
+  }
 
 
 def build_keras_like(keras_model: keras.Model, variant: str, num_classes: int, resolution: int) -> keras.Model:
   """A weights=None Keras model of the same variant at `resolution`, holding `keras_model`'s weights."""
   constructor = getattr(keras.applications, f'EfficientNet{variant.upper()}')
-  reference = constructor(weights=None, classes=num_classes, classifier_activation=None,
-                          input_shape=(resolution, resolution, 3))
+  reference = constructor(
+    weights=None, classes=num_classes, classifier_activation=None, input_shape=(resolution, resolution, 3)
+  )
   reference.set_weights(keras_model.get_weights())
   for layer in reference.layers:
     if isinstance(layer, keras.layers.Normalization):
@@ -228,15 +261,26 @@ def build_keras_like(keras_model: keras.Model, variant: str, num_classes: int, r
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m dna_jax.convert_teacher', description=__doc__.split('\n')[0])
   parser.add_argument('--variant', required=True, type=str.lower, choices=KERAS_VARIANTS)
-  parser.add_argument('--keras_weights', default=None,
-                      help="local Keras weights file (.h5/.weights.h5); default: Keras's weights='imagenet' download")
+  parser.add_argument(
+    '--keras_weights',
+    default=None,
+    help="local Keras weights file (.h5/.weights.h5); default: Keras's weights='imagenet' download",
+  )
   parser.add_argument('--out', required=True, help='checkpoint directory to create (local path or gs://...)')
   parser.add_argument('--resolution', type=int, default=224, help='resolution the teacher is run at (metadata)')
   parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--imagenet_rescale', choices=('auto', 'yes', 'no'), default='auto',
-                      help="Keras's extra ImageNet input rescale: auto = as EfficientNetB*(weights='imagenet')")
-  parser.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True,
-                      help=f'compare with Keras on random {VERIFY_RESOLUTION}x{VERIFY_RESOLUTION} images first')
+  parser.add_argument(
+    '--imagenet_rescale',
+    choices=('auto', 'yes', 'no'),
+    default='auto',
+    help="Keras's extra ImageNet input rescale: auto = as EfficientNetB*(weights='imagenet')",
+  )
+  parser.add_argument(
+    '--verify',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help=f'compare with Keras on random {VERIFY_RESOLUTION}x{VERIFY_RESOLUTION} images first',
+  )
   parser.add_argument('--overwrite', action='store_true', help='replace a teacher checkpoint already in --out')
   return parser.parse_args(argv)
 
@@ -257,20 +301,28 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
       worst = max(errors, key=errors.get)
       if errors[worst] > VERIFY_TOLERANCE:
-        raise ConversionError(f'converted model disagrees with Keras: {worst} relative error {errors[worst]:.2e} '
-                              f'> {VERIFY_TOLERANCE}; nothing written')
+        raise ConversionError(
+          f'converted model disagrees with Keras: {worst} relative error {errors[worst]:.2e} '
+          f'> {VERIFY_TOLERANCE}; nothing written'
+        )
     rescale = variables['normalization']['rescale']
-    metadata = {'variant': args.variant, 'resolution': args.resolution, 'num_classes': args.num_classes,
-                'imagenet_rescale': bool(not np.allclose(rescale, 1.0)),
-                'source': args.keras_weights or KERAS_WEIGHTS_URL + keras_file_name(args.variant),
-                'keras_version': keras.__version__}
+    metadata = {
+      'variant': args.variant,
+      'resolution': args.resolution,
+      'num_classes': args.num_classes,
+      'imagenet_rescale': bool(not np.allclose(rescale, 1.0)),
+      'source': args.keras_weights or KERAS_WEIGHTS_URL + keras_file_name(args.variant),
+      'keras_version': keras.__version__,
+    }
     path = teacher.save(args.out, model, variables, metadata, overwrite=args.overwrite)
   except (ConversionError, teacher.TeacherCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   count = sum(int(np.size(x)) for x in jax.tree.leaves(variables))
-  print(f'wrote EfficientNet{args.variant.upper()} teacher ({count:,} values, input 0..255 RGB, ImageNet rescale '
-        f'{"on" if metadata["imagenet_rescale"] else "off"}) to {path}')
+  print(
+    f'wrote EfficientNet{args.variant.upper()} teacher ({count:,} values, input 0..255 RGB, ImageNet rescale '
+    f'{"on" if metadata["imagenet_rescale"] else "off"}) to {path}'
+  )
   return 0
 
 

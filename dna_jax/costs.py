@@ -15,11 +15,12 @@ of the stem/DS/head is the `fixed_cost`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Sequence
 
 from dna_jax import space as space_lib
-from dna_jax.models.layers import output_size, se_width
+from dna_jax.models.layers import output_size
+from dna_jax.models.layers import se_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Cost:
   flops: int = 0
   macs: int = 0
 
-  def __add__(self, other: 'Cost') -> 'Cost':
+  def __add__(self, other: Cost) -> Cost:
     return Cost(self.params + other.params, self.flops + other.flops, self.macs + other.macs)
 
 
@@ -42,8 +43,9 @@ def bn_cost(channels: int, pixels: int) -> Cost:
   return Cost(2 * channels, 2 * channels * pixels, 0)
 
 
-def mbconv_cost(in_ch: int, out_ch: int, expansion: int, kernel: int, stride: int, size: int,
-                padding: str = 'tf_same') -> tuple[Cost, int]:
+def mbconv_cost(
+  in_ch: int, out_ch: int, expansion: int, kernel: int, stride: int, size: int, padding: str = 'tf_same'
+) -> tuple[Cost, int]:
   """Cost of one MBConv on a `size` x `size` input, and its output size."""
   hidden = in_ch * expansion
   out_size = output_size(size, kernel, stride, padding)
@@ -58,8 +60,9 @@ def mbconv_cost(in_ch: int, out_ch: int, expansion: int, kernel: int, stride: in
   return cost, out_size
 
 
-def supernet_cell_macs(layer_shapes: Sequence[tuple[int, int, int]], size: int,
-                       stem: tuple[int, int, int] | None = None) -> tuple[int, list[list[int]]]:
+def supernet_cell_macs(
+  layer_shapes: Sequence[tuple[int, int, int]], size: int, stem: tuple[int, int, int] | None = None
+) -> tuple[int, list[list[int]]]:
   """Per-image MACs of a distillation cell on a `size` x `size` input.
 
   `layer_shapes`: (input channels, output channels, stride) per layer; `stem`: (stem width,
@@ -79,8 +82,9 @@ def supernet_cell_macs(layer_shapes: Sequence[tuple[int, int, int]], size: int,
   return stem_macs, per_layer
 
 
-def block_sizes(space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int,
-                stem_stride: int = 2) -> list[int]:
+def block_sizes(
+  space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int, stem_stride: int = 2
+) -> list[int]:
   """Input spatial size of every block (strides are fixed per block)."""
   size = output_size(resolution, 3, stem_stride, 'tf_same')
   sizes = []
@@ -91,8 +95,9 @@ def block_sizes(space_or_arch: space_lib.SearchSpace | space_lib.Architecture, r
   return sizes
 
 
-def cell_cost(cell: space_lib.Cell, ops: Sequence[int], in_channels: int, size: int,
-              head_width: int | None = None) -> Cost:
+def cell_cost(
+  cell: space_lib.Cell, ops: Sequence[int], in_channels: int, size: int, head_width: int | None = None
+) -> Cost:
   """Additive cost of one block of the child net; `head_width` adds the head conv+BN (last block)."""
   cost = Cost()
   channels = in_channels
@@ -106,8 +111,15 @@ def cell_cost(cell: space_lib.Cell, ops: Sequence[int], in_channels: int, size: 
   return cost
 
 
-def fixed_cost(stem_width: int, ds_width: int, head_width: int, resolution: int, final_size: int,
-               num_classes: int, stem_stride: int = 2) -> Cost:
+def fixed_cost(
+  stem_width: int,
+  ds_width: int,
+  head_width: int,
+  resolution: int,
+  final_size: int,
+  num_classes: int,
+  stem_stride: int = 2,
+) -> Cost:
   """Stem conv+BN, the DS block, the head's pool and classifier: what no search choice changes."""
   size = output_size(resolution, 3, stem_stride, 'tf_same')
   cost = conv_cost(3, stem_width, 3, size * size) + bn_cost(stem_width, size * size)
@@ -117,16 +129,18 @@ def fixed_cost(stem_width: int, ds_width: int, head_width: int, resolution: int,
   return cost + pool + classifier
 
 
-def final_size(space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int,
-               stem_stride: int = 2) -> int:
+def final_size(
+  space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int, stem_stride: int = 2
+) -> int:
   size = block_sizes(space_or_arch, resolution, stem_stride)[-1]
   last = space_or_arch.blocks[-1]
   stride = last.stride if isinstance(last, space_lib.Block) else last.cell.stride
   return output_size(size, 3, stride, 'tf_same')
 
 
-def architecture_cost(arch: space_lib.Architecture, resolution: int = 224, num_classes: int = 1000,
-                      stem_stride: int = 2) -> tuple[Cost, list[Cost]]:
+def architecture_cost(
+  arch: space_lib.Architecture, resolution: int = 224, num_classes: int = 1000, stem_stride: int = 2
+) -> tuple[Cost, list[Cost]]:
   """Total cost and the per-block costs (fixed part not included in the per-block list)."""
   sizes = block_sizes(arch, resolution, stem_stride)
   per_block = []
@@ -135,8 +149,15 @@ def architecture_cost(arch: space_lib.Architecture, resolution: int = 224, num_c
     last = k == len(arch.blocks) - 1
     per_block.append(cell_cost(choice.cell, choice.ops, channels, size, arch.head_width if last else None))
     channels = choice.cell.width
-  total = fixed_cost(arch.stem_width, arch.ds_width, arch.head_width, resolution,
-                     final_size(arch, resolution, stem_stride), num_classes, stem_stride)
+  total = fixed_cost(
+    arch.stem_width,
+    arch.ds_width,
+    arch.head_width,
+    resolution,
+    final_size(arch, resolution, stem_stride),
+    num_classes,
+    stem_stride,
+  )
   for cost in per_block:
     total += cost
   return total, per_block

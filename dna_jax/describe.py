@@ -1,7 +1,7 @@
 """Print the per-block table and totals of an architecture.
 
-  python -m dna_jax.describe dna_a
-  python -m dna_jax.describe path/to/arch.json --json --resolution 192 --num_classes 10
+python -m dna_jax.describe dna_a
+python -m dna_jax.describe path/to/arch.json --json --resolution 192 --num_classes 10
 """
 
 from __future__ import annotations
@@ -15,45 +15,82 @@ from dna_jax import costs
 from dna_jax import space as space_lib
 
 
-def describe(arch: space_lib.Architecture, resolution: int = 224, num_classes: int = 1000,
-             stem_stride: int = 2) -> dict[str, Any]:
+def describe(
+  arch: space_lib.Architecture, resolution: int = 224, num_classes: int = 1000, stem_stride: int = 2
+) -> dict[str, Any]:
   """Per-block rows and totals as plain data."""
   total, per_block = costs.architecture_cost(arch, resolution, num_classes, stem_stride)
   sizes = costs.block_sizes(arch, resolution, stem_stride)
-  fixed = costs.fixed_cost(arch.stem_width, arch.ds_width, arch.head_width, resolution,
-                           costs.final_size(arch, resolution, stem_stride), num_classes, stem_stride)
+  fixed = costs.fixed_cost(
+    arch.stem_width,
+    arch.ds_width,
+    arch.head_width,
+    resolution,
+    costs.final_size(arch, resolution, stem_stride),
+    num_classes,
+    stem_stride,
+  )
   rows = []
   channels = arch.ds_width
   for k, (choice, size, cost) in enumerate(zip(arch.blocks, sizes, per_block), start=1):
-    rows.append({'block': k, 'ops': space_lib.ops_string(choice.ops), 'in_channels': channels,
-                 'channels': choice.cell.width, 'stride': choice.cell.stride, 'resolution': size,
-                 'params': cost.params, 'flops': cost.flops, 'macs': cost.macs})
+    rows.append(
+      {
+        'block': k,
+        'ops': space_lib.ops_string(choice.ops),
+        'in_channels': channels,
+        'channels': choice.cell.width,
+        'stride': choice.cell.stride,
+        'resolution': size,
+        'params': cost.params,
+        'flops': cost.flops,
+        'macs': cost.macs,
+      }
+    )
     channels = choice.cell.width
-  return {'arch': str(arch), 'resolution': resolution, 'num_classes': num_classes, 'blocks': rows,
-          'fixed': {'params': fixed.params, 'flops': fixed.flops, 'macs': fixed.macs},
-          'params': total.params, 'flops': total.flops, 'macs': total.macs}
+  return {
+    'arch': str(arch),
+    'resolution': resolution,
+    'num_classes': num_classes,
+    'blocks': rows,
+    'fixed': {'params': fixed.params, 'flops': fixed.flops, 'macs': fixed.macs},
+    'params': total.params,
+    'flops': total.flops,
+    'macs': total.macs,
+  }
 
 
 def format_table(info: dict[str, Any]) -> str:
-  lines = [f"{info['arch']}", '',
-           f"{'block':>5}  {'ops':<34} {'in':>4} {'out':>4} {'s':>1} {'res':>4} {'params':>10} {'MFLOPs':>9}"]
+  lines = [
+    f'{info["arch"]}',
+    '',
+    f'{"block":>5}  {"ops":<34} {"in":>4} {"out":>4} {"s":>1} {"res":>4} {"params":>10} {"MFLOPs":>9}',
+  ]
   for row in info['blocks']:
-    lines.append(f"{row['block']:>5}  {row['ops']:<34} {row['in_channels']:>4} {row['channels']:>4} "
-                 f"{row['stride']:>1} {row['resolution']:>4} {row['params']:>10,} {row['flops'] / 1e6:>9.2f}")
+    lines.append(
+      f'{row["block"]:>5}  {row["ops"]:<34} {row["in_channels"]:>4} {row["channels"]:>4} '
+      f'{row["stride"]:>1} {row["resolution"]:>4} {row["params"]:>10,} {row["flops"] / 1e6:>9.2f}'
+    )
   fixed = info['fixed']
-  lines.append(f"{'fixed':>5}  {'stem, DS block, head pool, classifier':<34} {'':>4} {'':>4} {'':>1} {'':>4} "
-               f"{fixed['params']:>10,} {fixed['flops'] / 1e6:>9.2f}")
+  lines.append(
+    f'{"fixed":>5}  {"stem, DS block, head pool, classifier":<34} {"":>4} {"":>4} {"":>1} {"":>4} '
+    f'{fixed["params"]:>10,} {fixed["flops"] / 1e6:>9.2f}'
+  )
   lines.append('')
-  lines.append(f"total at {info['resolution']}x{info['resolution']}, {info['num_classes']} classes: "
-               f"{info['params']:,} params, {info['flops'] / 1e6:.2f} MFLOPs "
-               f"({info['macs'] / 1e6:.2f} M multiply-accumulates)")
+  lines.append(
+    f'total at {info["resolution"]}x{info["resolution"]}, {info["num_classes"]} classes: '
+    f'{info["params"]:,} params, {info["flops"] / 1e6:.2f} MFLOPs '
+    f'({info["macs"] / 1e6:.2f} M multiply-accumulates)'
+  )
   return '\n'.join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m dna_jax.describe', description=__doc__.splitlines()[0])
-  parser.add_argument('arch', help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
-                      'a path to an architecture JSON file, or an architecture string')
+  parser.add_argument(
+    'arch',
+    help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
+    'a path to an architecture JSON file, or an architecture string',
+  )
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--resolution', type=int, default=224)
   parser.add_argument('--num_classes', type=int, default=1000)

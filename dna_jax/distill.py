@@ -10,11 +10,13 @@ and rated independently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterator
 import functools
 import json
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -23,8 +25,8 @@ from etils import epath
 import flax
 from flax import struct
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -59,8 +61,11 @@ def kernel_mask(params: Any) -> Any:
 
 def create_optimizer(learning_rate_fn: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
   """Adam with L2 weight decay added to the gradient (as torch.optim.Adam does) on kernels only."""
-  return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernel_mask), optax.scale_by_adam(),
-                     optax.scale_by_learning_rate(learning_rate_fn))
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay, mask=kernel_mask),
+    optax.scale_by_adam(),
+    optax.scale_by_learning_rate(learning_rate_fn),
+  )
 
 
 def sample_path(rng: Array, step: Array, num_layers: int, sampling: str) -> Array:
@@ -71,17 +76,24 @@ def sample_path(rng: Array, step: Array, num_layers: int, sampling: str) -> Arra
 
 class BlockState(struct.PyTreeNode):
   """Every cell of one block: parameters, BatchNorm statistics, optimizer state."""
+
   step: Array
   params: dict[str, Any]
   batch_stats: dict[str, Any]
   opt_state: Any
 
 
-def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher_variables: Any, *,
-                 blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
-                 teacher_apply: Callable[[Any, Array], dict[str, Array]],
-                 optimizers: dict[str, optax.GradientTransformation], sampling: str, seed: int
-                 ) -> tuple[dict[str, BlockState], dict[str, Array]]:
+def distill_step(
+  states: dict[str, BlockState],
+  batch: dict[str, Array],
+  teacher_variables: Any,
+  *,
+  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
+  teacher_apply: Callable[[Any, Array], dict[str, Array]],
+  optimizers: dict[str, optax.GradientTransformation],
+  sampling: str,
+  seed: int,
+) -> tuple[dict[str, BlockState], dict[str, Array]]:
   """One per-device step over all selected blocks (`blocks`: (block index, cells) pairs)."""
   images = batch['image']
   features = lax.stop_gradient(teacher_apply(teacher_variables, images))
@@ -99,8 +111,9 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
       for c, cell in enumerate(cells):
         cname = f'cell{c}'
         path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell.layers, sampling)
-        output, new_stats = cell.apply({'params': params[name][cname], 'batch_stats': batch_stats[name][cname]},
-                                       inputs, path, True)
+        output, new_stats = cell.apply(
+          {'params': params[name][cname], 'batch_stats': batch_stats[name][cname]}, inputs, path, True
+        )
         mse, rel_l1 = distill_losses(output, target)
         total = total + mse
         aux[(name, cname)] = (new_stats, mse, rel_l1)
@@ -113,8 +126,7 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
   for name, state in states.items():
     updates, opt_state = optimizers[name].update(grads[name], state.opt_state, state.params)
     batch_stats = {cname: lax.pmean(aux[(name, cname)][0], parallel.AXIS) for cname in state.params}
-    new_states[name] = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats,
-                                  opt_state)
+    new_states[name] = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
     metrics[f'{name}/grad_norm'] = optax.global_norm(grads[name])
     for cname in state.params:
       metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
@@ -123,23 +135,37 @@ def distill_step(states: dict[str, BlockState], batch: dict[str, Array], teacher
 
 
 @functools.cache
-def parallel_distill_step(blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...], teacher_model: Any,
-                          train_mode_bn: bool, learning_rates: tuple[tuple[str, float], ...], lr_decay: float,
-                          steps_per_epoch: int, weight_decay: float, sampling: str, seed: int, mode: str
-                          ) -> Callable[..., Any]:
+def parallel_distill_step(
+  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
+  teacher_model: Any,
+  train_mode_bn: bool,
+  learning_rates: tuple[tuple[str, float], ...],
+  lr_decay: float,
+  steps_per_epoch: int,
+  weight_decay: float,
+  sampling: str,
+  seed: int,
+  mode: str,
+) -> Callable[..., Any]:
   """The device-parallel distillation step, built once per configuration (so compiled once)."""
   from dna_jax import teacher as teacher_lib
-  teacher_apply = functools.partial(teacher_lib.teacher_features, teacher_model,
-                                    up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn)
-  optimizers = {name: create_optimizer(create_learning_rate_fn(lr, lr_decay, steps_per_epoch), weight_decay)
-                for name, lr in learning_rates}
-  step_fn = functools.partial(distill_step, blocks=blocks, teacher_apply=teacher_apply, optimizers=optimizers,
-                              sampling=sampling, seed=seed)
+
+  teacher_apply = functools.partial(
+    teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
+  )
+  optimizers = {
+    name: create_optimizer(create_learning_rate_fn(lr, lr_decay, steps_per_epoch), weight_decay)
+    for name, lr in learning_rates
+  }
+  step_fn = functools.partial(
+    distill_step, blocks=blocks, teacher_apply=teacher_apply, optimizers=optimizers, sampling=sampling, seed=seed
+  )
   return parallel.data_parallel(step_fn, mode, num_broadcast=1)
 
 
-def create_block_state(rng: Array, cells: tuple[supernet.SupernetCell, ...], input_size: int,
-                       optimizer: optax.GradientTransformation) -> BlockState:
+def create_block_state(
+  rng: Array, cells: tuple[supernet.SupernetCell, ...], input_size: int, optimizer: optax.GradientTransformation
+) -> BlockState:
   """Fresh variables for every cell of a block (shapes from a one-image example input)."""
   params, stats = {}, {}
   for c, cell in enumerate(cells):
@@ -166,8 +192,10 @@ def parse_learning_rates(text: str, num_blocks: int) -> list[float]:
   if len(rates) == 1:
     rates = rates * num_blocks
   if len(rates) != num_blocks:
-    raise ValueError(f'distill.learning_rates has {len(rates)} values but the space has {num_blocks} blocks '
-                     '(give one value, or one per block)')
+    raise ValueError(
+      f'distill.learning_rates has {len(rates)} values but the space has {num_blocks} blocks '
+      '(give one value, or one per block)'
+    )
   return rates
 
 
@@ -183,19 +211,25 @@ def block_input_sizes(image_size: int, stem_stride: int, space: space_lib.Search
 
 def checkpoint_manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True,
-          # Several managers saving at once deadlock in Orbax's async finalize barrier across processes.
-          enable_async_checkpointing=jax.process_count() == 1))
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints,
+      create=True,
+      # Several managers saving at once deadlock in Orbax's async finalize barrier across processes.
+      enable_async_checkpointing=jax.process_count() == 1,
+    ),
+  )
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: BlockState, where: str
-                   ) -> tuple[BlockState, dict[str, Any]] | None:
+def restore_latest(
+  manager: ocp.CheckpointManager, target: BlockState, where: str
+) -> tuple[BlockState, dict[str, Any]] | None:
   """The newest readable checkpoint; a corrupt newest one is skipped with a warning."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+      )
       return restored['state'], restored['meta']
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('%s: checkpoint at step %d is unreadable (%s); trying the previous one.', where, step, e)
@@ -207,8 +241,9 @@ def save_block(manager: ocp.CheckpointManager, state: BlockState, meta: dict[str
   step = int(state.step)
   # Host copies: the step's outputs are replicated over every device, and Orbax would slice each replica.
   host_state = parallel.host_copy(state)
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)),
-               force=True)
+  manager.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state), meta=ocp.args.JsonSave(meta)), force=True
+  )
 
 
 def check_finite(history: list[tuple[int, dict[str, Any]]]) -> None:
@@ -217,8 +252,10 @@ def check_finite(history: list[tuple[int, dict[str, Any]]]) -> None:
     for key, value in metrics.items():
       if key.endswith('/mse') and not np.isfinite(value):
         block, cell = key.split('/')[:2]
-        raise FloatingPointError(f'non-finite distillation loss in {block} {cell} at step {step}; '
-                                 'the last good checkpoint is kept. Lower distill.learning_rates or check the data.')
+        raise FloatingPointError(
+          f'non-finite distillation loss in {block} {cell} at step {step}; '
+          'the last good checkpoint is kept. Lower distill.learning_rates or check the data.'
+        )
 
 
 class _Preemption:
@@ -232,9 +269,15 @@ class _Preemption:
     self.requested = True
 
 
-def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model: Any, teacher_variables: Any,
-                 space: space_lib.SearchSpace, data: Callable[[int], Iterator[dict[str, np.ndarray]]],
-                 steps_per_epoch: int) -> dict[str, Any]:
+def train_blocks(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  teacher_model: Any,
+  teacher_variables: Any,
+  space: space_lib.SearchSpace,
+  data: Callable[[int], Iterator[dict[str, np.ndarray]]],
+  steps_per_epoch: int,
+) -> dict[str, Any]:
   """Trains (or resumes) the selected blocks; returns final per-cell losses."""
   dcfg = config.distill
   conventions = layers.conventions_from_config(config.model)
@@ -242,8 +285,12 @@ def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model:
   rates = parse_learning_rates(dcfg.learning_rates, len(space.blocks))
   total_steps = dcfg.epochs * steps_per_epoch
   sizes = block_input_sizes(config.data.image_size, config.space.stem_stride, space)
-  optimizers = {f'block{k + 1}': create_optimizer(create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch),
-                                                  dcfg.weight_decay) for k in range(len(space.blocks))}
+  optimizers = {
+    f'block{k + 1}': create_optimizer(
+      create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch), dcfg.weight_decay
+    )
+    for k in range(len(space.blocks))
+  }
   root = epath.Path(workdir) / 'distill'
   managers, states, elapsed = {}, {}, {}
   rng = jax.random.PRNGKey(config.seed)
@@ -270,11 +317,33 @@ def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model:
       group = {name: s for name, s in active.items() if int(s.step) == start}
       block_ids = sorted(int(name[5:]) - 1 for name in group)
       p_step = parallel_distill_step(
-          tuple((k, tuple(all_cells[k])) for k in block_ids), teacher_model, config.teacher.train_mode_bn,
-          tuple((f'block{k + 1}', rates[k]) for k in block_ids), dcfg.lr_decay, steps_per_epoch,
-          dcfg.weight_decay, dcfg.sampling, config.seed, dcfg.parallel)
-      group = _train_group(group, p_step, data(start), teacher_variables, start, total_steps, managers, elapsed,
-                           writer, history, config, preemption, steps_per_epoch, rates)
+        tuple((k, tuple(all_cells[k])) for k in block_ids),
+        teacher_model,
+        config.teacher.train_mode_bn,
+        tuple((f'block{k + 1}', rates[k]) for k in block_ids),
+        dcfg.lr_decay,
+        steps_per_epoch,
+        dcfg.weight_decay,
+        dcfg.sampling,
+        config.seed,
+        dcfg.parallel,
+      )
+      group = _train_group(
+        group,
+        p_step,
+        data(start),
+        teacher_variables,
+        start,
+        total_steps,
+        managers,
+        elapsed,
+        writer,
+        history,
+        config,
+        preemption,
+        steps_per_epoch,
+        rates,
+      )
       states.update(group)
       if preemption.requested:
         break
@@ -292,14 +361,31 @@ def train_blocks(config: ml_collections.ConfigDict, workdir: str, teacher_model:
   return {'final': history[-1][1] if history else {}}
 
 
-def _train_group(states, p_step, batches, teacher_variables, start, total_steps, managers, elapsed, writer,
-                 history, config, preemption, steps_per_epoch, rates):
+def _train_group(
+  states,
+  p_step,
+  batches,
+  teacher_variables,
+  start,
+  total_steps,
+  managers,
+  elapsed,
+  writer,
+  history,
+  config,
+  preemption,
+  steps_per_epoch,
+  rates,
+):
   dcfg = config.distill
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   hooks = [report]
   if dcfg.profile_steps and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=dcfg.profile_steps,
-                                          logdir=str(epath.Path(managers[next(iter(managers))].directory).parent)))
+    hooks.append(
+      periodic_actions.Profile(
+        num_profile_steps=dcfg.profile_steps, logdir=str(epath.Path(managers[next(iter(managers))].directory).parent)
+      )
+    )
   pending: list[tuple[int, Any]] = []
   t0 = time.time()
   global_batch = dcfg.batch_size
@@ -313,10 +399,11 @@ def _train_group(states, p_step, batches, teacher_variables, start, total_steps,
       epoch = (s - 1) // steps_per_epoch
       scalars = {**last, 'images_per_second': global_batch * len(fetched) / max(time.time() - flush.t, 1e-9)}
       for name in states:
-        scalars[f'{name}/learning_rate'] = rates[int(name[5:]) - 1] * dcfg.lr_decay ** epoch
+        scalars[f'{name}/learning_rate'] = rates[int(name[5:]) - 1] * dcfg.lr_decay**epoch
       writer.write_scalars(s, scalars)
       history.append((s, last))
     flush.t = time.time()
+
   flush.t = time.time()
 
   saved = set()
@@ -356,8 +443,10 @@ def plot_loss_curves(history: list[tuple[int, dict[str, float]]], path: epath.Pa
   if not history:
     return
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   keys = sorted({k for _, m in history for k in m if k.endswith('/rel_l1')})
   blocks = sorted({k.split('/')[0] for k in keys}, key=lambda b: int(b[5:]))
   fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3), squeeze=False)
@@ -379,6 +468,7 @@ def plot_loss_curves(history: list[tuple[int, dict[str, float]]], path: epath.Pa
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
   """The frozen teacher named by the config (or trained into WORKDIR/teacher by the teacher stage)."""
   from dna_jax import teacher as teacher_lib
+
   directory = config.teacher.checkpoint or str(epath.Path(workdir) / 'teacher')
   teacher_lib.check(directory, config.teacher.variant)
   return teacher_lib.load(directory)
@@ -387,18 +477,24 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, 
 def check_space_against_teacher(space: space_lib.SearchSpace, teacher_model: Any, stem_stride: int) -> None:
   """Every block's teacher width and stride must match the teacher's stage it is cut at."""
   from dna_jax.models import efficientnet
+
   if teacher_model.stem_stride != stem_stride:
-    raise ValueError(f'space.stem_stride={stem_stride} but the teacher\'s stem stride is {teacher_model.stem_stride}: '
-                     'student and teacher blocks would not have the same resolution')
+    raise ValueError(
+      f"space.stem_stride={stem_stride} but the teacher's stem stride is {teacher_model.stem_stride}: "
+      'student and teacher blocks would not have the same resolution'
+    )
   widths = efficientnet.block_widths(teacher_model)
   strides = efficientnet.block_strides(teacher_model)
   if len(widths) < len(space.blocks):
-    raise ValueError(f'the space has {len(space.blocks)} blocks but the teacher has only {len(widths)} '
-                     'distillable stages')
+    raise ValueError(
+      f'the space has {len(space.blocks)} blocks but the teacher has only {len(widths)} distillable stages'
+    )
   for k, block in enumerate(space.blocks):
     if block.teacher_width != widths[k] or block.stride != strides[k]:
-      raise ValueError(f'space block {k + 1} expects teacher width {block.teacher_width} and stride {block.stride}, '
-                       f'but teacher block {k + 1} has width {widths[k]} and stride {strides[k]}')
+      raise ValueError(
+        f'space block {k + 1} expects teacher width {block.teacher_width} and stride {block.stride}, '
+        f'but teacher block {k + 1} has width {widths[k]} and stride {strides[k]}'
+      )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

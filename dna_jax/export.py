@@ -17,10 +17,12 @@ normalises inside and returns logits; SavedModels take any batch size, TFLite ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -28,8 +30,8 @@ from etils import epath
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -58,31 +60,57 @@ def normalize(images: Any, source: str, target: str) -> Any:
   return {'raw': lambda x: x * 255.0, 'unit': lambda x: x, 'imagenet': lambda x: (x - mean) / std}[target](unit)
 
 
-def make_meta(arch: space_lib.Architecture, num_classes: int, image_size: int, conventions: layers.Conventions,
-              normalization: str, stem_stride: int = 2, **extra: Any) -> dict[str, Any]:
+def make_meta(
+  arch: space_lib.Architecture,
+  num_classes: int,
+  image_size: int,
+  conventions: layers.Conventions,
+  normalization: str,
+  stem_stride: int = 2,
+  **extra: Any,
+) -> dict[str, Any]:
   """The meta.json content of a child checkpoint."""
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'unknown normalization {normalization!r}; valid: {", ".join(NORMALIZATIONS)}')
-  return {'arch': space_lib.to_string(arch), 'num_classes': int(num_classes), 'image_size': int(image_size),
-          'stem_stride': int(stem_stride),
-          'conventions': {'padding': conventions.padding, 'bn_epsilon': conventions.bn_epsilon,
-                          'bn_momentum': conventions.bn_momentum},
-          'normalization': normalization, **extra}
+  return {
+    'arch': space_lib.to_string(arch),
+    'num_classes': int(num_classes),
+    'image_size': int(image_size),
+    'stem_stride': int(stem_stride),
+    'conventions': {
+      'padding': conventions.padding,
+      'bn_epsilon': conventions.bn_epsilon,
+      'bn_momentum': conventions.bn_momentum,
+    },
+    'normalization': normalization,
+    **extra,
+  }
 
 
-def model_from_meta(meta: Mapping[str, Any], *, dtype: Any = jnp.float32, depthwise: str = 'auto',
-                    bn_axis_name: str | None = None) -> child.ChildNet:
+def model_from_meta(
+  meta: Mapping[str, Any], *, dtype: Any = jnp.float32, depthwise: str = 'auto', bn_axis_name: str | None = None
+) -> child.ChildNet:
   """The ChildNet (inference settings: no dropout/drop-connect) described by a meta dict."""
   missing = [k for k in ('arch', 'num_classes', 'image_size', 'conventions', 'normalization') if k not in meta]
   if missing:
     raise ValueError(f'child checkpoint meta lacks {", ".join(missing)}')
   conv = meta['conventions']
-  conventions = layers.Conventions(padding=conv['padding'], bn_epsilon=float(conv['bn_epsilon']),
-                                   bn_momentum=float(conv.get('bn_momentum', 0.99)), depthwise=depthwise,
-                                   dtype=dtype)
-  return child.ChildNet(space_lib.from_string(meta['arch']), int(meta['num_classes']), dropout_rate=0.0,
-                        drop_connect_rate=0.0, stem_stride=int(meta.get('stem_stride', 2)),
-                        conventions=conventions, bn_axis_name=bn_axis_name)
+  conventions = layers.Conventions(
+    padding=conv['padding'],
+    bn_epsilon=float(conv['bn_epsilon']),
+    bn_momentum=float(conv.get('bn_momentum', 0.99)),
+    depthwise=depthwise,
+    dtype=dtype,
+  )
+  return child.ChildNet(
+    space_lib.from_string(meta['arch']),
+    int(meta['num_classes']),
+    dropout_rate=0.0,
+    drop_connect_rate=0.0,
+    stem_stride=int(meta.get('stem_stride', 2)),
+    conventions=conventions,
+    bn_axis_name=bn_axis_name,
+  )
 
 
 def _path(directory: str) -> epath.Path:
@@ -98,8 +126,10 @@ def save_child_checkpoint(directory: str, variables: Mapping[str, Any], meta: Ma
   """
   path = _path(directory)
   model_from_meta(meta)  # validates the meta before anything is written
-  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x),
-                      {'params': variables['params'], 'batch_stats': variables['batch_stats']})
+  host = jax.tree.map(
+    lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x),
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']},
+  )
   if jax.process_index() == 0:
     if (path / META_FILE).exists():
       (path / META_FILE).unlink()
@@ -113,13 +143,16 @@ def save_child_checkpoint(directory: str, variables: Mapping[str, Any], meta: Ma
     files.atomic_write_text(path / META_FILE, json.dumps(dict(meta), indent=1))
 
 
-def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise: str = 'auto',
-                          bn_axis_name: str | None = None) -> tuple[child.ChildNet, dict[str, Any], dict[str, Any]]:
+def load_child_checkpoint(
+  directory: str, *, dtype: Any = jnp.float32, depthwise: str = 'auto', bn_axis_name: str | None = None
+) -> tuple[child.ChildNet, dict[str, Any], dict[str, Any]]:
   """(model, variables, meta) of a child checkpoint directory (see the module docstring)."""
   path = _path(directory)
   if not (path / META_FILE).exists() or not (path / VARIABLES_DIR).exists():
-    raise FileNotFoundError(f'{directory} is not a child checkpoint: expected {META_FILE} and {VARIABLES_DIR}/ '
-                            '(written by the retrain stage or dna_jax.convert_authors)')
+    raise FileNotFoundError(
+      f'{directory} is not a child checkpoint: expected {META_FILE} and {VARIABLES_DIR}/ '
+      '(written by the retrain stage or dna_jax.convert_authors)'
+    )
   meta = json.loads((path / META_FILE).read_text())
   model = model_from_meta(meta, dtype=dtype, depthwise=depthwise, bn_axis_name=bn_axis_name)
   checkpointer = ocp.StandardCheckpointer()
@@ -130,8 +163,10 @@ def load_child_checkpoint(directory: str, *, dtype: Any = jnp.float32, depthwise
   want = {'/'.join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(dict(expected)).items()}
   for name in sorted(set(got) | set(want)):
     if got.get(name) != want.get(name):
-      raise ValueError(f'{directory}: variable {name} is {got.get(name, "missing")}, but the architecture '
-                       f'{meta["arch"]!r} of its meta.json needs {want.get(name, "no such variable")}')
+      raise ValueError(
+        f'{directory}: variable {name} is {got.get(name, "missing")}, but the architecture '
+        f'{meta["arch"]!r} of its meta.json needs {want.get(name, "no such variable")}'
+      )
   return model, variables, meta
 
 
@@ -152,20 +187,31 @@ def _dense_as_conv(next_fun, args, kwargs, context):
   return y
 
 
-def inference_fn(model: Any, variables: Mapping[str, Any], normalization: str | None = None
-                 ) -> Callable[[jax.Array], jax.Array]:
+def inference_fn(
+  model: Any, variables: Mapping[str, Any], normalization: str | None = None
+) -> Callable[[jax.Array], jax.Array]:
   """images -> logits in inference mode; with `normalization`, images are 0..255 and normalised inside."""
+
   def predict(images):
     x = images.astype(jnp.float32)
     if normalization is not None:
       x = normalize(x, 'raw', normalization)
     with nn.intercept_methods(_dense_as_conv):
       return model.apply(variables, x, train=False)[0].astype(jnp.float32)
+
   return predict
 
 
-def export(model: Any, variables: Mapping[str, Any], image_size: int, path: str, format: str = 'saved_model', *,
-           normalization: str | None = None, batch_size: int | None = None) -> str:
+def export(
+  model: Any,
+  variables: Mapping[str, Any],
+  image_size: int,
+  path: str,
+  format: str = 'saved_model',
+  *,
+  normalization: str | None = None,
+  batch_size: int | None = None,
+) -> str:
   """Writes the inference net as a SavedModel directory or a .tflite file at `path`; returns `path`.
 
   The input is float32 (batch, image_size, image_size, 3): 0..255 pixels if `normalization` is given
@@ -174,8 +220,8 @@ def export(model: Any, variables: Mapping[str, Any], image_size: int, path: str,
   """
   if format not in FORMATS:
     raise ValueError(f'unknown export format {format!r}; valid: {", ".join(FORMATS)}')
-  import tensorflow as tf  # Deferred: only export needs TensorFlow.
   from jax.experimental import jax2tf
+  import tensorflow as tf  # Deferred: only export needs TensorFlow.
 
   if format == 'tflite' and batch_size is None:
     batch_size = 1
@@ -187,12 +233,12 @@ def export(model: Any, variables: Mapping[str, Any], image_size: int, path: str,
   polymorphic = None if batch_size else ['(b, _, _, _)']
   # A SavedModel may be served on any backend; TFLite lowers the module to its own ops.
   platforms = ('cpu', 'cuda', 'tpu') if format == 'saved_model' else None
-  converted = jax2tf.convert(predict, with_gradient=False, polymorphic_shapes=polymorphic,
-                             native_serialization_platforms=platforms)
+  converted = jax2tf.convert(
+    predict, with_gradient=False, polymorphic_shapes=polymorphic, native_serialization_platforms=platforms
+  )
   signature = [tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32, name='images')]
   module = tf.Module()
-  module.serve = tf.function(lambda images: {'logits': converted(images)}, autograph=False,
-                             input_signature=signature)
+  module.serve = tf.function(lambda images: {'logits': converted(images)}, autograph=False, input_signature=signature)
   if format == 'saved_model':
     tf.saved_model.save(module, path, signatures={'serving_default': module.serve.get_concrete_function()})
     return path
@@ -208,8 +254,9 @@ def default_checkpoint(workdir: str) -> str:
     path = epath.Path(workdir) / 'retrain' / name
     if (path / META_FILE).exists():
       return os.fspath(path)
-  raise FileNotFoundError(f'no retrained checkpoint under {workdir}/retrain/{{final,best}}; run stages=retrain '
-                          'first or pass --checkpoint DIR')
+  raise FileNotFoundError(
+    f'no retrained checkpoint under {workdir}/retrain/{{final,best}}; run stages=retrain first or pass --checkpoint DIR'
+  )
 
 
 def main(argv):
@@ -221,8 +268,9 @@ def main(argv):
   checkpoint = FLAGS.checkpoint or default_checkpoint(FLAGS.workdir)
   # Native depthwise convs: the exported graph runs on the deployment device, not this host.
   model, variables, meta = load_child_checkpoint(checkpoint, depthwise='native')
-  out = FLAGS.out or os.path.join(FLAGS.workdir or checkpoint, 'export',
-                                  'model.tflite' if FLAGS.format == 'tflite' else 'saved_model')
+  out = FLAGS.out or os.path.join(
+    FLAGS.workdir or checkpoint, 'export', 'model.tflite' if FLAGS.format == 'tflite' else 'saved_model'
+  )
   export(model, variables, int(meta['image_size']), out, FLAGS.format, normalization=meta['normalization'])
   print(f'Wrote {out} ({meta["arch"]}, input float32 0..255 RGB {meta["image_size"]}x{meta["image_size"]}).')
 
@@ -232,8 +280,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Workdir of a finished retrain stage.')
   flags.DEFINE_enum('format', 'tflite', FORMATS, 'Export format.')
   flags.DEFINE_string('checkpoint', None, 'Child checkpoint directory (default: WORKDIR/retrain/final or best).')
-  flags.DEFINE_string('out', None,
-                      'Output path (default: WORKDIR/export/model.tflite or WORKDIR/export/saved_model).')
+  flags.DEFINE_string('out', None, 'Output path (default: WORKDIR/export/model.tflite or WORKDIR/export/saved_model).')
 
 
 if __name__ == '__main__':

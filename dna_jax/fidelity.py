@@ -22,11 +22,13 @@ Run in a workdir that holds ratings (stages rate, and optionally search, done):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import csv
 import io
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -41,7 +43,7 @@ from dna_jax import search as search_lib
 from dna_jax import space as space_lib
 
 SAMPLE_SIZE = 20_000  # random architectures whose score quantiles the pick is stratified over
-LEVEL = 0.95          # coverage of the bootstrap intervals
+LEVEL = 0.95  # coverage of the bootstrap intervals
 
 # ----------------------------------------------------------------------------- rank correlations
 
@@ -76,8 +78,14 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, np.sum(rx * ry, -1) / denominator, np.nan)
 
 
-def with_interval(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], x: Sequence[float],
-                  y: Sequence[float], resamples: int, seed: int, level: float = LEVEL) -> dict[str, float]:
+def with_interval(
+  statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+  x: Sequence[float],
+  y: Sequence[float],
+  resamples: int,
+  seed: int,
+  level: float = LEVEL,
+) -> dict[str, float]:
   """{value, low, high}: the statistic and its percentile-bootstrap interval over resampled pairs.
 
   Resamples where the statistic is undefined (x or y constant) are left out; NaN bounds if all are.
@@ -96,11 +104,14 @@ def with_interval(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], x: 
   return {'value': value, 'low': low, 'high': high}
 
 
-def correlations(quality: Sequence[float], accuracy: Sequence[float], resamples: int, seed: int
-                 ) -> dict[str, dict[str, float]]:
+def correlations(
+  quality: Sequence[float], accuracy: Sequence[float], resamples: int, seed: int
+) -> dict[str, dict[str, float]]:
   """Kendall tau and Spearman rho of `quality` (higher = predicted better) against accuracy."""
-  return {'kendall_tau': with_interval(kendall_tau, quality, accuracy, resamples, seed),
-          'spearman_rho': with_interval(spearman_rho, quality, accuracy, resamples, seed)}
+  return {
+    'kendall_tau': with_interval(kendall_tau, quality, accuracy, resamples, seed),
+    'spearman_rho': with_interval(spearman_rho, quality, accuracy, resamples, seed),
+  }
 
 
 # ----------------------------------------------------------------------------- picking architectures
@@ -143,8 +154,9 @@ def _architecture(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> space_li
   return space_lib.make_architecture(ratings.space, choices)
 
 
-def pick_architectures(ratings: ratings_lib.Ratings, num_archs: int, seed: int,
-                       search_choice: space_lib.Architecture | None = None) -> list[dict[str, Any]]:
+def pick_architectures(
+  ratings: ratings_lib.Ratings, num_archs: int, seed: int, search_choice: space_lib.Architecture | None = None
+) -> list[dict[str, Any]]:
   """`num_archs` distinct architectures spread over the range of summed scores, sorted by score.
 
   Always the lowest-scoring architecture of the space (exact) and `search_choice` if given; the
@@ -158,8 +170,10 @@ def pick_architectures(ratings: ratings_lib.Ratings, num_archs: int, seed: int,
   if search_choice is not None:
     rows = ratings_lib.architecture_rows(ratings, search_choice)
     if rows is None:
-      raise ValueError(f'the search choice {search_choice} is not in the space of the ratings in '
-                       f'{ratings.directory}; rerun stages=search on these ratings')
+      raise ValueError(
+        f'the search choice {search_choice} is not in the space of the ratings in '
+        f'{ratings.directory}; rerun stages=search on these ratings'
+      )
     fixed[rows] = 'search'
   lowest = search_lib.search(ratings, top_k=1)[0].rows
   fixed[lowest] = 'search,lowest' if lowest in fixed else 'lowest'
@@ -168,17 +182,21 @@ def pick_architectures(ratings: ratings_lib.Ratings, num_archs: int, seed: int,
   sample = np.unique(sample_architectures(ratings, SAMPLE_SIZE, rng), axis=0)
   sample = sample[[tuple(int(r) for r in rows) not in fixed for rows in sample]]
   if len(sample) < slots:
-    raise ValueError(f'fidelity.num_archs={num_archs} but only {len(sample) + len(fixed)} distinct architectures '
-                     f'were found in {SAMPLE_SIZE:,} draws from a space of {ratings.space.num_architectures:,}: '
-                     'lower fidelity.num_archs')
+    raise ValueError(
+      f'fidelity.num_archs={num_archs} but only {len(sample) + len(fixed)} distinct architectures '
+      f'were found in {SAMPLE_SIZE:,} draws from a space of {ratings.space.num_architectures:,}: '
+      'lower fidelity.num_archs'
+    )
   order = np.argsort(summed_scores(ratings, sample), kind='stable')
   bins = np.array_split(order, slots)  # equal-count bins of increasing score
   chosen = [members[rng.integers(len(members))] for members in bins]
   picks = [(rows, role) for rows, role in fixed.items()]
   picks += [(tuple(int(r) for r in sample[i]), 'sample') for i in chosen]
   scores = summed_scores(ratings, np.array([rows for rows, _ in picks]))
-  return [{'arch': _architecture(ratings, picks[i][0]), 'role': picks[i][1], 'rows': picks[i][0]}
-          for i in np.argsort(scores, kind='stable')]
+  return [
+    {'arch': _architecture(ratings, picks[i][0]), 'role': picks[i][1], 'rows': picks[i][0]}
+    for i in np.argsort(scores, kind='stable')
+  ]
 
 
 def noise_indices(num_archs: int, noise_archs: int) -> list[int]:
@@ -209,8 +227,10 @@ def load_ratings(workdir: str) -> ratings_lib.Ratings:
   """WORKDIR/ratings, or an error naming the stage that makes them."""
   directory = epath.Path(workdir) / 'ratings'
   if not (directory / ratings_lib.META).exists():
-    raise FileNotFoundError(f'no ratings in {directory}: the fidelity study needs them; run stages=rate first '
-                            '(in this workdir, with the same config)')
+    raise FileNotFoundError(
+      f'no ratings in {directory}: the fidelity study needs them; run stages=rate first '
+      '(in this workdir, with the same config)'
+    )
   try:
     return ratings_lib.read_ratings(os.fspath(directory))
   except ValueError as e:
@@ -230,36 +250,60 @@ def search_choice(workdir: str) -> space_lib.Architecture | None:
 
 def _pick_record(ratings: ratings_lib.Ratings, pick: dict[str, Any], index: int) -> dict[str, Any]:
   rating = ratings_lib.architecture_rating(ratings, pick['arch'])
-  return {'index': index, 'arch': str(pick['arch']), 'role': pick['role'], 'score': rating['score'],
-          'flops': rating['flops'], 'params': rating['params']}
+  return {
+    'index': index,
+    'arch': str(pick['arch']),
+    'role': pick['role'],
+    'score': rating['score'],
+    'flops': rating['flops'],
+    'params': rating['params'],
+  }
 
 
-def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.Ratings
-                 ) -> list[dict[str, Any]]:
+def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.Ratings) -> list[dict[str, Any]]:
   """The picks of WORKDIR/fidelity/picked.json, or a new pick written there; rated records sorted by score."""
   fc = config.fidelity
   path = epath.Path(workdir) / 'fidelity' / 'picked.json'
   if path.exists():
     saved = json.loads(path.read_text())
     if (saved['num_archs'], saved['seed']) != (fc.num_archs, config.seed):
-      raise ValueError(f'{path} holds {saved["num_archs"]} architectures picked with seed {saved["seed"]}, but '
-                       f'fidelity.num_archs={fc.num_archs}, seed={config.seed}: restore those values to resume, '
-                       f'or delete {path.parent} to start a new study')
+      raise ValueError(
+        f'{path} holds {saved["num_archs"]} architectures picked with seed {saved["seed"]}, but '
+        f'fidelity.num_archs={fc.num_archs}, seed={config.seed}: restore those values to resume, '
+        f'or delete {path.parent} to start a new study'
+      )
     picks = []
     for record in saved['archs']:
       arch = space_lib.from_string(record['arch'])
       if ratings_lib.architecture_rating(ratings, arch) is None:
-        raise ValueError(f'{path}: {record["arch"]} is not in the space of {ratings.directory}; delete '
-                         f'{path.parent} to start a new study on these ratings')
+        raise ValueError(
+          f'{path}: {record["arch"]} is not in the space of {ratings.directory}; delete '
+          f'{path.parent} to start a new study on these ratings'
+        )
       picks.append(_pick_record(ratings, {'arch': arch, 'role': record['role']}, record['index']))
     logging.info('Read %d architectures from %s.', len(picks), path)
     return picks
-  picks = [_pick_record(ratings, pick, i) for i, pick in
-           enumerate(pick_architectures(ratings, fc.num_archs, config.seed, search_choice(workdir)))]
-  _write_json(path, {'num_archs': fc.num_archs, 'seed': config.seed, 'sample_size': SAMPLE_SIZE,
-                     'ratings': ratings.directory, 'archs': picks})
-  logging.info('Picked %d architectures (summed scores %.4f..%.4f), written to %s.', len(picks),
-               picks[0]['score'], picks[-1]['score'], path)
+  picks = [
+    _pick_record(ratings, pick, i)
+    for i, pick in enumerate(pick_architectures(ratings, fc.num_archs, config.seed, search_choice(workdir)))
+  ]
+  _write_json(
+    path,
+    {
+      'num_archs': fc.num_archs,
+      'seed': config.seed,
+      'sample_size': SAMPLE_SIZE,
+      'ratings': ratings.directory,
+      'archs': picks,
+    },
+  )
+  logging.info(
+    'Picked %d architectures (summed scores %.4f..%.4f), written to %s.',
+    len(picks),
+    picks[0]['score'],
+    picks[-1]['score'],
+    path,
+  )
   return picks
 
 
@@ -275,26 +319,39 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return tc
 
 
-def train_architecture(config: ml_collections.ConfigDict, arch: space_lib.Architecture, directory: str,
-                       seed: int) -> dict[str, Any]:
+def train_architecture(
+  config: ml_collections.ConfigDict, arch: space_lib.Architecture, directory: str, seed: int
+) -> dict[str, Any]:
   """Trains `arch` from scratch with `recipe(config)` in `directory` (resumed); returns eval-split results.
 
   `accuracy` is the final test top-1 (a fraction) of the EMA weights, as the retrain stage reports it.
   """
   from dna_jax import input_pipeline
   from dna_jax import retrain
+
   tc = recipe(config)
   num_classes = input_pipeline.check_dataset(config.data)
   model = retrain.child_model(config, arch, num_classes)
   source, target = retrain.data_normalization(config.data), tc.normalization
   _, results = retrain.train_and_evaluate(
-      model, tc, directory, image_size=config.data.image_size, steps_per_epoch=retrain.steps_per_epoch(tc, config.data),
-      seed=seed, normalization=None if source == target else (source, target),
-      train_batches=lambda start: input_pipeline.create_split(config.data, 'train', tc.batch_size, start_step=start),
-      eval_batches=lambda: input_pipeline.create_split(config.data, 'eval', tc.batch_size))
+    model,
+    tc,
+    directory,
+    image_size=config.data.image_size,
+    steps_per_epoch=retrain.steps_per_epoch(tc, config.data),
+    seed=seed,
+    normalization=None if source == target else (source, target),
+    train_batches=lambda start: input_pipeline.create_split(config.data, 'train', tc.batch_size, start_step=start),
+    eval_batches=lambda: input_pipeline.create_split(config.data, 'eval', tc.batch_size),
+  )
   final = results['final']
-  return {'accuracy': final['ema']['top1'], 'top5': final['ema']['top5'], 'raw_accuracy': final['raw']['top1'],
-          'steps': results['steps'], 'elapsed_seconds': results['elapsed_seconds']}
+  return {
+    'accuracy': final['ema']['top1'],
+    'top5': final['ema']['top5'],
+    'raw_accuracy': final['raw']['top1'],
+    'steps': results['steps'],
+    'elapsed_seconds': results['elapsed_seconds'],
+  }
 
 
 def run_directory(workdir: str, index: int, seed: int) -> epath.Path:
@@ -307,16 +364,22 @@ def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, 
   result_path, arch_path = directory / 'result.json', directory / 'arch.json'
   for path in (result_path, arch_path):
     if path.exists() and json.loads(path.read_text())['arch'] != pick['arch']:
-      raise ValueError(f'{path} belongs to another architecture than {pick["arch"]} (picked.json was replaced?); '
-                       f'delete {directory} to train it again')
+      raise ValueError(
+        f'{path} belongs to another architecture than {pick["arch"]} (picked.json was replaced?); '
+        f'delete {directory} to train it again'
+      )
   if result_path.exists():
     logging.info('Run %s finished before: %s.', directory.name, result_path)
     return json.loads(result_path.read_text())
   if not arch_path.exists():
     _write_json(arch_path, {'arch': pick['arch'], 'seed': seed})
   logging.info('Fidelity run %s: %s (summed score %.4f).', directory.name, pick['arch'], pick['score'])
-  result = {'index': pick['index'], 'arch': pick['arch'], 'seed': seed,
-            **train_architecture(config, space_lib.from_string(pick['arch']), os.fspath(directory), seed)}
+  result = {
+    'index': pick['index'],
+    'arch': pick['arch'],
+    'seed': seed,
+    **train_architecture(config, space_lib.from_string(pick['arch']), os.fspath(directory), seed),
+  }
   _write_json(result_path, result)
   return result
 
@@ -324,23 +387,39 @@ def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, 
 # ----------------------------------------------------------------------------- report
 
 
-def study_report(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], seed: int,
-                 noise_seed: int, resamples: int) -> dict[str, Any]:
+def study_report(
+  picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], seed: int, noise_seed: int, resamples: int
+) -> dict[str, Any]:
   """The fidelity.json record: correlations on the `seed` runs, noise from the repeated ones."""
   acc = [accuracy[p['index'], seed] for p in picks]
-  report: dict[str, Any] = {'num_archs': len(picks), 'seeds': [seed, noise_seed], 'bootstrap': resamples,
-                            'level': LEVEL}
-  proxies = (('', [-p['score'] for p in picks]), ('flops_', [p['flops'] for p in picks]),
-             ('params_', [p['params'] for p in picks]))
+  report: dict[str, Any] = {
+    'num_archs': len(picks),
+    'seeds': [seed, noise_seed],
+    'bootstrap': resamples,
+    'level': LEVEL,
+  }
+  proxies = (
+    ('', [-p['score'] for p in picks]),
+    ('flops_', [p['flops'] for p in picks]),
+    ('params_', [p['params'] for p in picks]),
+  )
   for prefix, quality in proxies:
     for name, value in correlations(quality, acc, resamples, seed).items():
       report[prefix + name] = value
-  per_arch = [{'index': p['index'], 'arch': p['arch'], 'accuracy': [accuracy[p['index'], seed],
-                                                                      accuracy[p['index'], noise_seed]],
-               'abs_diff': abs(accuracy[p['index'], seed] - accuracy[p['index'], noise_seed])}
-              for p in picks if (p['index'], noise_seed) in accuracy]
-  report['noise'] = {'per_arch': per_arch,
-                     'mean_abs_diff': float(np.mean([a['abs_diff'] for a in per_arch])) if per_arch else None}
+  per_arch = [
+    {
+      'index': p['index'],
+      'arch': p['arch'],
+      'accuracy': [accuracy[p['index'], seed], accuracy[p['index'], noise_seed]],
+      'abs_diff': abs(accuracy[p['index'], seed] - accuracy[p['index'], noise_seed]),
+    }
+    for p in picks
+    if (p['index'], noise_seed) in accuracy
+  ]
+  report['noise'] = {
+    'per_arch': per_arch,
+    'mean_abs_diff': float(np.mean([a['abs_diff'] for a in per_arch])) if per_arch else None,
+  }
   return report
 
 
@@ -356,21 +435,34 @@ def csv_text(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], fl
   return out.getvalue()
 
 
-ROLE_LABELS = {'lowest': 'best rated (lowest score)', 'search': "search's choice",
-               'search,lowest': "search's choice, best rated", 'sample': 'stratified sample'}
+ROLE_LABELS = {
+  'lowest': 'best rated (lowest score)',
+  'search': "search's choice",
+  'search,lowest': "search's choice, best rated",
+  'sample': 'stratified sample',
+}
 
 
-def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], report: dict[str, Any],
-               seed: int, path_png: str) -> None:
+def plot_study(
+  picks: Sequence[dict[str, Any]],
+  accuracy: dict[tuple[int, int], float],
+  report: dict[str, Any],
+  seed: int,
+  path_png: str,
+) -> None:
   """Three panels: accuracy against summed score, FLOPs and params; a net's second-seed run linked by a line."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   colors = {'sample': 'tab:blue', 'lowest': 'tab:green', 'search': 'tab:red', 'search,lowest': 'tab:red'}
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
-  panels = (('score', 1, 'summed block score (lower = rated better)', ''),
-            ('flops', 1e6, 'FLOPs (M)', 'flops_'), ('params', 1e6, 'parameters (M)', 'params_'))
+  panels = (
+    ('score', 1, 'summed block score (lower = rated better)', ''),
+    ('flops', 1e6, 'FLOPs (M)', 'flops_'),
+    ('params', 1e6, 'parameters (M)', 'params_'),
+  )
   for ax, (field, unit, label, prefix) in zip(axes, panels):
     for p in picks:
       x, y = p[field] / unit, 100 * accuracy[p['index'], seed]
@@ -380,8 +472,11 @@ def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], 
           ax.plot(x, 100 * other, '.', color='0.4', ms=6, label='second seed')
       ax.plot(x, y, 'o', color=colors[p['role']], ms=6, label=ROLE_LABELS.get(p['role'], p['role']))
     tau, rho = report[prefix + 'kendall_tau'], report[prefix + 'spearman_rho']
-    ax.set_title(f'Kendall tau {tau["value"]:.2f} [{tau["low"]:.2f}, {tau["high"]:.2f}]   '
-                 f'Spearman rho {rho["value"]:.2f} [{rho["low"]:.2f}, {rho["high"]:.2f}]', fontsize=9)
+    ax.set_title(
+      f'Kendall tau {tau["value"]:.2f} [{tau["low"]:.2f}, {tau["high"]:.2f}]   '
+      f'Spearman rho {rho["value"]:.2f} [{rho["low"]:.2f}, {rho["high"]:.2f}]',
+      fontsize=9,
+    )
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
@@ -389,24 +484,38 @@ def plot_study(picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], 
   axes[0].legend(unique.values(), unique.keys(), fontsize=8)
   axes[0].set_ylabel('test top-1 (%)')
   noise = report['noise']['mean_abs_diff']
-  fig.suptitle(f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
-               + (f'; two seeds differ by {100 * noise:.2f} points on average' if noise is not None else ''))
+  fig.suptitle(
+    f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
+    + (f'; two seeds differ by {100 * noise:.2f} points on average' if noise is not None else '')
+  )
   fig.tight_layout()
   with epath.Path(path_png).open('wb') as f:
     fig.savefig(f, dpi=120, format='png')
   plt.close(fig)
 
 
-def write_outputs(workdir: str, picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float],
-                  report: dict[str, Any], seed: int) -> None:
+def write_outputs(
+  workdir: str,
+  picks: Sequence[dict[str, Any]],
+  accuracy: dict[tuple[int, int], float],
+  report: dict[str, Any],
+  seed: int,
+) -> None:
   """fidelity.csv, fidelity.json, fidelity.png and TensorBoard scalars (process 0)."""
   root = epath.Path(workdir) / 'fidelity'
   _write_text(root / 'fidelity.csv', csv_text(picks, accuracy))
   _write_json(root / 'fidelity.json', report)
-  scalars = {f'fidelity/{key}': value['value'] for key, value in report.items()
-             if isinstance(value, dict) and 'value' in value}
-  scalars.update({f'fidelity/{key}_{bound}': value[bound] for key, value in report.items()
-                  if isinstance(value, dict) and 'value' in value for bound in ('low', 'high')})
+  scalars = {
+    f'fidelity/{key}': value['value'] for key, value in report.items() if isinstance(value, dict) and 'value' in value
+  }
+  scalars.update(
+    {
+      f'fidelity/{key}_{bound}': value[bound]
+      for key, value in report.items()
+      if isinstance(value, dict) and 'value' in value
+      for bound in ('low', 'high')
+    }
+  )
   if report['noise']['mean_abs_diff'] is not None:
     scalars['fidelity/noise_mean_abs_diff'] = report['noise']['mean_abs_diff']
   writer = metric_writers.create_default_writer(os.fspath(root / 'tb'), just_logging=jax.process_index() > 0)
@@ -424,8 +533,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f'fidelity.noise_seed must differ from seed ({config.seed}) to measure training noise')
   ratings = load_ratings(workdir)
   picks = load_or_pick(config, workdir, ratings)
-  plan = [(p, config.seed) for p in picks] + [(picks[i], fc.noise_seed)
-                                                for i in noise_indices(len(picks), fc.noise_archs)]
+  plan = [(p, config.seed) for p in picks] + [
+    (picks[i], fc.noise_seed) for i in noise_indices(len(picks), fc.noise_archs)
+  ]
   epochs = recipe(config).epochs
   logging.info('Fidelity study: %d training runs of %s epochs each.', len(plan), epochs)
   accuracy = {}
@@ -436,15 +546,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   write_outputs(workdir, picks, accuracy, report, config.seed)
   tau, rho = report['kendall_tau'], report['spearman_rho']
   noise = report['noise']['mean_abs_diff']
-  logging.info('Ranking fidelity over %d architectures: Kendall tau %.3f [%.3f, %.3f], Spearman rho %.3f '
-               '[%.3f, %.3f]; FLOPs tau %.3f, params tau %.3f; two seeds differ by %s top-1 points on average.',
-               len(picks), tau['value'], tau['low'], tau['high'], rho['value'], rho['low'], rho['high'],
-               report['flops_kendall_tau']['value'], report['params_kendall_tau']['value'],
-               'n/a' if noise is None else f'{100 * noise:.2f}')
-  return {'kendall_tau': tau['value'], 'spearman_rho': rho['value'],
-          'flops_kendall_tau': report['flops_kendall_tau']['value'],
-          'params_kendall_tau': report['params_kendall_tau']['value'],
-          'noise_mean_abs_diff': report['noise']['mean_abs_diff'], 'num_archs': len(picks)}
+  logging.info(
+    'Ranking fidelity over %d architectures: Kendall tau %.3f [%.3f, %.3f], Spearman rho %.3f '
+    '[%.3f, %.3f]; FLOPs tau %.3f, params tau %.3f; two seeds differ by %s top-1 points on average.',
+    len(picks),
+    tau['value'],
+    tau['low'],
+    tau['high'],
+    rho['value'],
+    rho['low'],
+    rho['high'],
+    report['flops_kendall_tau']['value'],
+    report['params_kendall_tau']['value'],
+    'n/a' if noise is None else f'{100 * noise:.2f}',
+  )
+  return {
+    'kendall_tau': tau['value'],
+    'spearman_rho': rho['value'],
+    'flops_kendall_tau': report['flops_kendall_tau']['value'],
+    'params_kendall_tau': report['params_kendall_tau']['value'],
+    'noise_mean_abs_diff': report['noise']['mean_abs_diff'],
+    'num_archs': len(picks),
+  }
 
 
 # ----------------------------------------------------------------------------- command line
@@ -453,6 +576,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the pipeline saved in WORKDIR/config.json, over the base config."""
   from dna_jax import config_base
+
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist (no pipeline run in this workdir): pass --config')
@@ -464,6 +588,7 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
 def main(argv: Sequence[str]) -> None:
   from absl import app
   from absl import flags
+
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir = flags.FLAGS.workdir
@@ -476,13 +601,16 @@ def _define_flags() -> None:
   """Only when run as a script: main.py defines flags of the same names."""
   from absl import flags
   from ml_collections import config_flags
+
   flags.DEFINE_string('workdir', None, 'Workdir holding ratings (WORKDIR/ratings).')
-  config_flags.DEFINE_config_file('config', None, 'Config file (default: the config saved in WORKDIR/config.json).',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', None, 'Config file (default: the config saved in WORKDIR/config.json).', lock_config=True
+  )
   flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

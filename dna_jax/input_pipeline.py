@@ -34,9 +34,13 @@ Keras EfficientNet teacher normalizes inside), 'unit' divides by 255,
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 import itertools
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from absl import logging
 import jax
@@ -56,10 +60,10 @@ _AUGMENTS = ('inception', 'simple', 'none')
 _SMALL_IMAGE_FITS = ('resize', 'pad')
 _DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
 _RESIZE_METHODS = {
-    'bicubic': tf.image.ResizeMethod.BICUBIC,
-    'bilinear': tf.image.ResizeMethod.BILINEAR,
-    'area': tf.image.ResizeMethod.AREA,
-    'nearest': tf.image.ResizeMethod.NEAREST_NEIGHBOR,
+  'bicubic': tf.image.ResizeMethod.BICUBIC,
+  'bilinear': tf.image.ResizeMethod.BILINEAR,
+  'area': tf.image.ResizeMethod.AREA,
+  'nearest': tf.image.ResizeMethod.NEAREST_NEIGHBOR,
 }
 _MAX_MAGNITUDE = 10
 
@@ -104,9 +108,13 @@ def get_data_config() -> ml_collections.ConfigDict:
 def _validate(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   c = data_config
-  choices = {'normalization': _NORMALIZATIONS, 'augment': _AUGMENTS,
-             'dtype': tuple(_DTYPES), 'resize_method': tuple(_RESIZE_METHODS),
-             'small_image_fit': _SMALL_IMAGE_FITS}
+  choices = {
+    'normalization': _NORMALIZATIONS,
+    'augment': _AUGMENTS,
+    'dtype': tuple(_DTYPES),
+    'resize_method': tuple(_RESIZE_METHODS),
+    'small_image_fit': _SMALL_IMAGE_FITS,
+  }
   for field, valid in choices.items():
     if c[field] not in valid:
       raise ValueError(f'data.{field}={c[field]!r}; expected one of {valid}.')
@@ -117,21 +125,18 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
   if not 0 <= c.random_erasing <= 1:
     raise ValueError(f'data.random_erasing={c.random_erasing} not in [0, 1].')
   if c.color_jitter < 0 or c.simple_pad < 0 or c.randaugment_layers < 0:
-    raise ValueError('data.color_jitter, data.simple_pad and '
-                     'data.randaugment_layers must be >= 0.')
+    raise ValueError('data.color_jitter, data.simple_pad and data.randaugment_layers must be >= 0.')
   if not 0 <= c.randaugment_magnitude <= _MAX_MAGNITUDE:
-    raise ValueError(f'data.randaugment_magnitude={c.randaugment_magnitude} '
-                     f'not in [0, {_MAX_MAGNITUDE}].')
+    raise ValueError(f'data.randaugment_magnitude={c.randaugment_magnitude} not in [0, {_MAX_MAGNITUDE}].')
   if c.rating_examples < 0 or c.calib_examples < 1:
-    raise ValueError('data.rating_examples must be >= 0 and '
-                     'data.calib_examples >= 1.')
+    raise ValueError('data.rating_examples must be >= 0 and data.calib_examples >= 1.')
   if '[' in c.train_split:
-    raise ValueError(f'data.train_split={c.train_split!r} must be a plain '
-                     'split name: rating_examples and calib_examples carve it.')
+    raise ValueError(
+      f'data.train_split={c.train_split!r} must be a plain split name: rating_examples and calib_examples carve it.'
+    )
 
 
-def _builder(
-    data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder, or an error saying how to prepare it."""
   _validate(data_config)
   name = data_config.dataset
@@ -139,16 +144,17 @@ def _builder(
     builder = tfds.builder(name, data_dir=data_config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
-        f'data.dataset={name!r} is not a tfds dataset name (e.g. '
-        "'imagenet2012', 'fashion_mnist', 'cifar10').") from None
+      f"data.dataset={name!r} is not a tfds dataset name (e.g. 'imagenet2012', 'fashion_mnist', 'cifar10')."
+    ) from None
   if not builder.is_prepared() and data_config.get('auto_prepare') and name != 'imagenet2012':
     logging.info('Preparing %s in %s (data.auto_prepare).', name, builder.data_dir_root)
     prepare_data.prepare(name, data_config.data_dir or None, local_files_dir=data_config.local_files_dir)
     builder = tfds.builder(name, data_dir=data_config.data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f'Dataset {name} is not prepared in {builder.data_dir_root}. '
-        + prepare_data.instructions(name, data_config.data_dir or None))
+      f'Dataset {name} is not prepared in {builder.data_dir_root}. '
+      + prepare_data.instructions(name, data_config.data_dir or None)
+    )
   return builder
 
 
@@ -156,12 +162,15 @@ def _feature_keys(info: tfds.core.DatasetInfo) -> tuple[str, str]:
   """(image key, label key) of an image-classification dataset."""
   keys = info.supervised_keys or ('image', 'label')
   features = info.features
-  if (len(keys) != 2 or not all(isinstance(k, str) and k in features
-                                for k in keys) or
-      not isinstance(features[keys[0]], tfds.features.Image) or
-      not isinstance(features[keys[1]], tfds.features.ClassLabel)):
-    raise ValueError(f'{info.name} is not an image-classification dataset '
-                     f'(an Image and a ClassLabel feature): {features}')
+  if (
+    len(keys) != 2
+    or not all(isinstance(k, str) and k in features for k in keys)
+    or not isinstance(features[keys[0]], tfds.features.Image)
+    or not isinstance(features[keys[1]], tfds.features.ClassLabel)
+  ):
+    raise ValueError(
+      f'{info.name} is not an image-classification dataset (an Image and a ClassLabel feature): {features}'
+    )
   return keys
 
 
@@ -197,19 +206,18 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> int:
   for field in ('train_split', 'eval_split'):
     base = data_config[field].split('[')[0]
     if available and base not in available:
-      raise ValueError(f'data.{field}={data_config[field]!r}: '
-                       f'{data_config.dataset} has splits {available}.')
+      raise ValueError(f'data.{field}={data_config[field]!r}: {data_config.dataset} has splits {available}.')
   train_size = _split_size(builder, data_config.train_split)
   needed = data_config.rating_examples + data_config.calib_examples
   if train_size is not None and needed >= train_size:
     raise ValueError(
-        f'data.rating_examples + data.calib_examples = {needed} leaves no '
-        f'training examples in {data_config.train_split} ({train_size}).')
+      f'data.rating_examples + data.calib_examples = {needed} leaves no '
+      f'training examples in {data_config.train_split} ({train_size}).'
+    )
   return builder.info.features[label_key].num_classes
 
 
-def num_examples(data_config: ml_collections.ConfigDict,
-                 split: str) -> int | None:
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int | None:
   """Examples in one of SPLITS over all processes; None where unknown."""
   return _split_size(_builder(data_config), _split_spec(data_config, split))
 
@@ -217,50 +225,54 @@ def num_examples(data_config: ml_collections.ConfigDict,
 # Preprocessing. Images are float32 (H, W, 3) in 0..255 until `_normalize`.
 
 
-def _decode_window(image_bytes: tf.Tensor, window_fn: Callable[..., tf.Tensor],
-                   is_jpeg: bool) -> tf.Tensor:
+def _decode_window(image_bytes: tf.Tensor, window_fn: Callable[..., tf.Tensor], is_jpeg: bool) -> tf.Tensor:
   """Decodes the window [y, x, h, w] = window_fn(shape) of an image as RGB."""
   if is_jpeg:  # Decodes only the crop.
     window = window_fn(tf.image.extract_jpeg_shape(image_bytes))
     return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
   image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
   y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
-  return image[y:y + h, x:x + w]
+  return image[y : y + h, x : x + w]
 
 
 def _random_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Inception-style crop: 8%-100% of the area, aspect ratio 3/4..4/3."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, tf.constant([0., 0., 1., 1.], shape=(1, 1, 4)), seed=seed,
-      min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
+    shape,
+    tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
+    seed=seed,
+    min_object_covered=0.1,
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    area_range=(0.08, 1.0),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
 def _center_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
   height, width = shape[0], shape[1]
-  side = tf.maximum(1, tf.cast(
-      fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
-  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side,
-                   side])
+  side = tf.maximum(1, tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
+  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
 
 
 def _fit(image: tf.Tensor, size: int, method: str, fit: str) -> tf.Tensor:
   """Brings an image to (size, size, 3) float by resizing or zero-padding."""
   image = tf.cast(image, tf.float32)
+
   def resize():
     return tf.image.resize(image, (size, size), _RESIZE_METHODS[method])
+
   def pad():
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    return tf.image.pad_to_bounding_box(
-        image, (size - height) // 2, (size - width) // 2, size, size)
+    return tf.image.pad_to_bounding_box(image, (size - height) // 2, (size - width) // 2, size, size)
+
   if fit == 'pad':
     fits = tf.reduce_all(tf.shape(image)[:2] <= size)
     image = tf.cond(fits, pad, resize)
   else:
     image = resize()
-  image = tf.clip_by_value(image, 0., 255.)  # Bicubic overshoots.
+  image = tf.clip_by_value(image, 0.0, 255.0)  # Bicubic overshoots.
   image.set_shape((size, size, 3))
   return image
 
@@ -271,14 +283,13 @@ def _grayscale(image: tf.Tensor) -> tf.Tensor:
 
 def _blend(image: tf.Tensor, degenerate: tf.Tensor, factor: tf.Tensor):
   """image at factor 1, degenerate at 0, extrapolated beyond; clipped."""
-  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0., 255.)
+  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
 
 
-def _color_jitter(image: tf.Tensor, strength: float,
-                  seed: tf.Tensor) -> tf.Tensor:
+def _color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
   """Brightness, contrast, saturation, each by a factor in 1 +- strength."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  low, high = max(0., 1. - strength), 1. + strength
+  low, high = max(0.0, 1.0 - strength), 1.0 + strength
   factor = [tf.random.stateless_uniform((), s, low, high) for s in seeds]
   image = _blend(image, tf.zeros_like(image), factor[0])
   image = _blend(image, tf.reduce_mean(_grayscale(image)), factor[1])
@@ -288,11 +299,15 @@ def _color_jitter(image: tf.Tensor, strength: float,
 def _affine(image: tf.Tensor, transform: Sequence[Any]) -> tf.Tensor:
   """Maps output (x, y) from input (a x + b y + c, d x + e y + f); gray fill."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  transform = tf.stack([tf.cast(t, tf.float32) for t in transform] + [0., 0.])
+  transform = tf.stack([tf.cast(t, tf.float32) for t in transform] + [0.0, 0.0])
   return tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None],
-      output_shape=tf.stack([height, width]), fill_value=128.,
-      interpolation='BILINEAR', fill_mode='CONSTANT')[0]
+    images=image[None],
+    transforms=transform[None],
+    output_shape=tf.stack([height, width]),
+    fill_value=128.0,
+    interpolation='BILINEAR',
+    fill_mode='CONSTANT',
+  )[0]
 
 
 def _rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
@@ -300,120 +315,108 @@ def _rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
   cos, sin = tf.cos(radians), tf.sin(radians)
   cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1) / 2
   cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1) / 2
-  return _affine(image, [cos, -sin, cx - cos * cx + sin * cy,
-                         sin, cos, cy - sin * cx - cos * cy])
+  return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
 
 
 def _sharpen(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.
+  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], (1, 1, 3, 1))
-  inner = tf.nn.depthwise_conv2d(image[None], kernel, (1, 1, 1, 1),
-                                 'VALID')[0]
+  inner = tf.nn.depthwise_conv2d(image[None], kernel, (1, 1, 1, 1), 'VALID')[0]
   padding = ((1, 1), (1, 1), (0, 0))
   smooth = tf.pad(inner, padding)
-  border = tf.pad(tf.zeros_like(inner), padding, constant_values=1.)
+  border = tf.pad(tf.zeros_like(inner), padding, constant_values=1.0)
   return _blend(image, border * image + (1 - border) * smooth, factor)
 
 
 def _auto_contrast(image: tf.Tensor) -> tf.Tensor:
   low = tf.reduce_min(image, axis=(0, 1))
   high = tf.reduce_max(image, axis=(0, 1))
-  scale = tf.where(high > low, 255. / tf.maximum(high - low, 1e-3), 1.)
+  scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1e-3), 1.0)
   return tf.where(high > low, (image - low) * scale, image)
 
 
 def _posterize(image: tf.Tensor, bits: int) -> tf.Tensor:
-  step = 2. ** (8 - bits)
+  step = 2.0 ** (8 - bits)
   return tf.floor(image / step) * step
 
 
 def _solarize(image: tf.Tensor, threshold: float) -> tf.Tensor:
-  return tf.where(image >= threshold, 255. - image, image)
+  return tf.where(image >= threshold, 255.0 - image, image)
 
 
-def _rand_augment_ops(level: float,
-                      size: int) -> list[Callable[[tf.Tensor, tf.Tensor], Any]]:
+def _rand_augment_ops(level: float, size: int) -> list[Callable[[tf.Tensor, tf.Tensor], Any]]:
   """RandAugment's ops at level in [0, 1] (timm's ranges); (image, sign)."""
   enhance = 0.9 * level  # Factor 1 +- this for color/contrast/...
   shear, shift = 0.3 * level, 0.45 * level * size
   return [
-      lambda x, s: x,
-      lambda x, s: _auto_contrast(x),
-      lambda x, s: _rotate(x, 30. * level * s),
-      lambda x, s: _solarize(x, 256. - 256. * level),
-      lambda x, s: _posterize(x, max(1, 8 - round(4 * level))),
-      lambda x, s: _blend(x, _grayscale(x), 1. + enhance * s),
-      lambda x, s: _blend(x, tf.reduce_mean(_grayscale(x)), 1. + enhance * s),
-      lambda x, s: _blend(x, tf.zeros_like(x), 1. + enhance * s),
-      lambda x, s: _sharpen(x, 1. + enhance * s),
-      lambda x, s: _affine(x, [1., shear * s, 0., 0., 1., 0.]),
-      lambda x, s: _affine(x, [1., 0., 0., shear * s, 1., 0.]),
-      lambda x, s: _affine(x, [1., 0., shift * s, 0., 1., 0.]),
-      lambda x, s: _affine(x, [1., 0., 0., 0., 1., shift * s]),
+    lambda x, s: x,
+    lambda x, s: _auto_contrast(x),
+    lambda x, s: _rotate(x, 30.0 * level * s),
+    lambda x, s: _solarize(x, 256.0 - 256.0 * level),
+    lambda x, s: _posterize(x, max(1, 8 - round(4 * level))),
+    lambda x, s: _blend(x, _grayscale(x), 1.0 + enhance * s),
+    lambda x, s: _blend(x, tf.reduce_mean(_grayscale(x)), 1.0 + enhance * s),
+    lambda x, s: _blend(x, tf.zeros_like(x), 1.0 + enhance * s),
+    lambda x, s: _sharpen(x, 1.0 + enhance * s),
+    lambda x, s: _affine(x, [1.0, shear * s, 0.0, 0.0, 1.0, 0.0]),
+    lambda x, s: _affine(x, [1.0, 0.0, 0.0, shear * s, 1.0, 0.0]),
+    lambda x, s: _affine(x, [1.0, 0.0, shift * s, 0.0, 1.0, 0.0]),
+    lambda x, s: _affine(x, [1.0, 0.0, 0.0, 0.0, 1.0, shift * s]),
   ]
 
 
-def _rand_augment(image: tf.Tensor, num_layers: int, magnitude: float,
-                  seed: tf.Tensor) -> tf.Tensor:
+def _rand_augment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
   """Applies num_layers ops drawn uniformly, each with a random sign."""
   shape = image.shape
   ops = _rand_augment_ops(magnitude / _MAX_MAGNITUDE, shape[0])
-  for layer_seed in tf.unstack(
-      tf.random.experimental.stateless_split(seed, num_layers)):
-    op_seed, sign_seed = tf.unstack(
-        tf.random.experimental.stateless_split(layer_seed, 2))
+  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
+    op_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 2))
     index = tf.random.stateless_uniform((), op_seed, 0, len(ops), tf.int32)
-    sign = tf.where(tf.random.stateless_uniform((), sign_seed) < 0.5, -1., 1.)
-    image = tf.switch_case(
-        index, [lambda op=op, x=image: op(x, sign) for op in ops])
+    sign = tf.where(tf.random.stateless_uniform((), sign_seed) < 0.5, -1.0, 1.0)
+    image = tf.switch_case(index, [lambda op=op, x=image: op(x, sign) for op in ops])
     image.set_shape(shape)
   return image
 
 
-def _random_erasing(image: tf.Tensor, probability: float,
-                    seed: tf.Tensor) -> tf.Tensor:
+def _random_erasing(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
   """With `probability`, fills a random box (2%-33% of the area, aspect ratio
   0.3..3.3) with uniform noise, as timm's RandomErasing(mode='pixel')."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
   height, width = image.shape[0], image.shape[1]
   area = tf.random.stateless_uniform((), seeds[0], 0.02, 1 / 3) * height * width
-  ratio = tf.exp(tf.random.stateless_uniform((), seeds[1], math.log(0.3),
-                                             -math.log(0.3)))
-  box_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32),
-                           1, height)
-  box_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32),
-                           1, width)
-  top = tf.random.stateless_uniform((), seeds[2], 0, height - box_h + 1,
-                                    tf.int32)
-  left = tf.random.stateless_uniform((), seeds[3], 0, width - box_w + 1,
-                                     tf.int32)
+  ratio = tf.exp(tf.random.stateless_uniform((), seeds[1], math.log(0.3), -math.log(0.3)))
+  box_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), 1, height)
+  box_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32), 1, width)
+  top = tf.random.stateless_uniform((), seeds[2], 0, height - box_h + 1, tf.int32)
+  left = tf.random.stateless_uniform((), seeds[3], 0, width - box_w + 1, tf.int32)
   rows = tf.range(height)[:, None, None]
   cols = tf.range(width)[None, :, None]
-  inside = ((rows >= top) & (rows < top + box_h) & (cols >= left) &
-            (cols < left + box_w))
+  inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
   erase = tf.random.stateless_uniform((), seeds[4]) < probability
-  noise = tf.random.stateless_uniform(image.shape, seeds[5], 0., 255.)
+  noise = tf.random.stateless_uniform(image.shape, seeds[5], 0.0, 255.0)
   return tf.where(inside & erase, noise, image)
 
 
 def _normalize(image: tf.Tensor, normalization: str, dtype: str) -> tf.Tensor:
   if normalization != 'raw':
-    image = image / 255.
+    image = image / 255.0
   if normalization == 'imagenet':
     image = (image - IMAGENET_MEAN) / IMAGENET_STD
   return tf.cast(image, _DTYPES[dtype])
 
 
-def _preprocess_fn(data_config: ml_collections.ConfigDict,
-                   info: tfds.core.DatasetInfo, augmented: bool,
-                   process_index: int) -> Callable[[tf.Tensor, dict], dict]:
+def _preprocess_fn(
+  data_config: ml_collections.ConfigDict, info: tfds.core.DatasetInfo, augmented: bool, process_index: int
+) -> Callable[[tf.Tensor, dict], dict]:
   """(stream position, tfds example) -> {'image', 'label', 'mask'}."""
   c = data_config
   image_key, label_key = _feature_keys(info)
   is_jpeg = info.features[image_key].encoding_format == 'jpeg'
   size = c.image_size
+
   def fit(image):
     return _fit(image, size, c.resize_method, c.small_image_fit)
+
   def center_window(shape):
     return _center_window(shape, c.crop_fraction)
 
@@ -426,55 +429,62 @@ def _preprocess_fn(data_config: ml_collections.ConfigDict,
       seed = tf.random.experimental.stateless_fold_in(base, index)
       seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
       if c.augment == 'inception':
-        image = fit(_decode_window(
-            image_bytes, lambda shape: _random_window(shape, seeds[0]),
-            is_jpeg))
+        image = fit(_decode_window(image_bytes, lambda shape: _random_window(shape, seeds[0]), is_jpeg))
       elif c.augment == 'simple':
-        image = fit(_decode_window(image_bytes, lambda s: tf.stack(
-            [0, 0, s[0], s[1]]), is_jpeg))
+        image = fit(_decode_window(image_bytes, lambda s: tf.stack([0, 0, s[0], s[1]]), is_jpeg))
         padding = ((c.simple_pad, c.simple_pad),) * 2 + ((0, 0),)
-        image = tf.image.stateless_random_crop(
-            tf.pad(image, padding), (size, size, 3), seeds[0])
+        image = tf.image.stateless_random_crop(tf.pad(image, padding), (size, size, 3), seeds[0])
       else:
         image = fit(_decode_window(image_bytes, center_window, is_jpeg))
       if c.augment != 'none':
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
       if c.randaugment_layers:
-        image = _rand_augment(image, c.randaugment_layers,
-                              c.randaugment_magnitude, seeds[2])
+        image = _rand_augment(image, c.randaugment_layers, c.randaugment_magnitude, seeds[2])
       if c.color_jitter:
         image = _color_jitter(image, c.color_jitter, seeds[3])
       if c.random_erasing:
         image = _random_erasing(image, c.random_erasing, seeds[4])
-    return {'image': _normalize(image, c.normalization, c.dtype),
-            'label': tf.cast(example[label_key], tf.int32),
-            'mask': tf.constant(1., tf.float32)}
+    return {
+      'image': _normalize(image, c.normalization, c.dtype),
+      'label': tf.cast(example[label_key], tf.int32),
+      'mask': tf.constant(1.0, tf.float32),
+    }
+
   return preprocess
 
 
-def _stream(records: tf.data.Dataset, *, repeat: bool, shuffle: bool,
-            buffer: int, seed: tf.Tensor, epoch_size: int | None,
-            start: int) -> tf.data.Dataset:
+def _stream(
+  records: tf.data.Dataset,
+  *,
+  repeat: bool,
+  shuffle: bool,
+  buffer: int,
+  seed: tf.Tensor,
+  epoch_size: int | None,
+  start: int,
+) -> tf.data.Dataset:
   """(position, example) pairs of the stream from position `start` on."""
+
   def epoch(e):
     if not shuffle:
       return records
-    return records.shuffle(buffer, seed=seed * 1_000_003 + e,
-                           reshuffle_each_iteration=False)
+    return records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+
   if not repeat:
     return epoch(tf.constant(0, tf.int64)).enumerate().skip(start)
   first_epoch, offset = divmod(start, epoch_size) if epoch_size else (0, start)
   examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  return tf.data.Dataset.zip(tf.data.Dataset.counter(start),
-                             examples.skip(offset))
+  return tf.data.Dataset.zip(tf.data.Dataset.counter(start), examples.skip(offset))
 
 
-def create_split(data_config: ml_collections.ConfigDict,
-                 split: str,
-                 global_batch_size: int,
-                 *,
-                 start_step: int = 0,
-                 repeat: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
+def create_split(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  global_batch_size: int,
+  *,
+  start_step: int = 0,
+  repeat: bool | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one of SPLITS for this process's devices (see module doc).
 
   Args:
@@ -491,8 +501,9 @@ def create_split(data_config: ml_collections.ConfigDict,
   """
   device_count, local_devices = jax.device_count(), jax.local_device_count()
   if global_batch_size < 1 or global_batch_size % device_count:
-    raise ValueError(f'The global batch size {global_batch_size} does not '
-                     f'divide evenly over the {device_count} devices.')
+    raise ValueError(
+      f'The global batch size {global_batch_size} does not divide evenly over the {device_count} devices.'
+    )
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
   spec = _split_spec(data_config, split)
@@ -504,33 +515,31 @@ def create_split(data_config: ml_collections.ConfigDict,
   process_index, process_count = jax.process_index(), jax.process_count()
   shard = spec
   if process_count > 1:
-    shard = tfds.even_splits(spec, n=process_count,
-                             drop_remainder=False)[process_index]
+    shard = tfds.even_splits(spec, n=process_count, drop_remainder=False)[process_index]
   shard_size = _split_size(builder, shard)
   if shard_size == 0:
-    raise ValueError(f'Split {split!r} ({spec}) has no examples for process '
-                     f'{process_index} of {process_count}.')
+    raise ValueError(f'Split {split!r} ({spec}) has no examples for process {process_index} of {process_count}.')
   repeat = split in ('train', 'calib') if repeat is None else repeat
-  augmented = split == 'train' or (split == 'calib' and
-                                   data_config.calib_augment)
+  augmented = split == 'train' or (split == 'calib' and data_config.calib_augment)
   if split == 'calib' and shard_size is not None and shard_size < local_batch:
     raise ValueError(
-        f'data.calib_examples={data_config.calib_examples} gives {shard_size} '
-        f'examples to this process, less than its batch of {local_batch}.')
+      f'data.calib_examples={data_config.calib_examples} gives {shard_size} '
+      f'examples to this process, less than its batch of {local_batch}.'
+    )
 
-  records = builder.as_dataset(
-      split=shard, shuffle_files=False,
-      decoders={image_key: tfds.decode.SkipDecoding()})
+  records = builder.as_dataset(split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
   if data_config.cache:
     records = records.cache()
   examples = _stream(
-      records, repeat=repeat, shuffle=split in ('train', 'calib'),
-      buffer=data_config.shuffle_buffer,
-      seed=tf.constant(data_config.seed * 4099 + process_index, tf.int64),
-      epoch_size=shard_size, start=start_step * local_batch)
-  ds = examples.map(
-      _preprocess_fn(data_config, info, augmented, process_index),
-      num_parallel_calls=tf.data.AUTOTUNE)
+    records,
+    repeat=repeat,
+    shuffle=split in ('train', 'calib'),
+    buffer=data_config.shuffle_buffer,
+    seed=tf.constant(data_config.seed * 4099 + process_index, tf.int64),
+    epoch_size=shard_size,
+    start=start_step * local_batch,
+  )
+  ds = examples.map(_preprocess_fn(data_config, info, augmented, process_index), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=repeat)
   ds = ds.prefetch(data_config.prefetch)
   ds = ds.with_options(dataset_options(data_config))
@@ -542,13 +551,12 @@ def create_split(data_config: ml_collections.ConfigDict,
     if total is not None:  # The same count on every process.
       most = _ceil_div(total, process_count)  # even_splits' largest shard.
       num_batches = max(0, _ceil_div(most, local_batch) - start_step)
-    zeros = {k: np.zeros((local_batch,) + tuple(v.shape[1:]),
-                         v.dtype.as_numpy_dtype)
-             for k, v in ds.element_spec.items()}
+    zeros = {
+      k: np.zeros((local_batch,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()
+    }
     batches = _padded(batches, zeros, num_batches)
   shape = (local_devices, per_device)
-  return ({k: v.reshape(shape + v.shape[1:]) for k, v in batch.items()}
-          for batch in batches)
+  return ({k: v.reshape(shape + v.shape[1:]) for k, v in batch.items()} for batch in batches)
 
 
 def dataset_options(data_config: ml_collections.ConfigDict) -> tf.data.Options:
@@ -566,9 +574,9 @@ def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _padded(batches: Iterator[dict[str, np.ndarray]],
-            zeros: dict[str, np.ndarray],
-            num_batches: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _padded(
+  batches: Iterator[dict[str, np.ndarray]], zeros: dict[str, np.ndarray], num_batches: int | None
+) -> Iterator[dict[str, np.ndarray]]:
   """Pads a short batch with `zeros` (mask 0), then adds all-zero batches up to
   num_batches (when known), so that all processes run the same steps."""
   for count in itertools.count():
@@ -581,25 +589,25 @@ def _padded(batches: Iterator[dict[str, np.ndarray]],
       batch = {k: v[:0] for k, v in zeros.items()}
     short = len(zeros['mask']) - len(batch['mask'])
     if short:
-      batch = {k: np.concatenate([v, zeros[k][:short]])
-               for k, v in batch.items()}
+      batch = {k: np.concatenate([v, zeros[k][:short]]) for k, v in batch.items()}
     yield batch
 
 
 def prefetch_to_device(
-    iterator: Iterable[Any], size: int = 2,
-    devices: Sequence[jax.Device] | None = None) -> Iterator[Any]:
+  iterator: Iterable[Any], size: int = 2, devices: Sequence[jax.Device] | None = None
+) -> Iterator[Any]:
   """Puts batches on `devices` (default: local ones, in pmap order), sharded
   over their leading axis, keeping `size` batches in flight."""
   devices = jax.local_devices() if devices is None else devices
   mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh,
-                                        jax.sharding.PartitionSpec('devices'))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
   queue = collections.deque()
   iterator = iter(iterator)
+
   def enqueue(n: int) -> None:
     for batch in itertools.islice(iterator, n):
       queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
+
   enqueue(size)
   while queue:
     yield queue.popleft()

@@ -37,8 +37,7 @@ def main(argv):
   # Cloud TPU pods (tpu_scripts/ set this): one process per host, joined before any device use.
   if os.environ.get('DNA_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
-  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -14,11 +14,14 @@ gradients already summed over devices.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 AXIS = 'batch'
@@ -39,20 +42,25 @@ def make_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,))
 
 
-def data_parallel(step: Callable[..., Any], mode: str, num_broadcast: int = 0,
-                  donate_state: bool = False) -> Callable[..., Any]:
+def data_parallel(
+  step: Callable[..., Any], mode: str, num_broadcast: int = 0, donate_state: bool = False
+) -> Callable[..., Any]:
   """Wraps `step(state, batch, *broadcast) -> (state, metrics)` for all devices.
 
   The returned function takes the state and broadcast arguments unreplicated and the
   batch as produced by `shard_batch`.
   """
   if mode == 'pmap':
-    return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0) + (None,) * num_broadcast,
-                    out_axes=(None, None), donate_argnums=(0,) if donate_state else ())
+    return jax.pmap(
+      step,
+      axis_name=AXIS,
+      in_axes=(None, 0) + (None,) * num_broadcast,
+      out_axes=(None, None),
+      donate_argnums=(0,) if donate_state else (),
+    )
   if mode == 'shard_map':
     mesh = make_mesh()
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)) + (P(),) * num_broadcast,
-                           out_specs=(P(), P()))
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)) + (P(),) * num_broadcast, out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
   raise ValueError(f'parallel mode must be one of {", ".join(MODES)}, got {mode!r}')
 
@@ -63,15 +71,18 @@ def shard_batch(batch: dict[str, np.ndarray], mode: str) -> Any:
     return batch
   sharding = NamedSharding(make_mesh(), P(AXIS))
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.reshape(x, (-1,) + x.shape[2:])), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.reshape(x, (-1,) + x.shape[2:])), batch
+  )
 
 
 def check_global_batch(global_batch_size: int, what: str) -> int:
   """Per-device batch size; a clear error when the batch does not divide over the devices."""
   devices = jax.device_count()
   if global_batch_size <= 0 or global_batch_size % devices:
-    raise ValueError(f'{what}={global_batch_size} must be a positive multiple of the number of devices '
-                     f'({devices}: {jax.process_count()} process(es) x {jax.local_device_count()} local)')
+    raise ValueError(
+      f'{what}={global_batch_size} must be a positive multiple of the number of devices '
+      f'({devices}: {jax.process_count()} process(es) x {jax.local_device_count()} local)'
+    )
   return global_batch_size // devices
 
 
@@ -89,5 +100,4 @@ def replicate(tree: Any, mode: str) -> Any:
 
 def host_copy(tree: Any) -> Any:
   """NumPy copy of a replicated pytree (pmap outputs and global arrays alike, on any host)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
-                      tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)

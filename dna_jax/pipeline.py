@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -23,21 +24,27 @@ def _stage_runner(name: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
   # Imported on use: a search-only run should not build the training stack.
   if name == 'teacher':
     from dna_jax import train_teacher
+
     return train_teacher.run
   if name == 'distill':
     from dna_jax import distill
+
     return distill.run
   if name == 'rate':
     from dna_jax import rate
+
     return rate.run
   if name == 'search':
     from dna_jax import search
+
     return search.run
   if name in ('retrain', 'evaluate'):
     from dna_jax import retrain
+
     return retrain.run if name == 'retrain' else retrain.evaluate
   if name == 'fidelity':
     from dna_jax import fidelity
+
     return fidelity.run
   raise ValueError(f'unknown stage {name!r}; valid: {", ".join(config_base.STAGES)}')
 
@@ -58,12 +65,15 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     differing = [k for k in IDENTITY_KEYS if k in saved.get('identity', {}) and saved['identity'][k] != identity[k]]
     if differing:
       details = '; '.join(f'{k}: workdir has {saved["identity"][k]!r}, config has {identity[k]!r}' for k in differing)
-      raise ValueError(f'workdir {workdir} was made by a different experiment ({details}). '
-                       'Use a new --workdir, or restore those config values to resume.')
+      raise ValueError(
+        f'workdir {workdir} was made by a different experiment ({details}). '
+        'Use a new --workdir, or restore those config values to resume.'
+      )
     return
   if jax.process_index() == 0:
-    files.atomic_write_text(path, json.dumps({'identity': identity,
-                                              'config': json.loads(config.to_json_best_effort())}, indent=1))
+    files.atomic_write_text(
+      path, json.dumps({'identity': identity, 'config': json.loads(config.to_json_best_effort())}, indent=1)
+    )
 
 
 def stage_marker(workdir: str, stage: str) -> epath.Path:
@@ -90,14 +100,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   check_workdir(config, workdir)
   for stage in stages:
     if stage_marker(workdir, stage).exists():
-      logging.info('Stage %s already finished in %s (delete %s to run it again).', stage, workdir,
-                   stage_marker(workdir, stage))
+      logging.info(
+        'Stage %s already finished in %s (delete %s to run it again).', stage, workdir, stage_marker(workdir, stage)
+      )
       continue
     logging.info('Stage %s starts.', stage)
     start = time.time()
     result = _stage_runner(stage)(config, workdir)
-    mark_done(workdir, stage, {'seconds': round(time.time() - start, 1),
-                               **(result if isinstance(result, dict) else {})})
+    mark_done(
+      workdir, stage, {'seconds': round(time.time() - start, 1), **(result if isinstance(result, dict) else {})}
+    )
     logging.info('Stage %s finished in %.1f s.', stage, time.time() - start)
   print_summary(workdir)
 
@@ -105,4 +117,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 def print_summary(workdir: str) -> None:
   if jax.process_index() == 0:
     from dna_jax import summary
+
     print(summary.summarize(workdir))

@@ -30,14 +30,10 @@ FASHION_MNIST_DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 # original file names, so tfds's registered checksums of the upstream .gz
 # files do not match them.
 _FASHION_MNIST_SHA256 = {
-    'train-images-idx3-ubyte.gz':
-        'b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7',
-    'train-labels-idx1-ubyte.gz':
-        '0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056',
-    't10k-images-idx3-ubyte.gz':
-        'cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa',
-    't10k-labels-idx1-ubyte.gz':
-        '8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05',
+  'train-images-idx3-ubyte.gz': 'b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7',
+  'train-labels-idx1-ubyte.gz': '0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056',
+  't10k-images-idx3-ubyte.gz': 'cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa',
+  't10k-labels-idx1-ubyte.gz': '8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05',
 }
 
 _IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -58,25 +54,30 @@ def _manual_dir(data_dir: str | None, manual_dir: str | None) -> str:
 def instructions(dataset: str, data_dir: str | None) -> str:
   """How to prepare `dataset` in `data_dir`, as a message for the user."""
   root = _data_dir_root(data_dir)
-  command = (f'python -m dna_jax.prepare_data --dataset {dataset} '
-             f'--data_dir {root}')
+  command = f'python -m dna_jax.prepare_data --dataset {dataset} --data_dir {root}'
   if dataset == 'imagenet2012':
-    return (f'Put {" and ".join(_IMAGENET_TARS)} in '
-            f'{_manual_dir(data_dir, None)} (or pass --manual_dir) and run '
-            f'once:\n  {command}')
+    return (
+      f'Put {" and ".join(_IMAGENET_TARS)} in '
+      f'{_manual_dir(data_dir, None)} (or pass --manual_dir) and run '
+      f'once:\n  {command}'
+    )
   if dataset == 'fashion_mnist':
-    return (f'Run once:\n  {command}\nIt uses the files of the Debian package '
-            f'dataset-fashion-mnist ({FASHION_MNIST_DEBIAN_DIR}) when present, '
-            'else downloads with tfds.')
+    return (
+      f'Run once:\n  {command}\nIt uses the files of the Debian package '
+      f'dataset-fashion-mnist ({FASHION_MNIST_DEBIAN_DIR}) when present, '
+      'else downloads with tfds.'
+    )
   return f'Run once (tfds downloads it, needs internet access):\n  {command}'
 
 
-def prepare(dataset: str,
-            data_dir: str | None = None,
-            *,
-            manual_dir: str | None = None,
-            local_files_dir: str | None = FASHION_MNIST_DEBIAN_DIR,
-            max_examples_per_split: int | None = None) -> None:
+def prepare(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  manual_dir: str | None = None,
+  local_files_dir: str | None = FASHION_MNIST_DEBIAN_DIR,
+  max_examples_per_split: int | None = None,
+) -> None:
   """Prepares `dataset` in `data_dir` (tfds's default when None).
 
   Args:
@@ -95,49 +96,43 @@ def prepare(dataset: str,
   if builder.is_prepared():
     print(f'{dataset} is already prepared in {builder.data_dir}')
     return
-  config = tfds.download.DownloadConfig(
-      max_examples_per_split=max_examples_per_split)
+  config = tfds.download.DownloadConfig(max_examples_per_split=max_examples_per_split)
   if dataset == 'imagenet2012':
     _prepare_imagenet(builder, _manual_dir(data_dir, manual_dir), config)
-  elif (dataset == 'fashion_mnist' and local_files_dir and
-        os.path.isdir(local_files_dir)):
+  elif dataset == 'fashion_mnist' and local_files_dir and os.path.isdir(local_files_dir):
     _prepare_fashion_mnist_locally(data_dir, local_files_dir, config)
   else:
     _download_and_prepare(builder, dataset, config)
   print(f'{dataset} prepared in {builder.data_dir}')
 
 
-def _prepare_imagenet(builder: tfds.core.DatasetBuilder, manual_dir: str,
-                      config: tfds.download.DownloadConfig) -> None:
+def _prepare_imagenet(builder: tfds.core.DatasetBuilder, manual_dir: str, config: tfds.download.DownloadConfig) -> None:
   """Builds imagenet2012 from the tars in `manual_dir`."""
-  missing = [f for f in _IMAGENET_TARS
-             if not os.path.isfile(os.path.join(manual_dir, f))]
+  missing = [f for f in _IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, f))]
   if missing:
     raise FileNotFoundError(
-        f'imagenet2012: {", ".join(missing)} not found in {manual_dir}. '
-        f'Download them from https://image-net.org (registration needed), '
-        'put them there (or pass --manual_dir) and run this command again.')
+      f'imagenet2012: {", ".join(missing)} not found in {manual_dir}. '
+      f'Download them from https://image-net.org (registration needed), '
+      'put them there (or pass --manual_dir) and run this command again.'
+    )
   try:
-    builder.download_and_prepare(
-        download_config=config.replace(manual_dir=manual_dir))
+    builder.download_and_prepare(download_config=config.replace(manual_dir=manual_dir))
   except AssertionError as e:  # tfds's check of an empty manual_dir.
-    raise FileNotFoundError(
-        f'imagenet2012: tfds could not use the manual_dir {manual_dir}: {e}'
-    ) from None
+    raise FileNotFoundError(f'imagenet2012: tfds could not use the manual_dir {manual_dir}: {e}') from None
 
 
 def _check_sha256(path: str, expected: str) -> None:
   got = tfds.download.checksums.compute_url_info(path).checksum
   if got != expected:
-    raise ValueError(f'{path} has sha256 {got}, expected {expected}: the file '
-                     'is corrupt or not the Debian package dataset-fashion-'
-                     'mnist\'s; reinstall it (apt-get install --reinstall '
-                     'dataset-fashion-mnist) or delete it to download instead.')
+    raise ValueError(
+      f'{path} has sha256 {got}, expected {expected}: the file '
+      'is corrupt or not the Debian package dataset-fashion-'
+      "mnist's; reinstall it (apt-get install --reinstall "
+      'dataset-fashion-mnist) or delete it to download instead.'
+    )
 
 
-def _prepare_fashion_mnist_locally(
-    data_dir: str | None, files_dir: str,
-    config: tfds.download.DownloadConfig) -> None:
+def _prepare_fashion_mnist_locally(data_dir: str | None, files_dir: str, config: tfds.download.DownloadConfig) -> None:
   """Runs tfds's own fashion_mnist builder on local copies of its files.
 
   The builder is subclassed only to register the local files' checksums under
@@ -146,21 +141,22 @@ def _prepare_fashion_mnist_locally(
   prepared dataset is the normal `fashion_mnist` (same name, version, features
   and example order as a downloaded one).
   """
-  missing = [f for f in _FASHION_MNIST_SHA256
-             if not os.path.isfile(os.path.join(files_dir, f))]
+  missing = [f for f in _FASHION_MNIST_SHA256 if not os.path.isfile(os.path.join(files_dir, f))]
   if missing:
     raise FileNotFoundError(
-        f'fashion_mnist: {", ".join(missing)} missing from {files_dir}. '
-        'Install them with `apt-get install dataset-fashion-mnist`, or give '
-        'tfds internet access and run with --local_files_dir "" to download.')
+      f'fashion_mnist: {", ".join(missing)} missing from {files_dir}. '
+      'Install them with `apt-get install dataset-fashion-mnist`, or give '
+      'tfds internet access and run with --local_files_dir "" to download.'
+    )
   for name, sha in _FASHION_MNIST_SHA256.items():
     _check_sha256(os.path.join(files_dir, name), sha)
   upstream = tfds.builder_cls('fashion_mnist')
   url_infos = {
-      upstream.URL + name: tfds.download.checksums.UrlInfo(
-          size=os.path.getsize(os.path.join(files_dir, name)),
-          checksum=sha, filename=name)
-      for name, sha in _FASHION_MNIST_SHA256.items()}
+    upstream.URL + name: tfds.download.checksums.UrlInfo(
+      size=os.path.getsize(os.path.join(files_dir, name)), checksum=sha, filename=name
+    )
+    for name, sha in _FASHION_MNIST_SHA256.items()
+  }
 
   class LocalFashionMnist(upstream, skip_registration=True):
     name = upstream.name
@@ -172,19 +168,21 @@ def _prepare_fashion_mnist_locally(
 
   with tempfile.TemporaryDirectory() as extract_dir:
     LocalFashionMnist(data_dir=data_dir).download_and_prepare(
-        download_config=config.replace(manual_dir=files_dir,
-                                       extract_dir=extract_dir))
+      download_config=config.replace(manual_dir=files_dir, extract_dir=extract_dir)
+    )
 
 
-def _download_and_prepare(builder: tfds.core.DatasetBuilder, dataset: str,
-                          config: tfds.download.DownloadConfig) -> None:
+def _download_and_prepare(
+  builder: tfds.core.DatasetBuilder, dataset: str, config: tfds.download.DownloadConfig
+) -> None:
   """Lets tfds download and prepare `dataset`, explaining a failure."""
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     manual = _manual_dir(str(builder.data_dir_root), None)
     if not os.path.isdir(manual) or not os.listdir(manual):
       raise FileNotFoundError(
-          f'{dataset} needs files downloaded by hand into {manual} (or pass '
-          f'--manual_dir):\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+        f'{dataset} needs files downloaded by hand into {manual} (or pass '
+        f'--manual_dir):\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}'
+      )
   try:
     builder.download_and_prepare(download_config=config)
   except AssertionError as e:  # tfds's check of an empty manual_dir.
@@ -192,34 +190,40 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, dataset: str,
   except Exception as e:  # pylint: disable=broad-except
     ways_out = 'give tfds internet access'
     if dataset == 'fashion_mnist':
-      ways_out = ('install the Debian package (apt-get install '
-                  'dataset-fashion-mnist), or ' + ways_out)
-    raise RuntimeError(f'tfds could not download and prepare {dataset} '
-                       f'({type(e).__name__}: {e}). To fix: {ways_out}, and '
-                       'run this command again.') from None
+      ways_out = 'install the Debian package (apt-get install dataset-fashion-mnist), or ' + ways_out
+    raise RuntimeError(
+      f'tfds could not download and prepare {dataset} '
+      f'({type(e).__name__}: {e}). To fix: {ways_out}, and '
+      'run this command again.'
+    ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m dna_jax.prepare_data', description=__doc__.split('\n')[0])
-  parser.add_argument('--dataset', required=True,
-                      help="tfds name, e.g. 'imagenet2012', 'fashion_mnist'")
-  parser.add_argument('--data_dir', default=None,
-                      help="tfds data directory (default: tfds's)")
-  parser.add_argument('--manual_dir', default=None,
-                      help='imagenet2012: directory of the ILSVRC2012 tars '
-                      '(default: <data_dir>/downloads/manual)')
-  parser.add_argument('--local_files_dir', default=FASHION_MNIST_DEBIAN_DIR,
-                      help='fashion_mnist: directory of the Debian package '
-                      'files; "" to download instead')
-  parser.add_argument('--max_examples_per_split', type=int, default=None,
-                      help='keep only this many examples per split (smoke '
-                      'runs)')
+  parser = argparse.ArgumentParser(prog='python -m dna_jax.prepare_data', description=__doc__.split('\n')[0])
+  parser.add_argument('--dataset', required=True, help="tfds name, e.g. 'imagenet2012', 'fashion_mnist'")
+  parser.add_argument('--data_dir', default=None, help="tfds data directory (default: tfds's)")
+  parser.add_argument(
+    '--manual_dir',
+    default=None,
+    help='imagenet2012: directory of the ILSVRC2012 tars (default: <data_dir>/downloads/manual)',
+  )
+  parser.add_argument(
+    '--local_files_dir',
+    default=FASHION_MNIST_DEBIAN_DIR,
+    help='fashion_mnist: directory of the Debian package files; "" to download instead',
+  )
+  parser.add_argument(
+    '--max_examples_per_split', type=int, default=None, help='keep only this many examples per split (smoke runs)'
+  )
   args = parser.parse_args(argv)
   try:
-    prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir,
-            local_files_dir=args.local_files_dir or None,
-            max_examples_per_split=args.max_examples_per_split)
+    prepare(
+      args.dataset,
+      args.data_dir,
+      manual_dir=args.manual_dir,
+      local_files_dir=args.local_files_dir or None,
+      max_examples_per_split=args.max_examples_per_split,
+    )
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     sys.exit(f'error: {e}')
 

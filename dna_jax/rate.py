@@ -16,17 +16,18 @@ their activations cached. The teacher runs once per batch for all cells.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import dataclasses
 import functools
 import math
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -44,22 +45,26 @@ NUM_OPS = space_lib.NUM_OPS
 
 def for_rating(cell: supernet.SupernetCell, axis_name: str | None) -> supernet.SupernetCell:
   """The cell with BN momentum 0: a train-mode pass sets running stats to the batch's own (recalibration)."""
-  return dataclasses.replace(cell, conventions=dataclasses.replace(cell.conventions, bn_momentum=0.0),
-                             bn_axis_name=axis_name)
+  return dataclasses.replace(
+    cell, conventions=dataclasses.replace(cell.conventions, bn_momentum=0.0), bn_axis_name=axis_name
+  )
 
 
 def _op_pair(cell, variables, l, op_id, calib, inputs):
   """Op `op_id` of layer l: recalibrate on `calib`, then apply to `inputs` with those statistics."""
   calib_out, stats = cell.apply_op(variables, l, op_id, calib, train=True)
   name = space_lib.OP_NAMES[op_id]
-  eval_vars = {'params': variables['params'], 'batch_stats': {
-      **variables['batch_stats'], f'layer{l}': {**variables['batch_stats'][f'layer{l}'], name: stats}}}
+  eval_vars = {
+    'params': variables['params'],
+    'batch_stats': {**variables['batch_stats'], f'layer{l}': {**variables['batch_stats'][f'layer{l}'], name: stats}},
+  }
   out, _ = cell.apply_op(eval_vars, l, op_id, inputs, train=False)
   return calib_out, out
 
 
-def expand_level(cell: supernet.SupernetCell, variables: Any, l: int, calib: Array, inputs: Array
-                 ) -> tuple[Array, Array]:
+def expand_level(
+  cell: supernet.SupernetCell, variables: Any, l: int, calib: Array, inputs: Array
+) -> tuple[Array, Array]:
   """Every op of layer l applied to every prefix: (P, ...) -> (P * 6, ...), path-major order."""
   outs_c, outs_e = [], []
   for op_id in range(NUM_OPS):
@@ -78,8 +83,9 @@ def path_errors(outputs: Array, target: Array, mask: Array) -> tuple[Array, Arra
   return jnp.sum(jnp.abs(diff) * weight, axes), jnp.sum(jnp.square(diff) * weight, axes)
 
 
-def subtree_errors(cell: supernet.SupernetCell, first_level: int, variables: Any, calib: Array, inputs: Array,
-                   target: Array, mask: Array) -> tuple[Array, Array]:
+def subtree_errors(
+  cell: supernet.SupernetCell, first_level: int, variables: Any, calib: Array, inputs: Array, target: Array, mask: Array
+) -> tuple[Array, Array]:
   """All 6**(L - first_level) completions of one prefix, vmapped level by level."""
   calib, inputs = calib[None], inputs[None]
   for l in range(first_level, cell.cell.layers):
@@ -88,33 +94,36 @@ def subtree_errors(cell: supernet.SupernetCell, first_level: int, variables: Any
   return tuple(lax.psum(s, parallel.AXIS) for s in sums) if cell.bn_axis_name else sums
 
 
-def single_op(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, calib: Array, inputs: Array
-              ) -> tuple[Array, Array]:
+def single_op(
+  cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, calib: Array, inputs: Array
+) -> tuple[Array, Array]:
   return _op_pair(cell, variables, l, op_id, calib, inputs)
 
 
 def stem_pair(cell: supernet.SupernetCell, variables: Any, calib: Array, inputs: Array) -> tuple[Array, Array]:
   """Block 1's stem + DS block, recalibrated on `calib` like every other layer."""
   calib_out, stats = cell.apply_stem(variables, calib, train=True)
-  out, _ = cell.apply_stem({'params': variables['params'], 'batch_stats': {**variables['batch_stats'], **stats}},
-                           inputs, train=False)
+  out, _ = cell.apply_stem(
+    {'params': variables['params'], 'batch_stats': {**variables['batch_stats'], **stats}}, inputs, train=False
+  )
   return calib_out, out
 
 
 @functools.cache
 def compiled(kind: str, cell: supernet.SupernetCell, mode: str | None, *static: int):
   """Jitted (and, with a mode, device-parallel) building blocks, cached per cell shape."""
-  fns = {'subtree': lambda: functools.partial(subtree_errors, cell, *static),
-         'op': lambda: functools.partial(single_op, cell, *static),
-         'stem': lambda: functools.partial(stem_pair, cell)}
+  fns = {
+    'subtree': lambda: functools.partial(subtree_errors, cell, *static),
+    'op': lambda: functools.partial(single_op, cell, *static),
+    'stem': lambda: functools.partial(stem_pair, cell),
+  }
   fn = fns[kind]()
   if mode is None:
     return jax.jit(fn)
   num_args = 5 if kind == 'subtree' else 3
   in_specs = (jax.P(),) + (jax.P(parallel.AXIS),) * (num_args - 1)
   out_specs = (jax.P(), jax.P()) if kind == 'subtree' else (jax.P(parallel.AXIS), jax.P(parallel.AXIS))
-  return jax.jit(jax.shard_map(fn, mesh=parallel.make_mesh(), in_specs=in_specs, out_specs=out_specs,
-                               check_vma=False))
+  return jax.jit(jax.shard_map(fn, mesh=parallel.make_mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False))
 
 
 def trailing_levels(num_layers: int, chunk_size: int) -> int:
@@ -122,8 +131,16 @@ def trailing_levels(num_layers: int, chunk_size: int) -> int:
   return max(1, min(num_layers, int(math.floor(math.log(max(chunk_size, NUM_OPS)) / math.log(NUM_OPS) + 1e-9))))
 
 
-def rate_cell(cell: supernet.SupernetCell, variables: Any, calib: Array, inputs: Array, target: Array,
-              mask: Array, chunk_size: int = 216, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rate_cell(
+  cell: supernet.SupernetCell,
+  variables: Any,
+  calib: Array,
+  inputs: Array,
+  target: Array,
+  mask: Array,
+  chunk_size: int = 216,
+  mode: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-path sums of |S - T| and (S - T)^2 over one rating batch, every path of the cell.
 
   `calib`: the cell's input for the recalibration batch; `inputs`/`target`/`mask`: the
@@ -153,8 +170,15 @@ def rate_cell(cell: supernet.SupernetCell, variables: Any, calib: Array, inputs:
   return np.concatenate(abs_sums), np.concatenate(sq_sums)
 
 
-def naive_path_errors(cell: supernet.SupernetCell, variables: Any, path: tuple[int, ...], calib: Array,
-                      inputs: Array, target: Array, mask: Array) -> tuple[float, float]:
+def naive_path_errors(
+  cell: supernet.SupernetCell,
+  variables: Any,
+  path: tuple[int, ...],
+  calib: Array,
+  inputs: Array,
+  target: Array,
+  mask: Array,
+) -> tuple[float, float]:
   """Reference: one path alone, layer after layer (what `rate_cell` must equal)."""
   if cell.stem is not None:
     calib, inputs = stem_pair(cell, variables, calib, inputs)
@@ -167,11 +191,12 @@ def naive_path_errors(cell: supernet.SupernetCell, variables: Any, path: tuple[i
 @dataclasses.dataclass
 class Accumulator:
   """Running sums for one block: per-path error sums and the teacher's moments."""
+
   abs_sums: dict[int, np.ndarray]
   sq_sums: dict[int, np.ndarray]
   target_sum: float = 0.0
   target_sq_sum: float = 0.0
-  count: float = 0.0     # target elements seen
+  count: float = 0.0  # target elements seen
 
   def scores(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     mean = self.target_sum / self.count
@@ -189,19 +214,30 @@ def target_moments(target: Array, mask: Array) -> tuple[Array, Array]:
   return jnp.sum(t.sum(1) * m), jnp.sum(jnp.square(t).sum(1) * m)
 
 
-def rate_blocks(config: ml_collections.ConfigDict, teacher_apply: Any, teacher_variables: Any,
-                cells: list[list[supernet.SupernetCell]], variables: dict[int, list[Any]],
-                calib_batch: dict[str, np.ndarray], batches: Iterable[dict[str, np.ndarray]],
-                num_batches: int | None, mode: str | None) -> dict[int, Accumulator]:
+def rate_blocks(
+  config: ml_collections.ConfigDict,
+  teacher_apply: Any,
+  teacher_variables: Any,
+  cells: list[list[supernet.SupernetCell]],
+  variables: dict[int, list[Any]],
+  calib_batch: dict[str, np.ndarray],
+  batches: Iterable[dict[str, np.ndarray]],
+  num_batches: int | None,
+  mode: str | None,
+) -> dict[int, Accumulator]:
   """Accumulates every path of every cell of the given blocks over the rating batches."""
   block_ids = sorted(variables)
   t_apply = jax.jit(teacher_apply)
-  prepare = (lambda x: jnp.asarray(np.reshape(x, (-1,) + x.shape[2:]))) if mode is None else \
-      (lambda x: parallel.shard_batch({'x': x}, 'shard_map')['x'])
+  prepare = (
+    (lambda x: jnp.asarray(np.reshape(x, (-1,) + x.shape[2:])))
+    if mode is None
+    else (lambda x: parallel.shard_batch({'x': x}, 'shard_map')['x'])
+  )
   calib_images = prepare(calib_batch['image'])
   calib_features = t_apply(teacher_variables, calib_images)
-  acc = {k: Accumulator({c: 0.0 for c in range(len(cells[k]))}, {c: 0.0 for c in range(len(cells[k]))})
-         for k in block_ids}
+  acc = {
+    k: Accumulator(dict.fromkeys(range(len(cells[k])), 0.0), dict.fromkeys(range(len(cells[k])), 0.0)) for k in block_ids
+  }
   rating_cells = {k: [for_rating(cell, None) for cell in cells[k]] for k in block_ids}
   start, done = time.time(), 0
   for b, batch in enumerate(batches):
@@ -227,8 +263,13 @@ def rate_blocks(config: ml_collections.ConfigDict, teacher_apply: Any, teacher_v
   return acc
 
 
-def load_block_variables(config: ml_collections.ConfigDict, workdir: str, space: space_lib.SearchSpace,
-                         cells: list[list[supernet.SupernetCell]], block_ids: list[int]) -> dict[int, list[Any]]:
+def load_block_variables(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  space: space_lib.SearchSpace,
+  cells: list[list[supernet.SupernetCell]],
+  block_ids: list[int],
+) -> dict[int, list[Any]]:
   """Distilled variables of every cell of the given blocks, from WORKDIR/distill/block_K."""
   sizes = distill.block_input_sizes(config.data.image_size, config.space.stem_stride, space)
   out = {}
@@ -244,18 +285,23 @@ def load_block_variables(config: ml_collections.ConfigDict, workdir: str, space:
     if restored is None:
       raise FileNotFoundError(f'no readable distilled checkpoint for block {k + 1} in {directory}')
     state = restored[0]
-    out[k] = [{'params': state.params[f'cell{c}'], 'batch_stats': state.batch_stats[f'cell{c}']}
-              for c in range(len(cells[k]))]
+    out[k] = [
+      {'params': state.params[f'cell{c}'], 'batch_stats': state.batch_stats[f'cell{c}']} for c in range(len(cells[k]))
+    ]
   return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The rate stage: writes WORKDIR/ratings/block_K.csv for every block not rated yet."""
   from dna_jax import teacher as teacher_lib
+
   space = space_lib.space_from_config(config.space)
   ratings_dir = str(epath.Path(workdir) / 'ratings')
-  block_ids = [k for k in distill.parse_blocks(config.rate.blocks, len(space.blocks))
-               if not ratings_lib.block_complete(ratings_dir, k)]
+  block_ids = [
+    k
+    for k in distill.parse_blocks(config.rate.blocks, len(space.blocks))
+    if not ratings_lib.block_complete(ratings_dir, k)
+  ]
   num_classes = input_pipeline.check_dataset(config.data)
   if not block_ids:
     logging.info('Every block is rated already in %s.', ratings_dir)
@@ -268,22 +314,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if mode:
     parallel.check_global_batch(config.rate.batch_size, 'rate.batch_size')
     parallel.check_global_batch(config.rate.calib_batch_size, 'rate.calib_batch_size')
-  teacher_apply = functools.partial(teacher_lib.teacher_features, teacher_model, up_to=max(block_ids) + 1,
-                                    train_mode_bn=config.teacher.train_mode_bn)
+  teacher_apply = functools.partial(
+    teacher_lib.teacher_features, teacher_model, up_to=max(block_ids) + 1, train_mode_bn=config.teacher.train_mode_bn
+  )
   calib_batch = next(input_pipeline.create_split(config.data, 'calib', config.rate.calib_batch_size))
   examples = input_pipeline.num_examples(config.data, 'rate')
   num_batches = -(-examples // config.rate.batch_size) if examples else None
   batches = input_pipeline.create_split(config.data, 'rate', config.rate.batch_size)
   start = time.time()
-  acc = rate_blocks(config, teacher_apply, teacher_variables, cells, variables, calib_batch, batches, num_batches,
-                    mode)
+  acc = rate_blocks(config, teacher_apply, teacher_variables, cells, variables, calib_batch, batches, num_batches, mode)
   seconds = time.time() - start
   paths = 0
   for k in block_ids:
     score, mse = acc[k].scores()
     if jax.process_index() == 0:
-      ratings_lib.write_block_ratings(ratings_dir, space, k, score, mse, resolution=config.data.image_size,
-                                      num_classes=num_classes, stem_stride=config.space.stem_stride)
+      ratings_lib.write_block_ratings(
+        ratings_dir,
+        space,
+        k,
+        score,
+        mse,
+        resolution=config.data.image_size,
+        num_classes=num_classes,
+        stem_stride=config.space.stem_stride,
+      )
     paths += sum(len(s) for s in score.values())
   logging.info('Rated %d paths in %.1f s (%.1f paths/s).', paths, seconds, paths / seconds)
   return {'paths': paths, 'seconds': round(seconds, 1)}

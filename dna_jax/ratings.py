@@ -16,13 +16,15 @@ file names, the `block` column and meta.json are 1-based. Reading never imports 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import csv
 import dataclasses
 import io
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from etils import epath
 import numpy as np
@@ -57,23 +59,23 @@ def path_index(ops: Sequence[int]) -> int:
 @dataclasses.dataclass(frozen=True)
 class BlockRatings:
   """One block's table as arrays, one entry per (path, in_channels) row, in file order."""
-  cell: np.ndarray         # int, index into `space.blocks[k].cells`
-  path: np.ndarray         # int, index of the path in `cell.paths()` order
+
+  cell: np.ndarray  # int, index into `space.blocks[k].cells`
+  path: np.ndarray  # int, index of the path in `cell.paths()` order
   ops: tuple[tuple[int, ...], ...]
   in_channels: np.ndarray  # int, child-net input width the costs assume
-  score: np.ndarray        # float64, relative L1
-  mse: np.ndarray          # float64
-  flops: np.ndarray        # int64, additive block cost
-  params: np.ndarray       # int64
-  macs: np.ndarray         # int64
+  score: np.ndarray  # float64, relative L1
+  mse: np.ndarray  # float64
+  flops: np.ndarray  # int64, additive block cost
+  params: np.ndarray  # int64
+  macs: np.ndarray  # int64
 
   def __len__(self) -> int:
     return len(self.score)
 
   def row(self, cell: int, ops: Sequence[int], in_channels: int) -> int:
     """Row index of a (cell, path, in_channels); ValueError if absent."""
-    found = np.flatnonzero((self.cell == cell) & (self.path == path_index(ops))
-                           & (self.in_channels == in_channels))
+    found = np.flatnonzero((self.cell == cell) & (self.path == path_index(ops)) & (self.in_channels == in_channels))
     if not len(found):
       raise ValueError(f'no rating for cell {cell} ops {space_lib.ops_string(ops)} in_channels {in_channels}')
     return int(found[0])
@@ -82,6 +84,7 @@ class BlockRatings:
 @dataclasses.dataclass(frozen=True)
 class Ratings:
   """Everything the search needs: the space, per-block tables and the fixed cost."""
+
   space: space_lib.SearchSpace
   blocks: tuple[BlockRatings, ...]
   resolution: int
@@ -113,25 +116,36 @@ def architecture_rating(ratings: Ratings, arch: space_lib.Architecture) -> dict[
     return None
   pick = list(zip(ratings.blocks, rows))
   return {
-      'score': float(sum(float(b.score[r]) for b, r in pick)),
-      'flops': ratings.fixed_flops + sum(int(b.flops[r]) for b, r in pick),
-      'params': ratings.fixed_params + sum(int(b.params[r]) for b, r in pick),
-      'macs': ratings.fixed_macs + sum(int(b.macs[r]) for b, r in pick),
+    'score': float(sum(float(b.score[r]) for b, r in pick)),
+    'flops': ratings.fixed_flops + sum(int(b.flops[r]) for b, r in pick),
+    'params': ratings.fixed_params + sum(int(b.params[r]) for b, r in pick),
+    'macs': ratings.fixed_macs + sum(int(b.macs[r]) for b, r in pick),
   }
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int,
-                 stem_stride: int) -> dict[str, Any]:
+def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int, stem_stride: int) -> dict[str, Any]:
   from dna_jax import costs  # imports JAX (through the layer helpers): only writers need it
-  fixed = costs.fixed_cost(space.stem_width, space.ds_width, space.head_width, resolution,
-                           costs.final_size(space, resolution, stem_stride), num_classes, stem_stride)
-  return {'space': space.to_dict(), 'resolution': int(resolution), 'num_classes': int(num_classes),
-          'stem_stride': int(stem_stride),
-          'fixed': {'flops': fixed.flops, 'params': fixed.params, 'macs': fixed.macs},
-          'complete_blocks': []}
+
+  fixed = costs.fixed_cost(
+    space.stem_width,
+    space.ds_width,
+    space.head_width,
+    resolution,
+    costs.final_size(space, resolution, stem_stride),
+    num_classes,
+    stem_stride,
+  )
+  return {
+    'space': space.to_dict(),
+    'resolution': int(resolution),
+    'num_classes': int(num_classes),
+    'stem_stride': int(stem_stride),
+    'fixed': {'flops': fixed.flops, 'params': fixed.params, 'macs': fixed.macs},
+    'complete_blocks': [],
+  }
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -148,8 +162,9 @@ def _read_json(path: str) -> dict[str, Any]:
   return data
 
 
-def write_meta(ratings_dir: str, space: space_lib.SearchSpace, resolution: int, num_classes: int,
-               stem_stride: int = 2) -> None:
+def write_meta(
+  ratings_dir: str, space: space_lib.SearchSpace, resolution: int, num_classes: int, stem_stride: int = 2
+) -> None:
   """Creates `meta.json`; keeps the completed blocks of an identical existing one, refuses a different one."""
   epath.Path(ratings_dir).mkdir(parents=True, exist_ok=True)
   record = _meta_record(space, resolution, num_classes, stem_stride)
@@ -159,8 +174,10 @@ def write_meta(ratings_dir: str, space: space_lib.SearchSpace, resolution: int, 
     keys = ('space', 'resolution', 'num_classes', 'stem_stride', 'fixed')
     changed = [k for k in keys if old.get(k) != record[k]]
     if changed:
-      raise ValueError(f'{path} describes other ratings (different {", ".join(changed)}); '
-                       'use a fresh ratings directory or delete the old one')
+      raise ValueError(
+        f'{path} describes other ratings (different {", ".join(changed)}); '
+        'use a fresh ratings directory or delete the old one'
+      )
     record['complete_blocks'] = sorted(int(k) for k in old.get('complete_blocks', []))
   files.atomic_write_text(path, json.dumps(record, indent=1) + '\n')
 
@@ -168,32 +185,47 @@ def write_meta(ratings_dir: str, space: space_lib.SearchSpace, resolution: int, 
 def _check_values(name: str, values: Mapping[int, np.ndarray], block: space_lib.Block, block_index: int) -> dict:
   expected = set(range(len(block.cells)))
   if set(values) != expected:
-    raise ValueError(f'{name} of block {block_index + 1} must have one array per cell index {sorted(expected)}, '
-                     f'got keys {sorted(values)}')
+    raise ValueError(
+      f'{name} of block {block_index + 1} must have one array per cell index {sorted(expected)}, '
+      f'got keys {sorted(values)}'
+    )
   out = {}
   for c, cell in enumerate(block.cells):
     array = np.asarray(values[c], dtype=np.float64)
     if array.shape != (cell.num_paths,):
-      raise ValueError(f'{name}[{c}] of block {block_index + 1} (cell {cell.name}) must have shape '
-                       f'({cell.num_paths},), got {array.shape}')
+      raise ValueError(
+        f'{name}[{c}] of block {block_index + 1} (cell {cell.name}) must have shape '
+        f'({cell.num_paths},), got {array.shape}'
+      )
     bad = np.flatnonzero(~np.isfinite(array))
     if len(bad):
       ops = next(p for i, p in enumerate(cell.paths()) if i == bad[0])
-      raise ValueError(f'{name}[{c}] of block {block_index + 1} (cell {cell.name}) is not finite for '
-                       f'{len(bad)} paths, e.g. {space_lib.ops_string(ops)}: {array[bad[0]]}')
+      raise ValueError(
+        f'{name}[{c}] of block {block_index + 1} (cell {cell.name}) is not finite for '
+        f'{len(bad)} paths, e.g. {space_lib.ops_string(ops)}: {array[bad[0]]}'
+      )
     out[c] = array
   return out
 
 
-def write_block_ratings(ratings_dir: str, space: space_lib.SearchSpace, block_index: int,
-                        scores: Mapping[int, np.ndarray], mses: Mapping[int, np.ndarray], *,
-                        resolution: int, num_classes: int, stem_stride: int = 2) -> str:
+def write_block_ratings(
+  ratings_dir: str,
+  space: space_lib.SearchSpace,
+  block_index: int,
+  scores: Mapping[int, np.ndarray],
+  mses: Mapping[int, np.ndarray],
+  *,
+  resolution: int,
+  num_classes: int,
+  stem_stride: int = 2,
+) -> str:
   """Writes `block_{block_index+1}.csv` atomically and marks the block complete in meta.json.
 
   `scores[c]` / `mses[c]`: one value per path of cell `c`, in `cell.paths()` order. Costs are
   computed here for every possible input width. Returns the path written.
   """
   from dna_jax import costs  # imports JAX (through the layer helpers): only writers need it
+
   if not 0 <= block_index < len(space.blocks):
     raise ValueError(f'block_index {block_index} out of range: the space has {len(space.blocks)} blocks (0-based)')
   block = space.blocks[block_index]
@@ -208,8 +240,10 @@ def write_block_ratings(ratings_dir: str, space: space_lib.SearchSpace, block_in
       text = space_lib.ops_string(ops)
       for width in input_widths(space, block_index):
         cost = costs.cell_cost(cell, ops, width, size, head)
-        lines.append(f'{block_index + 1},{cell.name},{text},{width},{float(scores[c][p])!r},'
-                     f'{float(mses[c][p])!r},{cost.flops},{cost.params},{cost.macs}')
+        lines.append(
+          f'{block_index + 1},{cell.name},{text},{width},{float(scores[c][p])!r},'
+          f'{float(mses[c][p])!r},{cost.flops},{cost.params},{cost.macs}'
+        )
   path = block_file(ratings_dir, block_index)
   files.atomic_write_text(path, '\n'.join(lines) + '\n')
   meta_path = os.path.join(ratings_dir, META)
@@ -245,8 +279,10 @@ def _read_meta(ratings_dir: str) -> tuple[dict[str, Any], space_lib.SearchSpace]
     meta['fixed'] = {k: int(meta['fixed'][k]) for k in ('flops', 'params', 'macs')}
     meta['complete_blocks'] = [int(k) for k in meta.get('complete_blocks', [])]
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'{path}: malformed ratings meta ({type(e).__name__}: {e}); expected keys space, '
-                     'resolution, num_classes, stem_stride, fixed{flops,params,macs}, complete_blocks') from None
+    raise ValueError(
+      f'{path}: malformed ratings meta ({type(e).__name__}: {e}); expected keys space, '
+      'resolution, num_classes, stem_stride, fixed{flops,params,macs}, complete_blocks'
+    ) from None
   return meta, space
 
 
@@ -255,13 +291,16 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
   cell_ids = {cell.name: c for c, cell in enumerate(block.cells)}
   widths = set(input_widths(space, block_index))
   ops_cache: dict[tuple[int, str], tuple[tuple[int, ...], int]] = {}
-  cols: dict[str, list] = {name: [] for name in ('cell', 'path', 'ops', 'in_channels', 'score', 'mse',
-                                                  'flops', 'params', 'macs')}
+  cols: dict[str, list] = {
+    name: [] for name in ('cell', 'path', 'ops', 'in_channels', 'score', 'mse', 'flops', 'params', 'macs')
+  }
   seen: dict[tuple[int, int, int], int] = {}
   try:
     text = epath.Path(path).read_text()
   except OSError as e:
-    raise ValueError(f'{path}: cannot read ({e.strerror or e}); ratings of block {block_index + 1} are missing') from None
+    raise ValueError(
+      f'{path}: cannot read ({e.strerror or e}); ratings of block {block_index + 1} are missing'
+    ) from None
   reader = csv.reader(io.StringIO(text, newline=''))
   header = next(reader, None)
   if header is None or tuple(h.strip() for h in header) != COLUMNS:
@@ -282,8 +321,7 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
     if number != block_index + 1:
       raise ValueError(f'{where}: block is {number}, expected {block_index + 1}')
     if row[1] not in cell_ids:
-      raise ValueError(f'{where}: cell {row[1]!r} is not in block {block_index + 1} '
-                       f'(cells {", ".join(cell_ids)})')
+      raise ValueError(f'{where}: cell {row[1]!r} is not in block {block_index + 1} (cells {", ".join(cell_ids)})')
     cell = cell_ids[row[1]]
     key = (cell, row[2])
     if key not in ops_cache:
@@ -292,35 +330,51 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
       if len(ops) != block.cells[cell].layers:
-        raise ValueError(f'{where}: ops {row[2]!r} has {len(ops)} layers, cell {row[1]} has '
-                         f'{block.cells[cell].layers}')
+        raise ValueError(f'{where}: ops {row[2]!r} has {len(ops)} layers, cell {row[1]} has {block.cells[cell].layers}')
       ops_cache[key] = (ops, path_index(ops))
     ops, index = ops_cache[key]
     if width not in widths:
-      raise ValueError(f'{where}: in_channels {width} is not a possible input width of block '
-                       f'{block_index + 1} (expected one of {sorted(widths)})')
+      raise ValueError(
+        f'{where}: in_channels {width} is not a possible input width of block '
+        f'{block_index + 1} (expected one of {sorted(widths)})'
+      )
     if not (math.isfinite(score) and math.isfinite(mse)):
       raise ValueError(f'{where}: score and mse must be finite, got {row[4]}, {row[5]}')
     if min(flops, params, macs) < 0:
       raise ValueError(f'{where}: negative cost')
     if (cell, index, width) in seen:
-      raise ValueError(f'{where}: duplicate of line {seen[cell, index, width]} '
-                       f'(cell {row[1]}, ops {row[2]}, in_channels {width})')
+      raise ValueError(
+        f'{where}: duplicate of line {seen[cell, index, width]} (cell {row[1]}, ops {row[2]}, in_channels {width})'
+      )
     seen[cell, index, width] = line
     for name, value in zip(cols, (cell, index, ops, width, score, mse, flops, params, macs)):
       cols[name].append(value)
   expected = block.num_paths * len(widths)
   if len(seen) != expected:
-    missing = next((c, ops, w) for c, cell in enumerate(block.cells) for i, ops in enumerate(cell.paths())
-                   for w in sorted(widths) if (c, i, w) not in seen)
-    raise ValueError(f'{path}: {len(seen)} rows, expected {expected} (every path of every cell for each '
-                     f'in_channels in {sorted(widths)}); missing e.g. cell {block.cells[missing[0]].name} '
-                     f'ops {space_lib.ops_string(missing[1])} in_channels {missing[2]}')
+    missing = next(
+      (c, ops, w)
+      for c, cell in enumerate(block.cells)
+      for i, ops in enumerate(cell.paths())
+      for w in sorted(widths)
+      if (c, i, w) not in seen
+    )
+    raise ValueError(
+      f'{path}: {len(seen)} rows, expected {expected} (every path of every cell for each '
+      f'in_channels in {sorted(widths)}); missing e.g. cell {block.cells[missing[0]].name} '
+      f'ops {space_lib.ops_string(missing[1])} in_channels {missing[2]}'
+    )
   ints = lambda name: np.asarray(cols[name], dtype=np.int64)
-  return BlockRatings(cell=ints('cell'), path=ints('path'), ops=tuple(cols['ops']),
-                      in_channels=ints('in_channels'), score=np.asarray(cols['score'], np.float64),
-                      mse=np.asarray(cols['mse'], np.float64), flops=ints('flops'),
-                      params=ints('params'), macs=ints('macs'))
+  return BlockRatings(
+    cell=ints('cell'),
+    path=ints('path'),
+    ops=tuple(cols['ops']),
+    in_channels=ints('in_channels'),
+    score=np.asarray(cols['score'], np.float64),
+    mse=np.asarray(cols['mse'], np.float64),
+    flops=ints('flops'),
+    params=ints('params'),
+    macs=ints('macs'),
+  )
 
 
 def read_ratings(ratings_dir: str) -> Ratings:
@@ -328,9 +382,20 @@ def read_ratings(ratings_dir: str) -> Ratings:
   meta, space = _read_meta(ratings_dir)
   missing = [k + 1 for k in range(len(space.blocks)) if k + 1 not in meta['complete_blocks']]
   if missing:
-    raise ValueError(f'{os.path.join(ratings_dir, META)}: ratings incomplete, blocks {missing} not rated yet '
-                     f'(complete: {meta["complete_blocks"] or "none"})')
+    raise ValueError(
+      f'{os.path.join(ratings_dir, META)}: ratings incomplete, blocks {missing} not rated yet '
+      f'(complete: {meta["complete_blocks"] or "none"})'
+    )
   blocks = tuple(_read_block(block_file(ratings_dir, k), space, k) for k in range(len(space.blocks)))
   fixed = meta['fixed']
-  return Ratings(space, blocks, meta['resolution'], meta['num_classes'], meta['stem_stride'],
-                 fixed['flops'], fixed['params'], fixed['macs'], ratings_dir)
+  return Ratings(
+    space,
+    blocks,
+    meta['resolution'],
+    meta['num_classes'],
+    meta['stem_stride'],
+    fixed['flops'],
+    fixed['params'],
+    fixed['macs'],
+    ratings_dir,
+  )

@@ -33,6 +33,7 @@ scores tie exactly. Reported scores are the plain float sums in block order.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import functools
 import heapq
@@ -41,7 +42,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from etils import epath
 import numpy as np
@@ -49,14 +50,15 @@ import numpy as np
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
 
-GRID_2D = 256      # buckets per budget of the joint table, used when both budgets are set
-_CHUNK = 1 << 21   # elements per temporary array in pairwise steps
-BEAM = 32          # width of the beam search that finds an upper bound first
+GRID_2D = 256  # buckets per budget of the joint table, used when both budgets are set
+_CHUNK = 1 << 21  # elements per temporary array in pairwise steps
+BEAM = 32  # width of the beam search that finds an upper bound first
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
   """One chosen net: totals include the fixed stem/DS/head cost."""
+
   architecture: space_lib.Architecture
   score: float
   flops: int
@@ -64,20 +66,27 @@ class Result:
   macs: int
   choices: tuple[tuple[int, tuple[int, ...]], ...]  # (cell index, ops) per block
   block_scores: tuple[float, ...]
-  rows: tuple[int, ...]                             # row of each block in `Ratings.blocks[k]`
+  rows: tuple[int, ...]  # row of each block in `Ratings.blocks[k]`
 
   def to_dict(self) -> dict[str, Any]:
-    return {**self.architecture.to_dict(), 'score': self.score, 'flops': self.flops, 'params': self.params,
-            'macs': self.macs, 'block_scores': list(self.block_scores)}
+    return {
+      **self.architecture.to_dict(),
+      'score': self.score,
+      'flops': self.flops,
+      'params': self.params,
+      'macs': self.macs,
+      'block_scores': list(self.block_scores),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class _Candidates:
   """Rows of one block for one input width, after pruning."""
+
   score: np.ndarray  # float64 holding fixed-point integers
   flops: np.ndarray
   params: np.ndarray
-  nxt: np.ndarray    # index of the output width in the next position's width list
+  nxt: np.ndarray  # index of the output width in the next position's width list
   cell: np.ndarray
   path: np.ndarray
   row: np.ndarray
@@ -143,13 +152,24 @@ def _candidates(ratings: ratings_lib.Ratings, scale: float, top_k: int) -> list[
       for w_out in widths[m + 1]:
         rows = np.flatnonzero((table.in_channels == w_in) & (cell_width == w_out))
         if len(rows):
-          kept.append(rows[_dominance_keep(score[rows], table.flops[rows], table.params[rows],
-                                           table.cell[rows], table.path[rows], top_k)])
+          kept.append(
+            rows[
+              _dominance_keep(
+                score[rows], table.flops[rows], table.params[rows], table.cell[rows], table.path[rows], top_k
+              )
+            ]
+          )
       rows = np.concatenate(kept)  # by output width, then score (see _Candidates.groups)
       rows = rows[np.lexsort((table.path[rows], table.cell[rows], score[rows], cell_width[rows]))]
-      per_width[w_in] = _Candidates(score[rows], table.flops[rows], table.params[rows],
-                                    np.searchsorted(widths[m + 1], cell_width[rows]), table.cell[rows],
-                                    table.path[rows], rows)
+      per_width[w_in] = _Candidates(
+        score[rows],
+        table.flops[rows],
+        table.params[rows],
+        np.searchsorted(widths[m + 1], cell_width[rows]),
+        table.cell[rows],
+        table.path[rows],
+        rows,
+      )
     out.append(per_width)
   return out
 
@@ -189,8 +209,7 @@ def _skyline(cost: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return cost[keep], score[keep]
 
 
-def _merge(fronts: dict[int, tuple], groups: Sequence[tuple],
-           limit: dict[int, int] | None = None) -> dict[int, tuple]:
+def _merge(fronts: dict[int, tuple], groups: Sequence[tuple], limit: dict[int, int] | None = None) -> dict[int, tuple]:
   """Fronts one block further: `fronts[w]` reaches width w; `groups` are (w_from, w_to, cost, score)
   fronts of the block's rows. Sums are exact; `limit[w_to]` drops costs above it."""
   parts: dict[int, list] = {}
@@ -203,19 +222,19 @@ def _merge(fronts: dict[int, tuple], groups: Sequence[tuple],
       acc_cost, acc_score = acc_cost[:n], acc_score[:n]
     step = max(1, _CHUNK // len(cost))
     for lo in range(0, len(acc_cost), step):
-      sum_cost = (acc_cost[lo:lo + step, None] + cost[None]).ravel()
-      sum_score = (acc_score[lo:lo + step, None] + score[None]).ravel()
+      sum_cost = (acc_cost[lo : lo + step, None] + cost[None]).ravel()
+      sum_score = (acc_score[lo : lo + step, None] + score[None]).ravel()
       if limit is not None:
         keep = sum_cost <= limit[w_to]
         sum_cost, sum_score = sum_cost[keep], sum_score[keep]
       if len(sum_cost):
         parts.setdefault(w_to, []).append(_skyline(sum_cost, sum_score))
-  return {w: _skyline(np.concatenate([c for c, _ in p]), np.concatenate([s for _, s in p]))
-          for w, p in parts.items()}
+  return {w: _skyline(np.concatenate([c for c, _ in p]), np.concatenate([s for _, s in p])) for w, p in parts.items()}
 
 
-def _suffix_fronts(cands: list[dict[int, _Candidates]], widths: list[list[int]], field: str,
-                   budget: int) -> list[dict[int, tuple]]:
+def _suffix_fronts(
+  cands: list[dict[int, _Candidates]], widths: list[list[int]], field: str, budget: int
+) -> list[dict[int, tuple]]:
   """fronts[m][w] (m >= 1): exact (cost, best score) staircase of blocks m..N-1 entered at width w,
   costs limited to what `budget` (fixed part excluded) leaves after the cheapest way to reach m."""
   reach = _prefix_min(cands, widths, field)
@@ -254,7 +273,7 @@ def _joint_table(cands: list[dict[int, _Candidates]], widths: list[list[int]], b
       np.minimum.at(scores, inverse.reshape(-1), c.score[fits])
       for (o, f, p), s in zip(items.T, scores):
         target = table[wi, f:, p:]
-        np.minimum(target, nxt[o, :grid + 1 - f, :grid + 1 - p] + s, out=target)
+        np.minimum(target, nxt[o, : grid + 1 - f, : grid + 1 - p] + s, out=target)
     tables.insert(0, table)
   rest_low = [np.r_[np.cumsum([low[i] for low in lows][::-1])[::-1], 0] for i in range(2)]
   return tables, slack, rest_low
@@ -263,13 +282,18 @@ def _joint_table(cands: list[dict[int, _Candidates]], widths: list[list[int]], b
 def _raw_minimum(ratings: ratings_lib.Ratings, field: str) -> int:
   """Smallest total of `field` over the whole space, fixed part included."""
   widths = _widths(ratings.space)
-  best = {w: 0 for w in widths[0]}
+  best = dict.fromkeys(widths[0], 0)
   for m, (block, table) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
     cell_width = np.array([c.width for c in block.cells])[table.cell]
     values = getattr(table, field)
-    best = {w_out: min(best[w_in] + int(values[(table.in_channels == w_in) & (cell_width == w_out)].min())
-                       for w_in in widths[m] if np.any((table.in_channels == w_in) & (cell_width == w_out)))
-            for w_out in widths[m + 1]}
+    best = {
+      w_out: min(
+        best[w_in] + int(values[(table.in_channels == w_in) & (cell_width == w_out)].min())
+        for w_in in widths[m]
+        if np.any((table.in_channels == w_in) & (cell_width == w_out))
+      )
+      for w_out in widths[m + 1]
+    }
   return min(best.values()) + getattr(ratings, f'fixed_{field}')
 
 
@@ -279,17 +303,20 @@ def _check_budget(ratings: ratings_lib.Ratings, budget: int | None, field: str, 
   lowest = _raw_minimum(ratings, field)
   if budget < lowest:
     label = 'FLOPs' if field == 'flops' else 'params'
-    raise ValueError(f'{name}={budget:,} is below the cheapest architecture of the space: the minimum '
-                     f'achievable {label} is {lowest:,} ({lowest / 1e6:.2f}M)')
+    raise ValueError(
+      f'{name}={budget:,} is below the cheapest architecture of the space: the minimum '
+      f'achievable {label} is {lowest:,} ({lowest / 1e6:.2f}M)'
+    )
 
 
 @dataclasses.dataclass
 class _Problem:
   """Pruned candidates and the lower-bound tables of one search."""
+
   cands: list[dict[int, _Candidates]]
   widths: list[list[int]]
-  budgets: dict[str, int | None]   # what the budgets leave after the fixed cost
-  min_score: list[np.ndarray]      # per position and input width: cheapest rest, unconstrained
+  budgets: dict[str, int | None]  # what the budgets leave after the fixed cost
+  min_score: list[np.ndarray]  # per position and input width: cheapest rest, unconstrained
   min_flops: list[np.ndarray]
   min_params: list[np.ndarray]
   fronts: dict[str, list[dict[int, tuple]]]
@@ -303,17 +330,28 @@ class _Problem:
 def _problem(ratings: ratings_lib.Ratings, max_flops: int | None, max_params: int | None, top_k: int) -> _Problem:
   cands = _candidates(ratings, _score_scale(ratings), top_k)
   widths = _widths(ratings.space)
-  budgets = {'flops': None if max_flops is None else max_flops - ratings.fixed_flops,
-             'params': None if max_params is None else max_params - ratings.fixed_params}
+  budgets = {
+    'flops': None if max_flops is None else max_flops - ratings.fixed_flops,
+    'params': None if max_params is None else max_params - ratings.fixed_params,
+  }
   active = [f for f in ('flops', 'params') if budgets[f] is not None]
   fronts = {f: _suffix_fronts(cands, widths, f, budgets[f]) for f in active}
   joint = _joint_table(cands, widths, [budgets[f] for f in active], GRID_2D) if len(active) == 2 else None
-  return _Problem(cands, widths, budgets, _suffix_min(cands, widths, 'score'), _suffix_min(cands, widths, 'flops'),
-                  _suffix_min(cands, widths, 'params'), fronts, joint)
+  return _Problem(
+    cands,
+    widths,
+    budgets,
+    _suffix_min(cands, widths, 'score'),
+    _suffix_min(cands, widths, 'flops'),
+    _suffix_min(cands, widths, 'params'),
+    fronts,
+    joint,
+  )
 
 
-def _children(problem: _Problem, m: int, wi: int, score: np.ndarray, flops: np.ndarray, params: np.ndarray,
-              upper: float = np.inf):
+def _children(
+  problem: _Problem, m: int, wi: int, score: np.ndarray, flops: np.ndarray, params: np.ndarray, upper: float = np.inf
+):
   """The children in block m of nodes entering it at width index wi (costs exclude the fixed part).
 
   Returns (node, lb_score, lb_flops, lb_params, score, flops, params, nxt, cell, path, row): the
@@ -356,24 +394,35 @@ def _children(problem: _Problem, m: int, wi: int, score: np.ndarray, flops: np.n
   lb_p = p2 + problem.min_params[m + 1][nxt]
   order = np.lexsort((c.path[pick], c.cell[pick], lb_p, lb_f, lb_s, node))
   pick = pick[order]
-  return (node[order], lb_s[order], lb_f[order], lb_p[order], s2[order], f2[order], p2[order], nxt[order],
-          c.cell[pick], c.path[pick], c.row[pick])
+  return (
+    node[order],
+    lb_s[order],
+    lb_f[order],
+    lb_p[order],
+    s2[order],
+    f2[order],
+    p2[order],
+    nxt[order],
+    c.cell[pick],
+    c.path[pick],
+    c.row[pick],
+  )
 
 
 def _upper_bound(problem: _Problem, top_k: int, width: int = BEAM) -> float:
   """Score of the k-th best of some k distinct feasible nets (a beam search), or inf if it finds fewer."""
   nodes = (np.zeros(1), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
   for m in range(len(problem.cands)):
-    parts = [_children(problem, m, wi, *(a[nodes[3] == wi] for a in nodes[:3]))
-             for wi in np.unique(nodes[3])]
+    parts = [_children(problem, m, wi, *(a[nodes[3] == wi] for a in nodes[:3])) for wi in np.unique(nodes[3])]
     lb_s, lb_f, lb_p, s, f, p, nxt = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3, 4, 5, 6, 7))
-    best = np.lexsort((lb_p, lb_f, lb_s))[:width if m < len(problem.cands) - 1 else top_k]
+    best = np.lexsort((lb_p, lb_f, lb_s))[: width if m < len(problem.cands) - 1 else top_k]
     nodes = (s[best], f[best], p[best], nxt[best])
   return float(nodes[0][-1]) if len(nodes[0]) == top_k else np.inf
 
 
-def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_params: int | None = None,
-           top_k: int = 1) -> list[Result]:
+def search(
+  ratings: ratings_lib.Ratings, max_flops: int | None = None, max_params: int | None = None, top_k: int = 1
+) -> list[Result]:
   """The `top_k` nets of lowest summed score within the budgets, best first (exact; see module doc)."""
   if top_k < 1:
     raise ValueError(f'top_k must be >= 1, got {top_k}')
@@ -392,20 +441,19 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
 
   def push(e: int, i: int, key: tuple[int, ...]) -> None:
     _, lb_s, lb_f, lb_p, *_, cell, path, _ = expansions[e][0]
-    heapq.heappush(heap, (lb_s[i].item(), lb_f[i].item(), lb_p[i].item(), key + (cell[i].item(), path[i].item()),
-                          e, i))
+    heapq.heappush(heap, (lb_s[i].item(), lb_f[i].item(), lb_p[i].item(), key + (cell[i].item(), path[i].item()), e, i))
 
   def expand(m: int, nodes: list[tuple]) -> None:
     """nodes: (score, flops, params, width index, key, rows) entering block m."""
     for wi in sorted({node[3] for node in nodes}):
       same = [node for node in nodes if node[3] == wi]
       step = max(1, _CHUNK // len(problem.cands[m][problem.widths[m][wi]].score))
-      for group in (same[lo:lo + step] for lo in range(0, len(same), step)):
+      for group in (same[lo : lo + step] for lo in range(0, len(same), step)):
         arrays = _children(problem, m, wi, *(np.array([node[j] for node in group]) for j in range(3)), upper)
         bounds = np.searchsorted(arrays[0], np.arange(len(group) + 1))
         for j, node in enumerate(group):
           if bounds[j] < bounds[j + 1]:
-            expansions.append((tuple(a[bounds[j]:bounds[j + 1]] for a in arrays), m, node[5]))
+            expansions.append((tuple(a[bounds[j] : bounds[j + 1]] for a in arrays), m, node[5]))
             push(len(expansions) - 1, 0, node[4])
 
   expand(0, [(0.0, 0, 0, 0, (), ())])
@@ -425,15 +473,18 @@ def search(ratings: ratings_lib.Ratings, max_flops: int | None = None, max_param
         if len(found) == top_k:
           break
       else:
-        pending.setdefault(m + 1, []).append((children[4][i], children[5][i], children[6][i], int(children[7][i]),
-                                              key, chosen))
+        pending.setdefault(m + 1, []).append(
+          (children[4][i], children[5][i], children[6][i], int(children[7][i]), key, chosen)
+        )
     for m, nodes in pending.items():
       expand(m, nodes)
     batch_size = min(2 * batch_size, 512)
   if not found:  # only possible with both budgets: each alone was checked above
-    raise ValueError(f'no architecture of the space meets both max_flops={max_flops} and max_params={max_params} '
-                     f'(each alone is achievable: minimum FLOPs {_raw_minimum(ratings, "flops"):,}, minimum '
-                     f'params {_raw_minimum(ratings, "params"):,})')
+    raise ValueError(
+      f'no architecture of the space meets both max_flops={max_flops} and max_params={max_params} '
+      f'(each alone is achievable: minimum FLOPs {_raw_minimum(ratings, "flops"):,}, minimum '
+      f'params {_raw_minimum(ratings, "params"):,})'
+    )
   return [_result(ratings, rows) for rows in found]
 
 
@@ -441,10 +492,19 @@ def _result(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> Result:
   choices = tuple((int(b.cell[r]), b.ops[r]) for b, r in zip(ratings.blocks, rows))
   arch = space_lib.make_architecture(ratings.space, choices)
   block_scores = tuple(float(b.score[r]) for b, r in zip(ratings.blocks, rows))
-  total = lambda field: getattr(ratings, f'fixed_{field}') + sum(int(getattr(b, field)[r])
-                                                                for b, r in zip(ratings.blocks, rows))
-  return Result(arch, float(sum(block_scores)), total('flops'), total('params'), total('macs'), choices,
-                block_scores, tuple(int(r) for r in rows))
+  total = lambda field: (
+    getattr(ratings, f'fixed_{field}') + sum(int(getattr(b, field)[r]) for b, r in zip(ratings.blocks, rows))
+  )
+  return Result(
+    arch,
+    float(sum(block_scores)),
+    total('flops'),
+    total('params'),
+    total('macs'),
+    choices,
+    block_scores,
+    tuple(int(r) for r in rows),
+  )
 
 
 # ----------------------------------------------------------------------------- Pareto front
@@ -468,8 +528,9 @@ def pareto_front(ratings: ratings_lib.Ratings, cost: str = 'flops') -> tuple[np.
       for o, at in c.groups:
         groups.append((w_in, widths[m + 1][o], *_skyline(getattr(c, cost)[at], c.score[at])))
     front = _merge(front, groups)
-  costs, scores = _skyline(np.concatenate([c for c, _ in front.values()]),
-                           np.concatenate([s for _, s in front.values()]))
+  costs, scores = _skyline(
+    np.concatenate([c for c, _ in front.values()]), np.concatenate([s for _, s in front.values()])
+  )
   return costs, scores / scale
 
 
@@ -479,6 +540,7 @@ def pareto_front(ratings: ratings_lib.Ratings, cost: str = 'flops') -> tuple[np.
 def plot_pareto(ratings: ratings_lib.Ratings, results: Sequence[Result], path_png: str) -> None:
   """Two panels (score vs FLOPs, score vs params): the exact front, the chosen nets and the named nets."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -493,12 +555,24 @@ def plot_pareto(ratings: ratings_lib.Ratings, results: Sequence[Result], path_pn
     ax.step(costs / 1e6, scores, where='post', color='0.3', lw=1, label=f'exact Pareto front ({len(costs):,} points)')
     for rank, r in enumerate(results, 1):
       ax.plot(getattr(r, cost) / 1e6, r.score, 'o', color='tab:red', ms=6, label='chosen' if rank == 1 else None)
-      ax.annotate(str(rank), (getattr(r, cost) / 1e6, r.score), textcoords='offset points', xytext=(4, 4),
-                  fontsize=7, color='tab:red')
+      ax.annotate(
+        str(rank),
+        (getattr(r, cost) / 1e6, r.score),
+        textcoords='offset points',
+        xytext=(4, 4),
+        fontsize=7,
+        color='tab:red',
+      )
     for name, rating in named.items():
       ax.plot(rating[cost] / 1e6, rating['score'], 's', color='tab:blue', ms=5)
-      ax.annotate(name, (rating[cost] / 1e6, rating['score']), textcoords='offset points', xytext=(4, -10),
-                  fontsize=7, color='tab:blue')
+      ax.annotate(
+        name,
+        (rating[cost] / 1e6, rating['score']),
+        textcoords='offset points',
+        xytext=(4, -10),
+        fontsize=7,
+        color='tab:blue',
+      )
     ax.set_xlabel(label)
     ax.set_ylabel('summed block score (relative L1)')
     ax.grid(alpha=0.3)
@@ -517,22 +591,34 @@ def default_out_dir(ratings_dir: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(ratings_dir)), 'search')
 
 
-def run_search(ratings_dir: str, out_dir: str | None = None, max_flops: int | None = None,
-               max_params: int | None = None, top_k: int = 1, overwrite: bool = False,
-               plot: bool = True) -> list[Result]:
+def run_search(
+  ratings_dir: str,
+  out_dir: str | None = None,
+  max_flops: int | None = None,
+  max_params: int | None = None,
+  top_k: int = 1,
+  overwrite: bool = False,
+  plot: bool = True,
+) -> list[Result]:
   """Reads the ratings, searches, writes `arch_1.json`.. and `pareto.png` into `out_dir`."""
   out_dir = out_dir or default_out_dir(ratings_dir)
   names = [f'arch_{i}.json' for i in range(1, top_k + 1)] + (['pareto.png'] if plot else [])
   existing = [n for n in names if (epath.Path(out_dir) / n).exists()]
   if existing and not overwrite:
-    raise ValueError(f'{out_dir} already holds {", ".join(existing)}; choose another output directory '
-                     'or pass --overwrite')
+    raise ValueError(
+      f'{out_dir} already holds {", ".join(existing)}; choose another output directory or pass --overwrite'
+    )
   ratings = ratings_lib.read_ratings(ratings_dir)
   results = search(ratings, max_flops, max_params, top_k)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   for rank, result in enumerate(results, 1):
-    record = {**result.to_dict(), 'rank': rank, 'max_flops': max_flops, 'max_params': max_params,
-              'ratings': ratings_dir if '://' in ratings_dir else os.path.abspath(ratings_dir)}
+    record = {
+      **result.to_dict(),
+      'rank': rank,
+      'max_flops': max_flops,
+      'max_params': max_params,
+      'ratings': ratings_dir if '://' in ratings_dir else os.path.abspath(ratings_dir),
+    }
     (epath.Path(out_dir) / f'arch_{rank}.json').write_text(json.dumps(record, indent=1) + '\n')
   if plot:
     plot_pareto(ratings, results, os.path.join(out_dir, 'pareto.png'))
@@ -543,19 +629,31 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The search stage: WORKDIR/ratings -> WORKDIR/search, budgets from `config.search` (0: none)."""
   budget = lambda value: int(value) if value else None
   start = time.perf_counter()
-  results = run_search(os.path.join(workdir, 'ratings'), os.path.join(workdir, 'search'),
-                       budget(config.search.max_flops), budget(config.search.max_params),
-                       int(config.search.top_k), overwrite=True)
+  results = run_search(
+    os.path.join(workdir, 'ratings'),
+    os.path.join(workdir, 'search'),
+    budget(config.search.max_flops),
+    budget(config.search.max_params),
+    int(config.search.top_k),
+    overwrite=True,
+  )
   best = results[0]
-  return {'architecture': str(best.architecture), 'score': round(best.score, 6), 'flops': best.flops,
-          'params': best.params, 'nets': len(results), 'seconds': round(time.perf_counter() - start, 2)}
+  return {
+    'architecture': str(best.architecture),
+    'score': round(best.score, 6),
+    'flops': best.flops,
+    'params': best.params,
+    'nets': len(results),
+    'seconds': round(time.perf_counter() - start, 2),
+  }
 
 
 def format_table(results: Sequence[Result]) -> str:
   lines = [f'{"rank":>4} {"score":>10} {"MFLOPs":>8} {"Mparams":>8} {"MMACs":>8}  architecture']
   for rank, r in enumerate(results, 1):
-    lines.append(f'{rank:>4} {r.score:>10.5f} {r.flops / 1e6:>8.2f} {r.params / 1e6:>8.3f} {r.macs / 1e6:>8.2f}  '
-                 f'{r.architecture}')
+    lines.append(
+      f'{rank:>4} {r.score:>10.5f} {r.flops / 1e6:>8.2f} {r.params / 1e6:>8.3f} {r.macs / 1e6:>8.2f}  {r.architecture}'
+    )
   return '\n'.join(lines)
 
 
@@ -584,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   try:
-    results = run_search(args.ratings, args.out, args.max_flops, args.max_params, args.top_k, args.overwrite,
-                         plot=not args.no_plot)
+    results = run_search(
+      args.ratings, args.out, args.max_flops, args.max_params, args.top_k, args.overwrite, plot=not args.no_plot
+    )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -593,8 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps([{**r.to_dict(), 'rank': i} for i, r in enumerate(results, 1)], indent=1))
   else:
     print(format_table(results))
-    print(f'({len(results)} nets, {time.perf_counter() - start:.2f} s; files in '
-          f'{args.out or default_out_dir(args.ratings)})')
+    print(
+      f'({len(results)} nets, {time.perf_counter() - start:.2f} s; files in '
+      f'{args.out or default_out_dir(args.ratings)})'
+    )
   return 0
 
 

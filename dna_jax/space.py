@@ -8,11 +8,14 @@ block, one cell and one op per layer of that cell.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import itertools
 import json
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from etils import epath
 
@@ -20,6 +23,7 @@ from etils import epath
 @dataclasses.dataclass(frozen=True)
 class Op:
   """One candidate operation: an MBConv with squeeze-excitation 0.25 and swish."""
+
   kernel: int
   expansion: int
 
@@ -59,6 +63,7 @@ class Cell:
   The first layer carries `stride`. In the child net every layer outputs `width`;
   in the distillation supernet the last layer outputs the teacher's width instead.
   """
+
   layers: int
   width: int
   stride: int
@@ -73,7 +78,7 @@ class Cell:
 
   @property
   def num_paths(self) -> int:
-    return NUM_OPS ** self.layers
+    return NUM_OPS**self.layers
 
   def paths(self) -> Iterator[tuple[int, ...]]:
     """Every path of this cell in lexicographic order of op indices."""
@@ -83,6 +88,7 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class Block:
   """A searchable block, cut at one teacher stage (`teacher_width` channels)."""
+
   cells: tuple[Cell, ...]
   teacher_width: int
 
@@ -105,6 +111,7 @@ class Block:
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
   """Blocks plus the fixed parts of the child net around them."""
+
   blocks: tuple[Block, ...]
   stem_width: int = 32
   ds_width: int = 16
@@ -116,13 +123,16 @@ class SearchSpace:
 
   def to_dict(self) -> dict[str, Any]:
     return {
-        'stem_width': self.stem_width, 'ds_width': self.ds_width, 'head_width': self.head_width,
-        'blocks': [{'teacher_width': b.teacher_width,
-                    'cells': [dataclasses.asdict(c) for c in b.cells]} for b in self.blocks],
+      'stem_width': self.stem_width,
+      'ds_width': self.ds_width,
+      'head_width': self.head_width,
+      'blocks': [
+        {'teacher_width': b.teacher_width, 'cells': [dataclasses.asdict(c) for c in b.cells]} for b in self.blocks
+      ],
     }
 
   @classmethod
-  def from_dict(cls, data: Mapping[str, Any]) -> 'SearchSpace':
+  def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
     """Builds a space from plain data (a config's `space` entry or `to_dict` output)."""
     try:
       blocks = []
@@ -130,13 +140,16 @@ class SearchSpace:
         cells = tuple(Cell(int(c['layers']), int(c['width']), int(c['stride'])) for c in block['cells'])
         blocks.append(Block(cells, int(block['teacher_width'])))
     except (KeyError, TypeError) as e:
-      raise ValueError(f'malformed search space: missing or bad field {e} '
-                       "(expected {'blocks': [{'teacher_width': int, 'cells': "
-                       "[{'layers', 'width', 'stride'}]}]})") from None
+      raise ValueError(
+        f'malformed search space: missing or bad field {e} '
+        "(expected {'blocks': [{'teacher_width': int, 'cells': "
+        "[{'layers', 'width', 'stride'}]}]})"
+      ) from None
     if not blocks:
       raise ValueError('a search space needs at least one block')
-    return cls(tuple(blocks), int(data.get('stem_width', 32)), int(data.get('ds_width', 16)),
-               int(data.get('head_width', 1280)))
+    return cls(
+      tuple(blocks), int(data.get('stem_width', 32)), int(data.get('ds_width', 16)), int(data.get('head_width', 1280))
+    )
 
 
 def _cells(spec: str, stride: int) -> tuple[Cell, ...]:
@@ -146,19 +159,22 @@ def _cells(spec: str, stride: int) -> tuple[Cell, ...]:
 
 def default_imagenet_space() -> SearchSpace:
   """DNA's ImageNet space, cut at EfficientNet-B7 stages 2..7."""
-  return SearchSpace((
+  return SearchSpace(
+    (
       Block(_cells('2@24,3@24', 2), 48),
       Block(_cells('2@40,3@40,4@40', 2), 80),
       Block(_cells('2@80,3@80,4@80', 2), 160),
       Block(_cells('3@112,4@96,4@112', 1), 224),
       Block(_cells('4@192,5@160,5@192', 2), 384),
       Block(_cells('1@320', 1), 640),
-  ))
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockChoice:
   """One block of an architecture: a cell and one op index per layer."""
+
   cell: Cell
   ops: tuple[int, ...]
 
@@ -172,6 +188,7 @@ class BlockChoice:
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   """A standalone child network: fixed stem/DS/head widths plus one choice per block."""
+
   blocks: tuple[BlockChoice, ...]
   stem_width: int = 32
   ds_width: int = 16
@@ -182,17 +199,21 @@ class Architecture:
 
   def to_dict(self) -> dict[str, Any]:
     return {
-        'string': to_string(self),
-        'stem_width': self.stem_width, 'ds_width': self.ds_width, 'head_width': self.head_width,
-        'blocks': [{'layers': b.cell.layers, 'width': b.cell.width, 'stride': b.cell.stride,
-                    'ops': [OP_NAMES[i] for i in b.ops]} for b in self.blocks],
+      'string': to_string(self),
+      'stem_width': self.stem_width,
+      'ds_width': self.ds_width,
+      'head_width': self.head_width,
+      'blocks': [
+        {'layers': b.cell.layers, 'width': b.cell.width, 'stride': b.cell.stride, 'ops': [OP_NAMES[i] for i in b.ops]}
+        for b in self.blocks
+      ],
     }
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1)
 
   @classmethod
-  def from_dict(cls, data: Mapping[str, Any]) -> 'Architecture':
+  def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
     if not isinstance(data, Mapping) or 'blocks' not in data:
       raise ValueError("architecture JSON must be an object with a 'blocks' list")
     blocks = []
@@ -213,11 +234,12 @@ class Architecture:
         raise ValueError(f'{where}: {e}') from None
     if not blocks:
       raise ValueError("architecture JSON: 'blocks' is empty")
-    return cls(tuple(blocks), int(data.get('stem_width', 32)), int(data.get('ds_width', 16)),
-               int(data.get('head_width', 1280)))
+    return cls(
+      tuple(blocks), int(data.get('stem_width', 32)), int(data.get('ds_width', 16)), int(data.get('head_width', 1280))
+    )
 
   @classmethod
-  def from_json(cls, text: str) -> 'Architecture':
+  def from_json(cls, text: str) -> Architecture:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -247,8 +269,9 @@ def from_string(text: str) -> Architecture:
       op_ids = parse_ops(ops)
       blocks.append(BlockChoice(Cell(len(op_ids), int(width), int(stride)), op_ids))
     except ValueError as e:
-      raise ValueError(f'cannot parse block {part!r} of architecture string: {e} '
-                       "(expected WIDTHsSTRIDE:kKeE-kKeE...)") from None
+      raise ValueError(
+        f'cannot parse block {part!r} of architecture string: {e} (expected WIDTHsSTRIDE:kKeE-kKeE...)'
+      ) from None
   return Architecture(tuple(blocks), *widths)
 
 
@@ -285,35 +308,35 @@ def _named(table: str) -> Architecture:
 
 # The published nets (hidden width, stride of first layer, ops per layer).
 NAMED_ARCHITECTURES: dict[str, Architecture] = {
-    'efficientnet_b0': _named("""
+  'efficientnet_b0': _named("""
         24 2 k3e6,k3e6
         40 2 k5e6,k5e6
         80 2 k3e6,k3e6,k3e6
         112 1 k5e6,k5e6,k5e6
         192 2 k5e6,k5e6,k5e6,k5e6
         320 1 k3e6"""),
-    'dna_a': _named("""
+  'dna_a': _named("""
         24 2 k5e3,k3e3,k3e6
         40 2 k3e3,k3e3,k5e3,k3e6
         80 2 k7e6,k3e3,k5e3,k3e6
         96 1 k5e6,k5e3,k5e3,k5e6
         160 2 k5e6,k5e3,k5e3,k5e3,k5e6
         320 1 k3e6"""),
-    'dna_b': _named("""
+  'dna_b': _named("""
         24 2 k3e3,k5e3,k7e6
         40 2 k7e6,k5e3,k7e6
         80 2 k5e6,k5e3,k5e3,k3e6
         96 1 k5e6,k5e3,k5e3,k5e6
         192 2 k7e6,k5e3,k5e3,k5e3,k7e6
         320 1 k3e6"""),
-    'dna_c': _named("""
+  'dna_c': _named("""
         24 2 k5e6,k3e6
         40 2 k5e6,k5e6,k3e6,k5e6
         80 2 k5e6,k3e6,k5e6,k5e6
         112 1 k3e6,k5e6,k5e6,k5e3
         192 2 k5e6,k5e3,k5e6,k5e6
         320 1 k3e6"""),
-    'dna_d': _named("""
+  'dna_d': _named("""
         24 2 k7e6,k5e6,k7e6
         40 2 k7e6,k7e6,k7e6,k7e6
         80 2 k7e6,k5e6,k5e6,k7e6
@@ -346,8 +369,10 @@ def load_architecture(name_or_path: str) -> Architecture:
       raise ValueError(f'{name_or_path}: {e}') from None
   if ':' in name_or_path:
     return from_string(name_or_path)
-  raise ValueError(f'unknown architecture {name_or_path!r}: give one of {", ".join(NAMED_ARCHITECTURES)}, '
-                   'a path to an architecture .json file, or an architecture string')
+  raise ValueError(
+    f'unknown architecture {name_or_path!r}: give one of {", ".join(NAMED_ARCHITECTURES)}, '
+    'a path to an architecture .json file, or an architecture string'
+  )
 
 
 NAMED_SPACES = {'imagenet': default_imagenet_space}
@@ -368,8 +393,10 @@ def parse_space(blocks: str, stem_width: int = 32, ds_width: int = 16, head_widt
       stride, teacher_width, cells = part.split()
       parsed.append(Block(_cells(cells, int(stride)), int(teacher_width)))
     except ValueError as e:
-      raise ValueError(f'space block {k + 1} {part.strip()!r}: {e}; expected "STRIDE TEACHER_WIDTH '
-                       f'LAYERS@WIDTH,..." or one of {", ".join(NAMED_SPACES)}') from None
+      raise ValueError(
+        f'space block {k + 1} {part.strip()!r}: {e}; expected "STRIDE TEACHER_WIDTH '
+        f'LAYERS@WIDTH,..." or one of {", ".join(NAMED_SPACES)}'
+      ) from None
   if not parsed:
     raise ValueError(f'empty search space {blocks!r}')
   return SearchSpace(tuple(parsed), stem_width, ds_width, head_width)

@@ -15,9 +15,10 @@ normalise inside, as Keras does (the input pipeline's normalization='raw' feeds 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 from etils import epath
 import flax
@@ -60,8 +61,13 @@ def abstract_variables(model: efficientnet.EfficientNet, image_size: int = 32) -
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
-def save(directory: str | os.PathLike[str], model: efficientnet.EfficientNet, variables: Mapping[str, Any],
-         metadata: Mapping[str, Any], overwrite: bool = False) -> epath.Path:
+def save(
+  directory: str | os.PathLike[str],
+  model: efficientnet.EfficientNet,
+  variables: Mapping[str, Any],
+  metadata: Mapping[str, Any],
+  overwrite: bool = False,
+) -> epath.Path:
   """Writes `variables` and metadata (must hold 'variant') as a teacher checkpoint in `directory`."""
   if 'variant' not in metadata:
     raise ValueError("teacher metadata needs a 'variant' entry")
@@ -79,10 +85,13 @@ def save(directory: str | os.PathLike[str], model: efficientnet.EfficientNet, va
   checkpointer.save(path / VARIABLES_DIR, variables)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  meta = {'format': FORMAT, **metadata,
-          'model': {k: getattr(model, k) for k in MODEL_OVERRIDES},
-          'input': 'raw' if model.keras_input else 'normalized',
-          'block_widths': list(efficientnet.block_widths(model))}
+  meta = {
+    'format': FORMAT,
+    **metadata,
+    'model': {k: getattr(model, k) for k in MODEL_OVERRIDES},
+    'input': 'raw' if model.keras_input else 'normalized',
+    'block_widths': list(efficientnet.block_widths(model)),
+  }
   (path / METADATA_FILE).write_text(json.dumps(meta, indent=1) + '\n')
   return path
 
@@ -94,8 +103,10 @@ def read_metadata(directory: str | os.PathLike[str], expected: str = '') -> dict
   if expected == 'tiny':
     hint = '; train it with the teacher stage (config.stages=teacher,...)'
   else:
-    hint = (f'; create it with: python -m dna_jax.convert_teacher --variant {expected or "b7"} '
-            f'--keras_weights efficientnet{expected or "b7"}.h5 --out {directory}')
+    hint = (
+      f'; create it with: python -m dna_jax.convert_teacher --variant {expected or "b7"} '
+      f'--keras_weights efficientnet{expected or "b7"}.h5 --out {directory}'
+    )
   if not (path / METADATA_FILE).exists():
     state = 'does not exist' if not path.exists() else f'has no {METADATA_FILE} (missing or incomplete)'
     raise TeacherCheckpointError(f'teacher checkpoint {path} {state}{want}{hint}')
@@ -120,30 +131,36 @@ def check(directory: str | os.PathLike[str], variant: str) -> dict[str, Any]:
   found = str(metadata['variant']).lower()
   if found != expected:
     raise TeacherCheckpointError(
-        f'teacher checkpoint {path} holds EfficientNet variant {found!r}, expected {expected!r} '
-        f'(config teacher.variant); convert the right weights or point teacher.checkpoint elsewhere')
+      f'teacher checkpoint {path} holds EfficientNet variant {found!r}, expected {expected!r} '
+      f'(config teacher.variant); convert the right weights or point teacher.checkpoint elsewhere'
+    )
   try:
     stored = ocp.StandardCheckpointer().metadata(path / VARIABLES_DIR).item_metadata.tree
   except (FileNotFoundError, ValueError, OSError) as e:
     raise TeacherCheckpointError(f'cannot read the variables of teacher checkpoint {path}: {e}') from None
-  want_shapes = {'/'.join(k): tuple(v.shape) for k, v in
-                 flax.traverse_util.flatten_dict(abstract_variables(build_model(metadata))).items()}
+  want_shapes = {
+    '/'.join(k): tuple(v.shape)
+    for k, v in flax.traverse_util.flatten_dict(abstract_variables(build_model(metadata))).items()
+  }
   have_shapes = {'/'.join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(dict(stored)).items()}
   for name, shape in sorted(want_shapes.items(), key=lambda item: not item[0].startswith('params/')):
     if name not in have_shapes:
       raise TeacherCheckpointError(f'teacher checkpoint {path} lacks {name} {shape} of EfficientNet {expected!r}')
     if have_shapes[name] != shape:
-      raise TeacherCheckpointError(f'teacher checkpoint {path}: {name} has shape {have_shapes[name]}, '
-                                   f'EfficientNet {expected!r} needs {shape}')
+      raise TeacherCheckpointError(
+        f'teacher checkpoint {path}: {name} has shape {have_shapes[name]}, EfficientNet {expected!r} needs {shape}'
+      )
   extra = sorted(set(have_shapes) - set(want_shapes))
   if extra:
-    raise TeacherCheckpointError(f'teacher checkpoint {path} has {extra[0]} {have_shapes[extra[0]]}, '
-                                 f'which EfficientNet {expected!r} does not have')
+    raise TeacherCheckpointError(
+      f'teacher checkpoint {path} has {extra[0]} {have_shapes[extra[0]]}, which EfficientNet {expected!r} does not have'
+    )
   return metadata
 
 
-def load(directory: str | os.PathLike[str], variant: str = '',
-         **overrides: Any) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
+def load(
+  directory: str | os.PathLike[str], variant: str = '', **overrides: Any
+) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
   """(model, variables) of a teacher checkpoint, variables on the default device.
 
   With `variant`, `check` runs first; otherwise the checkpoint's own variant is used. `overrides` are
@@ -156,8 +173,13 @@ def load(directory: str | os.PathLike[str], variant: str = '',
   return model, jax.device_put(restored)
 
 
-def teacher_features(model: efficientnet.EfficientNet, variables: Mapping[str, Any], images: Array,
-                     up_to: int | None = None, train_mode_bn: bool = False) -> dict[str, Array]:
+def teacher_features(
+  model: efficientnet.EfficientNet,
+  variables: Mapping[str, Any],
+  images: Array,
+  up_to: int | None = None,
+  train_mode_bn: bool = False,
+) -> dict[str, Array]:
   """Teacher features of `images` without gradients; pure, usable inside jit/pmap/shard_map.
 
   Inference mode by default (BN running statistics, no dropout or drop-connect). `train_mode_bn`

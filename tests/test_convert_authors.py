@@ -31,13 +31,21 @@ def _layer_specs(arch: space_lib.Architecture) -> list[tuple[str, int, int, int,
   for stage, choice in enumerate(arch.blocks, start=1):
     for layer, op_id in enumerate(choice.ops):
       op = space_lib.OPS[op_id]
-      specs.append((f'blocks.{stage}.{layer}', channels, choice.cell.width, op.expansion, op.kernel,
-                    choice.cell.stride if layer == 0 else 1))
+      specs.append(
+        (
+          f'blocks.{stage}.{layer}',
+          channels,
+          choice.cell.width,
+          op.expansion,
+          op.kernel,
+          choice.cell.stride if layer == 0 else 1,
+        )
+      )
       channels = choice.cell.width
   return specs
 
 
-def authors_state_dict(arch: space_lib.Architecture, num_classes: int, seed: int) -> dict[str, 'torch.Tensor']:
+def authors_state_dict(arch: space_lib.Architecture, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
   """Random weights under the authors' names/shapes; BN statistics and all biases randomised."""
   gen = torch.Generator().manual_seed(seed)
   sd = {}
@@ -77,12 +85,12 @@ def authors_state_dict(arch: space_lib.Architecture, num_classes: int, seed: int
       bn(f'{prefix}.bn3', out_ch)
   conv('conv_head', arch.head_width, arch.blocks[-1].cell.width, 1)
   bn('bn2', arch.head_width)
-  sd['classifier.weight'] = torch.randn(num_classes, arch.head_width, generator=gen) / arch.head_width ** 0.5
+  sd['classifier.weight'] = torch.randn(num_classes, arch.head_width, generator=gen) / arch.head_width**0.5
   sd['classifier.bias'] = 0.1 * torch.randn(num_classes, generator=gen)
   return sd
 
 
-def torch_forward(arch: space_lib.Architecture, sd: dict[str, 'torch.Tensor'], images: np.ndarray) -> np.ndarray:
+def torch_forward(arch: space_lib.Architecture, sd: dict[str, torch.Tensor], images: np.ndarray) -> np.ndarray:
   """The authors' net in torch.nn.functional, float64, eval mode; images NHWC."""
   w = {k: v.double() for k, v in sd.items()}
 
@@ -92,8 +100,15 @@ def torch_forward(arch: space_lib.Architecture, sd: dict[str, 'torch.Tensor'], i
     return F.conv2d(x, w[f'{name}.weight'], w.get(f'{name}.bias'), stride, pad, groups=groups)
 
   def bn(x, name):
-    return F.batch_norm(x, w[f'{name}.running_mean'], w[f'{name}.running_var'], w[f'{name}.weight'],
-                        w[f'{name}.bias'], training=False, eps=1e-5)
+    return F.batch_norm(
+      x,
+      w[f'{name}.running_mean'],
+      w[f'{name}.running_var'],
+      w[f'{name}.weight'],
+      w[f'{name}.bias'],
+      training=False,
+      eps=1e-5,
+    )
 
   def swish(x):
     return x * torch.sigmoid(x)
@@ -129,10 +144,10 @@ def _jax_logits(directory, depthwise: str) -> tuple[np.ndarray, dict]:
 
 
 CASES = [  # (name, num_classes, how the file wraps the state dict, depthwise implementation)
-    ('dna_a', 1000, 'plain', 'auto'),  # the default: shift_add on CPU
-    ('dna_b', 10, 'ema_module_prefix', 'native'),  # native grouped convs compile faster on CPU
-    ('dna_c', 1000, 'state_dict', 'native'),
-    ('dna_d', 1000, 'plain', 'native'),
+  ('dna_a', 1000, 'plain', 'auto'),  # the default: shift_add on CPU
+  ('dna_b', 10, 'ema_module_prefix', 'native'),  # native grouped convs compile faster on CPU
+  ('dna_c', 1000, 'state_dict', 'native'),
+  ('dna_d', 1000, 'plain', 'native'),
 ]
 
 
@@ -141,17 +156,21 @@ def test_converted_logits_match_torch(tmp_path, capsys, name, num_classes, wrapp
   arch = space_lib.named_architecture(name)
   sd = authors_state_dict(arch, num_classes, seed=len(name) + num_classes)
   if wrapping == 'ema_module_prefix':
-    stored = {'epoch': 349, 'args': __import__('argparse').Namespace(model='DNA_b'),
-              'state_dict': {f'module.{k}': torch.zeros_like(v) for k, v in sd.items()},
-              'state_dict_ema': {f'module.{k}': v for k, v in sd.items()}}
+    stored = {
+      'epoch': 349,
+      'args': __import__('argparse').Namespace(model='DNA_b'),
+      'state_dict': {f'module.{k}': torch.zeros_like(v) for k, v in sd.items()},
+      'state_dict_ema': {f'module.{k}': v for k, v in sd.items()},
+    }
   elif wrapping == 'state_dict':
     stored = {'state_dict': sd}
   else:
     stored = sd
   torch.save(stored, tmp_path / 'model.pth.tar')
   out = tmp_path / 'converted'
-  assert convert_authors.main(['--arch', name, '--checkpoint', str(tmp_path / 'model.pth.tar'),
-                               '--out', str(out)]) == 0, capsys.readouterr().err
+  assert (
+    convert_authors.main(['--arch', name, '--checkpoint', str(tmp_path / 'model.pth.tar'), '--out', str(out)]) == 0
+  ), capsys.readouterr().err
   logits, meta = _jax_logits(out, depthwise)
   expected = torch_forward(arch, sd, _images())
   assert logits.shape == (BATCH, num_classes)
@@ -160,11 +179,18 @@ def test_converted_logits_match_torch(tmp_path, capsys, name, num_classes, wrapp
   scale = max(1.0, float(np.abs(expected).max()))
   np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * scale)
   assert meta == {
-      'arch': str(arch), 'arch_name': name, 'num_classes': num_classes, 'image_size': 224, 'stem_stride': 2,
-      'conventions': {'padding': 'symmetric', 'bn_epsilon': 1e-5, 'bn_momentum': 0.9},
-      'normalization': 'imagenet', 'source': meta['source']}
-  assert ('state_dict_ema' if wrapping == 'ema_module_prefix' else wrapping.replace('plain', 'plain state dict')) \
-      in meta['source']
+    'arch': str(arch),
+    'arch_name': name,
+    'num_classes': num_classes,
+    'image_size': 224,
+    'stem_stride': 2,
+    'conventions': {'padding': 'symmetric', 'bn_epsilon': 1e-5, 'bn_momentum': 0.9},
+    'normalization': 'imagenet',
+    'source': meta['source'],
+  }
+  assert (
+    'state_dict_ema' if wrapping == 'ema_module_prefix' else wrapping.replace('plain', 'plain state dict')
+  ) in meta['source']
 
 
 def _numpy_state_dict(name: str, num_classes: int = 10) -> dict[str, np.ndarray]:
@@ -190,8 +216,10 @@ def test_surplus_tensor_is_named():
     convert_authors.map_state_dict(space_lib.named_architecture('dna_d'), sd, arch_label='dna_d')
   message = str(error.value)
   assert 'architecture dna_d' in message
-  assert "1 surplus tensor(s) the architecture has no place for, first 'blocks.6.1.conv_pw.weight' " \
-         '(shape (1920, 320, 1, 1))' in message
+  assert (
+    "1 surplus tensor(s) the architecture has no place for, first 'blocks.6.1.conv_pw.weight' "
+    '(shape (1920, 320, 1, 1))' in message
+  )
   assert 'missing' not in message
 
 
@@ -200,8 +228,10 @@ def test_misshaped_tensor_is_named_with_both_shapes():
   sd['conv_head.weight'] = np.zeros((1280, 321, 1, 1), np.float32)
   with pytest.raises(convert_authors.ConversionError) as error:
     convert_authors.map_state_dict(space_lib.named_architecture('dna_c'), sd, arch_label='dna_c')
-  assert ("1 tensor(s) of the wrong shape, first 'conv_head.weight' has shape (1280, 321, 1, 1), "
-          'expected shape (1280, 320, 1, 1)') in str(error.value)
+  assert (
+    "1 tensor(s) of the wrong shape, first 'conv_head.weight' has shape (1280, 321, 1, 1), "
+    'expected shape (1280, 320, 1, 1)'
+  ) in str(error.value)
 
 
 def test_dna_b_file_given_as_dna_c_fails_cleanly(tmp_path, capsys):
@@ -251,10 +281,13 @@ def test_architecture_string_is_accepted_and_missing_torch_is_explained(tmp_path
   sd = authors_state_dict(space_lib.named_architecture('dna_a'), 10, seed=4)
   torch.save(sd, tmp_path / 'a.pth')
   text = str(space_lib.named_architecture('dna_a'))
-  assert convert_authors.main(['--arch', text, '--checkpoint', str(tmp_path / 'a.pth'),
-                               '--out', str(tmp_path / 'out')]) == 0
+  assert (
+    convert_authors.main(['--arch', text, '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out')]) == 0
+  )
   assert json.loads((tmp_path / 'out' / 'meta.json').read_text())['arch'] == text
   monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # `import torch` now raises ImportError
-  assert convert_authors.main(['--arch', 'dna_a', '--checkpoint', str(tmp_path / 'a.pth'),
-                               '--out', str(tmp_path / 'out2')]) == 2
+  assert (
+    convert_authors.main(['--arch', 'dna_a', '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out2')])
+    == 2
+  )
   assert 'needs torch, which is not installed: pip install -r requirements-torch.txt' in capsys.readouterr().err

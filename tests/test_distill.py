@@ -27,8 +27,11 @@ def make_config(**distill_overrides):
   config.space.stem_stride = 1  # the tiny teacher's
   config.teacher.variant = 'tiny'
   config.data.image_size = IMAGE
-  config.distill.update(dict(epochs=1, batch_size=16, learning_rates='0.01', checkpoint_every_steps=2,
-                             log_every_steps=1, keep_checkpoints=3))
+  config.distill.update(
+    dict(
+      epochs=1, batch_size=16, learning_rates='0.01', checkpoint_every_steps=2, log_every_steps=1, keep_checkpoints=3
+    )
+  )
   config.distill.update(distill_overrides)
   return config
 
@@ -139,8 +142,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_teacher):
     b, meta_b = restore_block(config, tmp_path / 'resumed', block, tiny_teacher)
     assert int(a.step) == int(b.step) == 4
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.params, b.params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-                 a.batch_stats, b.batch_stats)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.batch_stats, b.batch_stats)
 
 
 def test_training_one_block_leaves_the_others_alone(tmp_path, tiny_teacher):
@@ -196,19 +198,29 @@ def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
   batch = next(fixed_batches(0))
   results = []
   for mode in ('pmap', 'shard_map'):
-    step = functools.partial(distill.distill_step, blocks=((1, tuple(cells[1])),),
-                             teacher_apply=functools.partial(teacher_lib.teacher_features, teacher_model, up_to=2),
-                             optimizers={'block2': tx}, sampling='uniform', seed=0)
+    step = functools.partial(
+      distill.distill_step,
+      blocks=((1, tuple(cells[1])),),
+      teacher_apply=functools.partial(teacher_lib.teacher_features, teacher_model, up_to=2),
+      optimizers={'block2': tx},
+      sampling='uniform',
+      seed=0,
+    )
     # Same path on every device, so that the 8-device update must equal the 1-device one.
     step_fixed = functools.partial(_with_fixed_path, step)
     new_states, _ = parallel.data_parallel(step_fixed, mode, num_broadcast=1)(
-        states, parallel.shard_batch(batch, mode), teacher_variables)
+      states, parallel.shard_batch(batch, mode), teacher_variables
+    )
     results.append(new_states)
   # (A 1-device run differs by design: student BatchNorm uses per-device batch statistics, as DDP does.)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6),
-               results[0]['block2'].params, results[1]['block2'].params)
-  changed = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), states['block2'].params,
-                         results[0]['block2'].params)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6),
+    results[0]['block2'].params,
+    results[1]['block2'].params,
+  )
+  changed = jax.tree.map(
+    lambda x, y: float(jnp.max(jnp.abs(x - y))), states['block2'].params, results[0]['block2'].params
+  )
   assert max(jax.tree.leaves(changed)) > 0
 
 

@@ -31,8 +31,9 @@ def rated(tmp_path_factory):
   rng = np.random.default_rng(0)
   for k, block in enumerate(SPACE.blocks):
     scores = {c: rng.random(cell.num_paths) for c, cell in enumerate(block.cells)}
-    ratings_lib.write_block_ratings(str(workdir / 'ratings'), SPACE, k, scores, scores, resolution=32,
-                                    num_classes=10, stem_stride=1)
+    ratings_lib.write_block_ratings(
+      str(workdir / 'ratings'), SPACE, k, scores, scores, resolution=32, num_classes=10, stem_stride=1
+    )
   return str(workdir), ratings_lib.read_ratings(str(workdir / 'ratings'))
 
 
@@ -73,10 +74,12 @@ def test_pick_is_stratified_deterministic_and_keeps_search_and_lowest(rated):
   archs, scores = all_architectures(ratings)
   choice = archs[int(np.argsort(scores)[len(scores) // 3])]
   picks = fidelity.pick_architectures(ratings, 8, seed=5, search_choice=choice)
-  assert [str(p['arch']) for p in picks] == [str(p['arch']) for p in
-                                             fidelity.pick_architectures(ratings, 8, 5, search_choice=choice)]
-  assert [str(p['arch']) for p in picks] != [str(p['arch']) for p in
-                                             fidelity.pick_architectures(ratings, 8, 6, search_choice=choice)]
+  assert [str(p['arch']) for p in picks] == [
+    str(p['arch']) for p in fidelity.pick_architectures(ratings, 8, 5, search_choice=choice)
+  ]
+  assert [str(p['arch']) for p in picks] != [
+    str(p['arch']) for p in fidelity.pick_architectures(ratings, 8, 6, search_choice=choice)
+  ]
   names = [str(p['arch']) for p in picks]
   assert len(set(names)) == 8
   picked = np.array([ratings_lib.architecture_rating(ratings, p['arch'])['score'] for p in picks])
@@ -157,7 +160,10 @@ def test_study_resumes_after_kill_without_retraining(rated, tmp_path, monkeypatc
   assert list(rows[0]) == ['arch', 'score', 'flops', 'params', 'accuracy', 'seed'] and len(rows) == 8
   first = ratings_lib.architecture_rating(ratings, space_lib.from_string(rows[0]['arch']))
   assert (float(rows[0]['score']), int(rows[0]['flops']), int(rows[0]['params'])) == (
-      first['score'], first['flops'], first['params'])
+    first['score'],
+    first['flops'],
+    first['params'],
+  )
   assert (workdir / 'fidelity' / 'fidelity.png').stat().st_size > 0
   assert os.listdir(workdir / 'fidelity' / 'tb')
 

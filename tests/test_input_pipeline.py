@@ -57,23 +57,22 @@ def imagenet_dir(tmp_path_factory) -> str:
 
 def _config(data_dir=None, **overrides):
   config = input_pipeline.get_data_config()
-  config.update(dict(data_dir=data_dir, image_size=16, rating_examples=8,
-                     calib_examples=4, shuffle_buffer=32, num_threads=1))
+  config.update(
+    dict(data_dir=data_dir, image_size=16, rating_examples=8, calib_examples=4, shuffle_buffer=32, num_threads=1)
+  )
   config.update(overrides)
   return config
 
 
 def _flat(batches, key: str) -> np.ndarray:
   """Examples of `key` in a list of batches, device axes flattened."""
-  return np.concatenate([b[key].reshape((-1,) + b[key].shape[2:])
-                         for b in batches])
+  return np.concatenate([b[key].reshape((-1,) + b[key].shape[2:]) for b in batches])
 
 
 def _ids(batches) -> list[bytes]:
   """One identity per real (mask 1) example: its preprocessed pixels."""
   batches = list(batches)
-  return [image.tobytes() for image, m in
-          zip(_flat(batches, 'image'), _flat(batches, 'mask')) if m]
+  return [image.tobytes() for image, m in zip(_flat(batches, 'image'), _flat(batches, 'mask')) if m]
 
 
 def _simulate_processes(monkeypatch, index: int, count: int) -> None:
@@ -89,8 +88,7 @@ def test_bad_settings_are_early_errors(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match='not a tfds dataset name'):
     input_pipeline.check_dataset(_config(dataset='imagenet2013'))
   monkeypatch.setattr(jax, 'device_count', lambda: 2)
-  with pytest.raises(ValueError, match='batch size 7 does not divide evenly '
-                     'over the 2 devices'):
+  with pytest.raises(ValueError, match='batch size 7 does not divide evenly over the 2 devices'):
     input_pipeline.create_split(_config(), 'train', 7)
   # An empty data_dir: says which tars go where and what to run.
   with pytest.raises(FileNotFoundError) as error:
@@ -104,10 +102,10 @@ def test_bad_settings_are_early_errors(monkeypatch, tmp_path):
 def test_prepare_imagenet_without_tars(tmp_path, capsys):
   (tmp_path / 'manual').mkdir()
   with pytest.raises(SystemExit) as exit_info:
-    prepare_data.main(['--dataset', 'imagenet2012', '--data_dir',
-                       str(tmp_path), '--manual_dir', str(tmp_path / 'manual')])
-  assert 'ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not found' in str(
-      exit_info.value)
+    prepare_data.main(
+      ['--dataset', 'imagenet2012', '--data_dir', str(tmp_path), '--manual_dir', str(tmp_path / 'manual')]
+    )
+  assert 'ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not found' in str(exit_info.value)
 
 
 @pytest.fixture
@@ -126,8 +124,7 @@ def test_mock_imagenet_normalizations(mock_imagenet):
     config = _config(normalization=normalization, image_size=24)
     assert input_pipeline.check_dataset(config) == 1000
     assert input_pipeline.num_examples(config, 'eval') is None
-    batches[normalization] = list(
-        input_pipeline.create_split(config, 'eval', 4 * devices))
+    batches[normalization] = list(input_pipeline.create_split(config, 'eval', 4 * devices))
     train = next(input_pipeline.create_split(config, 'train', 2 * devices))
     assert train['image'].shape == (devices, 2, 24, 24, 3)
     assert train['image'].dtype == np.float32
@@ -142,13 +139,10 @@ def test_mock_imagenet_normalizations(mock_imagenet):
   assert not _flat(raw, 'image')[10:].any()
   images = _flat(raw, 'image')[:10]
   assert images.min() >= 0 and images.max() <= 255 and images.max() > 200
-  np.testing.assert_allclose(_flat(batches['unit'], 'image')[:10],
-                             images / 255, atol=1e-6)
+  np.testing.assert_allclose(_flat(batches['unit'], 'image')[:10], images / 255, atol=1e-6)
   mean, std = input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
-  np.testing.assert_allclose(_flat(batches['imagenet'], 'image')[:10],
-                             (images / 255 - mean) / std, atol=1e-5)
-  bf16 = next(input_pipeline.create_split(_config(dtype='bfloat16'), 'eval',
-                                          devices))
+  np.testing.assert_allclose(_flat(batches['imagenet'], 'image')[:10], (images / 255 - mean) / std, atol=1e-5)
+  bf16 = next(input_pipeline.create_split(_config(dtype='bfloat16'), 'eval', devices))
   assert bf16['image'].dtype == tf.bfloat16.as_numpy_dtype
 
 
@@ -170,25 +164,23 @@ def test_mock_imagenet_restart(mock_imagenet):
 def test_rate_split_is_held_out(imagenet_dir):
   config = _config(imagenet_dir, augment='none')
   assert input_pipeline.check_dataset(config) == 1000
-  assert [input_pipeline.num_examples(config, s) for s in
-          input_pipeline.SPLITS] == [16, 8, 4, 6]
+  assert [input_pipeline.num_examples(config, s) for s in input_pipeline.SPLITS] == [16, 8, 4, 6]
   batch = 2 * jax.device_count()
   rate = list(input_pipeline.create_split(config, 'rate', batch))
-  train = list(input_pipeline.create_split(config, 'train', batch,
-                                           repeat=False))
+  train = list(input_pipeline.create_split(config, 'train', batch, repeat=False))
   assert len(rate) == -(-8 // batch) and _flat(rate, 'mask').sum() == 8
   rate_ids, train_ids = set(_ids(rate)), set(_ids(train))
   assert len(rate_ids) == 8 and len(train_ids) == 16
   assert not rate_ids & train_ids
   # 'calib' repeats training examples (here eval-style, as 'none' is).
-  calib = input_pipeline.create_split(_config(imagenet_dir, calib_examples=8),
-                                      'calib', 8)
+  calib = input_pipeline.create_split(_config(imagenet_dir, calib_examples=8), 'calib', 8)
   calib_ids = _ids([next(calib), next(calib)])
   assert set(calib_ids) <= train_ids and len(set(calib_ids)) == 8
   with pytest.raises(ValueError, match='calib_examples=4 gives 4 examples'):
     input_pipeline.create_split(config, 'calib', 8)
-  labels = np.concatenate([_flat(rate, 'label')[_flat(rate, 'mask') > 0],
-                           _flat(train, 'label')[_flat(train, 'mask') > 0]])
+  labels = np.concatenate(
+    [_flat(rate, 'label')[_flat(rate, 'mask') > 0], _flat(train, 'label')[_flat(train, 'mask') > 0]]
+  )
   np.testing.assert_array_equal(np.bincount(labels), [_PER_CLASS] * 3)
   with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\]"):
     input_pipeline.check_dataset(_config(imagenet_dir, eval_split='test'))
@@ -200,8 +192,7 @@ def test_processes_read_disjoint_shards(imagenet_dir, monkeypatch):
   train = []
   for index in (0, 1):
     _simulate_processes(monkeypatch, index, 2)
-    train.append(_ids(input_pipeline.create_split(config, 'train', 4,
-                                                  repeat=False)))
+    train.append(_ids(input_pipeline.create_split(config, 'train', 4, repeat=False)))
   assert [len(t) for t in train] == [8, 8]
   assert len(set(train[0]) | set(train[1])) == 16
   # 6 eval examples over 4 processes, 1 per batch: shards of 2, 2, 1, 1, but
@@ -219,8 +210,7 @@ def test_processes_read_disjoint_shards(imagenet_dir, monkeypatch):
 
 def test_restart_across_epochs_is_exact(imagenet_dir):
   # 16 training examples per epoch = 2 batches of 8; steps 3..5 are in epoch 2.
-  config = _config(imagenet_dir, color_jitter=0.4, randaugment_layers=2,
-                   random_erasing=0.5)
+  config = _config(imagenet_dir, color_jitter=0.4, randaugment_layers=2, random_erasing=0.5)
   fresh = input_pipeline.create_split(config, 'train', 8)
   fresh = [next(fresh) for _ in range(6)]
   restarted = input_pipeline.create_split(config, 'train', 8, start_step=3)
@@ -230,15 +220,14 @@ def test_restart_across_epochs_is_exact(imagenet_dir):
     np.testing.assert_array_equal(got['label'], expected['label'])
   images = _flat(fresh, 'image')
   assert images.min() >= 0 and images.max() <= 255
-  epochs = [_flat(fresh[i:i + 2], 'label') for i in (0, 2)]
+  epochs = [_flat(fresh[i : i + 2], 'label') for i in (0, 2)]
   np.testing.assert_array_equal(*[np.bincount(l) for l in epochs])
   assert (epochs[0] != epochs[1]).any()  # Reshuffled.
 
 
 def test_random_erasing_fills_one_box(imagenet_dir):
   plain = next(input_pipeline.create_split(_config(imagenet_dir), 'train', 8))
-  erased = next(input_pipeline.create_split(
-      _config(imagenet_dir, random_erasing=1.0), 'train', 8))
+  erased = next(input_pipeline.create_split(_config(imagenet_dir, random_erasing=1.0), 'train', 8))
   changed = (_flat([plain], 'image') != _flat([erased], 'image')).any(-1)
   for mask in changed:
     rows, cols = np.nonzero(mask)
@@ -248,15 +237,13 @@ def test_random_erasing_fills_one_box(imagenet_dir):
 
 
 def test_rand_augment_ops_on_constant_image():
-  image = tf.fill((8, 8, 3), 100.)
+  image = tf.fill((8, 8, 3), 100.0)
   ops = input_pipeline._rand_augment_ops(1.0, 8)
-  results = [op(image, 1.).numpy() for op in ops]
+  results = [op(image, 1.0).numpy() for op in ops]
   centers = [r[3:5, 3:5].mean() for r in results[:11]]
   # identity, autocontrast, rotate, solarize (threshold 0), posterize (4 bits),
   # color, contrast, brightness x1.9, sharpness, shears.
-  np.testing.assert_allclose(
-      centers, [100, 100, 100, 155, 96, 100, 100, 190, 100, 100, 100],
-      atol=0.02)
+  np.testing.assert_allclose(centers, [100, 100, 100, 155, 96, 100, 100, 190, 100, 100, 100], atol=0.02)
   # Translations by 0.45 * 8 = 3.6 pixels: gray (128) comes in.
   translate_x, translate_y = results[11:]
   np.testing.assert_allclose(translate_x[:, :4], 100)
@@ -265,15 +252,23 @@ def test_rand_augment_ops_on_constant_image():
   np.testing.assert_allclose(translate_y[5:], 128)
 
 
-@pytest.mark.skipif(not os.path.isdir(prepare_data.FASHION_MNIST_DEBIAN_DIR),
-                    reason='apt-get install dataset-fashion-mnist')
+@pytest.mark.skipif(
+  not os.path.isdir(prepare_data.FASHION_MNIST_DEBIAN_DIR), reason='apt-get install dataset-fashion-mnist'
+)
 def test_fashion_mnist_from_debian_files(tmp_path):
   data_dir = str(tmp_path / 'data')
   prepare_data.prepare('fashion_mnist', data_dir, max_examples_per_split=300)
   assert tfds.builder('fashion_mnist', data_dir=data_dir).is_prepared()
-  config = _config(data_dir, dataset='fashion_mnist', eval_split='test',
-                   image_size=32, small_image_fit='pad', crop_fraction=1.0,
-                   rating_examples=100, calib_examples=50)
+  config = _config(
+    data_dir,
+    dataset='fashion_mnist',
+    eval_split='test',
+    image_size=32,
+    small_image_fit='pad',
+    crop_fraction=1.0,
+    rating_examples=100,
+    calib_examples=50,
+  )
   assert input_pipeline.check_dataset(config) == 10
   devices = jax.local_device_count()
   batches = list(input_pipeline.create_split(config, 'eval', 64 * devices))
@@ -291,10 +286,9 @@ def test_fashion_mnist_from_debian_files(tmp_path):
   with gzip.open(os.path.join(files, 't10k-labels-idx1-ubyte.gz')) as f:
     raw_labels = np.frombuffer(f.read(), np.uint8, offset=8)[:300]
   np.testing.assert_array_equal(
-      np.sort(images[:, 2:30, 2:30, 0].reshape(300, -1).sum(1)),
-      np.sort(raw.reshape(300, -1).sum(1, dtype=np.int64)))
-  np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                np.bincount(raw_labels, minlength=10))
+    np.sort(images[:, 2:30, 2:30, 0].reshape(300, -1).sum(1)), np.sort(raw.reshape(300, -1).sum(1, dtype=np.int64))
+  )
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(raw_labels, minlength=10))
   assert images.mean() == pytest.approx(raw.mean() * 28**2 / 32**2, rel=1e-6)
   config.augment = 'simple'
   train = next(input_pipeline.create_split(config, 'train', 2 * devices))
@@ -306,24 +300,20 @@ def test_fashion_mnist_bad_local_files(tmp_path):
   files = tmp_path / 'files'
   files.mkdir()
   with pytest.raises(FileNotFoundError, match='apt-get install dataset-'):
-    prepare_data.prepare('fashion_mnist', str(tmp_path),
-                         local_files_dir=str(files))
+    prepare_data.prepare('fashion_mnist', str(tmp_path), local_files_dir=str(files))
   if not os.path.isdir(prepare_data.FASHION_MNIST_DEBIAN_DIR):
     return
   for name in os.listdir(prepare_data.FASHION_MNIST_DEBIAN_DIR):
     if 'labels' in name:
-      shutil.copy(os.path.join(prepare_data.FASHION_MNIST_DEBIAN_DIR, name),
-                  files)
+      shutil.copy(os.path.join(prepare_data.FASHION_MNIST_DEBIAN_DIR, name), files)
   for name in ('train-images-idx3-ubyte.gz', 't10k-images-idx3-ubyte.gz'):
     (files / name).write_bytes(b'not the images')
   with pytest.raises(ValueError, match='sha256'):
-    prepare_data.prepare('fashion_mnist', str(tmp_path),
-                         local_files_dir=str(files))
+    prepare_data.prepare('fashion_mnist', str(tmp_path), local_files_dir=str(files))
 
 
 def test_prefetch_to_device():
-  batches = [{'x': np.full((jax.local_device_count(), 2), i, np.float32)}
-             for i in range(3)]
+  batches = [{'x': np.full((jax.local_device_count(), 2), i, np.float32)} for i in range(3)]
   got = list(input_pipeline.prefetch_to_device(iter(batches), size=2))
   assert len(got) == 3
   for expected, batch in zip(batches, got):

@@ -19,9 +19,16 @@ def free_port() -> int:
 def run_processes(out_dir, num_processes):
   port = str(free_port())
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen([sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]

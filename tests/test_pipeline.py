@@ -66,8 +66,9 @@ def test_finished_stages_are_skipped(tmp_path, monkeypatch):
 
 def run_main(*args):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-m', 'dna_jax.main', *args], capture_output=True, text=True, cwd=ROOT,
-                        timeout=300, env=env)
+  return subprocess.run(
+    [sys.executable, '-m', 'dna_jax.main', *args], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env
+  )
 
 
 def test_bad_config_fails_at_start_up_with_a_clear_message(tmp_path):
@@ -83,7 +84,9 @@ def test_bad_config_fails_at_start_up_with_a_clear_message(tmp_path):
 
 def test_library_info_records_are_hidden_but_warnings_and_our_own_kept():
   import logging as std_logging
+
   from dna_jax import main as main_lib
+
   quiet = main_lib.QuietLibraries()
 
   def record(path, level):

@@ -1,6 +1,5 @@
 """Rating: the prefix-sharing vmapped evaluator equals naive per-path evaluation."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +36,7 @@ def test_prefix_sharing_equals_naive(layers, stem, chunk):
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 2)
   rating_cell = rate.for_rating(cell, None)
   abs_sums, sq_sums = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask, chunk_size=chunk)
-  assert abs_sums.shape == (6 ** layers,)
+  assert abs_sums.shape == (6**layers,)
   paths = list(cell.cell.paths())
   for p in [0, 1, 7, len(paths) // 2, len(paths) - 1]:
     a, s = rate.naive_path_errors(rating_cell, variables, paths[p], calib, inputs, target, mask)
@@ -57,10 +56,8 @@ def test_recalibration_uses_the_calibration_batch_only():
   mask = jnp.ones(5)
   base = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask)[0]
   # Stored running statistics are replaced by the recalibrated ones: changing them changes nothing.
-  scrambled = {'params': variables['params'],
-               'batch_stats': jax.tree.map(lambda x: x + 5.0, variables['batch_stats'])}
-  np.testing.assert_allclose(rate.rate_cell(rating_cell, scrambled, calib, inputs, target, mask)[0], base,
-                             rtol=1e-6)
+  scrambled = {'params': variables['params'], 'batch_stats': jax.tree.map(lambda x: x + 5.0, variables['batch_stats'])}
+  np.testing.assert_allclose(rate.rate_cell(rating_cell, scrambled, calib, inputs, target, mask)[0], base, rtol=1e-6)
   # A different calibration batch changes the ratings.
   other = rate.rate_cell(rating_cell, variables, calib * 3 + 1, inputs, target, mask)[0]
   assert np.max(np.abs(other - base)) > 1e-3
@@ -68,15 +65,16 @@ def test_recalibration_uses_the_calibration_batch_only():
 
 def test_layer_evaluation_count_matches_prefix_tree():
   # 6 + 36 + 216 + 1296 = 1554 layer evaluations for a 4-layer cell, vs 4 * 6**4 = 5184 naive.
-  assert sum(6 ** l for l in range(1, 5)) == 1554
+  assert sum(6**l for l in range(1, 5)) == 1554
   assert rate.trailing_levels(4, 216) == 3
   assert rate.trailing_levels(4, 5) == 1
-  assert rate.trailing_levels(2, 10 ** 6) == 2
+  assert rate.trailing_levels(2, 10**6) == 2
 
 
 def test_scores_are_relative_l1_over_all_examples():
-  acc = rate.Accumulator({0: np.array([4.0, 8.0])}, {0: np.array([2.0, 6.0])}, target_sum=0.0,
-                         target_sq_sum=16.0, count=4.0)
+  acc = rate.Accumulator(
+    {0: np.array([4.0, 8.0])}, {0: np.array([2.0, 6.0])}, target_sum=0.0, target_sq_sum=16.0, count=4.0
+  )
   score, mse = acc.scores()
   np.testing.assert_allclose(score[0], [1.0 / 2.0, 2.0 / 2.0], rtol=1e-9)  # mean |S-T| / std(T) = (4/4)/2
   np.testing.assert_allclose(mse[0], [0.5, 1.5])
@@ -92,8 +90,10 @@ def test_sharded_rating_equals_single_device():
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 4)
   single = rate.rate_cell(rate.for_rating(cell, None), variables, calib, inputs, target, mask)
   from dna_jax import parallel
+
   shard = lambda x: jax.device_put(x, jax.NamedSharding(parallel.make_mesh(), jax.P(parallel.AXIS)))
-  sharded = rate.rate_cell(rate.for_rating(cell, None), variables, shard(calib), shard(inputs), shard(target),
-                           shard(mask), mode='shard_map')
+  sharded = rate.rate_cell(
+    rate.for_rating(cell, None), variables, shard(calib), shard(inputs), shard(target), shard(mask), mode='shard_map'
+  )
   for a, b in zip(single, sharded):
     np.testing.assert_allclose(a, b, rtol=1e-4)

@@ -25,9 +25,22 @@ ARCH = space_lib.from_string('8,8,32|8s2:k3e3/16s2:k3e6')
 
 def make_config(**overrides):
   config = config_base.get_base_config()
-  config.retrain.update(dict(batch_size=16, epochs=3, steps_per_epoch=4, base_learning_rate=8.0, warmup_epochs=0,
-                             dropout_rate=0.0, drop_connect_rate=0.0, label_smoothing=0.1, ema_decay=0.15,
-                             log_every_steps=1, checkpoint_every_steps=100, eval_every_epochs=1))
+  config.retrain.update(
+    dict(
+      batch_size=16,
+      epochs=3,
+      steps_per_epoch=4,
+      base_learning_rate=8.0,
+      warmup_epochs=0,
+      dropout_rate=0.0,
+      drop_connect_rate=0.0,
+      label_smoothing=0.1,
+      ema_decay=0.15,
+      log_every_steps=1,
+      checkpoint_every_steps=100,
+      eval_every_epochs=1,
+    )
+  )
   config.retrain.update(overrides)
   return config
 
@@ -38,8 +51,7 @@ CONVENTIONS = layers.Conventions(bn_momentum=0.5, depthwise='native')
 
 
 def make_model(axis=parallel.AXIS, dropout=0.0):
-  return child.ChildNet(ARCH, CLASSES, dropout, dropout, stem_stride=2, conventions=CONVENTIONS,
-                        bn_axis_name=axis)
+  return child.ChildNet(ARCH, CLASSES, dropout, dropout, stem_stride=2, conventions=CONVENTIONS, bn_axis_name=axis)
 
 
 def fixed_batches(start_step, devices=8):
@@ -47,8 +59,10 @@ def fixed_batches(start_step, devices=8):
   step = start_step
   while True:
     rng = np.random.default_rng(step % 2)
-    yield {'image': rng.normal(size=(devices, 16 // devices, IMAGE, IMAGE, 3)).astype(np.float32),
-           'label': rng.integers(0, CLASSES, (devices, 16 // devices)).astype(np.int32)}
+    yield {
+      'image': rng.normal(size=(devices, 16 // devices, IMAGE, IMAGE, 3)).astype(np.float32),
+      'label': rng.integers(0, CLASSES, (devices, 16 // devices)).astype(np.int32),
+    }
     step += 1
 
 
@@ -57,9 +71,16 @@ def eval_batches():
 
 
 def train(workdir, config, **kwargs):
-  return retrain.train_and_evaluate(make_model(), config.retrain, str(workdir), image_size=IMAGE,
-                                    train_batches=fixed_batches, steps_per_epoch=config.retrain.steps_per_epoch,
-                                    seed=0, **kwargs)
+  return retrain.train_and_evaluate(
+    make_model(),
+    config.retrain,
+    str(workdir),
+    image_size=IMAGE,
+    train_batches=fixed_batches,
+    steps_per_epoch=config.retrain.steps_per_epoch,
+    seed=0,
+    **kwargs,
+  )
 
 
 def assert_trees_equal(a, b, **tolerance):
@@ -76,12 +97,12 @@ def whole_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('whole')
   config = make_config()
   fresh = retrain.create_train_state(jax.random.PRNGKey(0), make_model(), IMAGE, optax.sgd(0.1))
-  initial = retrain.evaluate_batches(retrain.parallel_eval('pmap', fresh.apply_fn),
-                                     retrain.variables_of(fresh, ema=False), eval_batches(), 'pmap')
+  initial = retrain.evaluate_batches(
+    retrain.parallel_eval('pmap', fresh.apply_fn), retrain.variables_of(fresh, ema=False), eval_batches(), 'pmap'
+  )
   saved = []
   state, results = train(workdir, config, eval_batches=eval_batches, on_best=lambda v, best: saved.append(best))
-  return {'workdir': workdir, 'config': config, 'state': state, 'results': results, 'initial': initial,
-          'saved': saved}
+  return {'workdir': workdir, 'config': config, 'state': state, 'results': results, 'initial': initial, 'saved': saved}
 
 
 def test_training_reduces_the_loss_and_keeps_the_best(whole_run):
@@ -121,20 +142,26 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
   state = retrain.create_train_state(jax.random.PRNGKey(2), make_model(), IMAGE, tx)
   step = functools.partial(retrain.train_step, learning_rate_fn=lr_fn, label_smoothing=0.1, ema_decay=tc.ema_decay)
   batch = next(fixed_batches(0))
-  one_device = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None,
-                        devices=jax.local_devices()[:1])
+  one_device = jax.pmap(
+    step, axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None, devices=jax.local_devices()[:1]
+  )
   p_step = parallel.data_parallel(step, 'pmap')
   results = {
-      'pmap': p_step(parallel.replicate(state, 'pmap'), batch),
-      'shard_map': parallel.data_parallel(step, 'shard_map')(
-          parallel.replicate(state, 'shard_map'), parallel.shard_batch(batch, 'shard_map')),
+    'pmap': p_step(parallel.replicate(state, 'pmap'), batch),
+    'shard_map': parallel.data_parallel(step, 'shard_map')(
+      parallel.replicate(state, 'shard_map'), parallel.shard_batch(batch, 'shard_map')
+    ),
   }
   reference, metrics = one_device(state, jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch))
   assert not np.allclose(jax.tree.leaves(reference.params)[0], jax.tree.leaves(state.params)[0])
   for name, (new_state, new_metrics) in results.items():
     for field in ('params', 'batch_stats'):
-      assert_trees_equal(parallel.host_copy(getattr(new_state, field)), parallel.host_copy(getattr(reference, field)),
-                         rtol=2e-5, atol=2e-6)
+      assert_trees_equal(
+        parallel.host_copy(getattr(new_state, field)),
+        parallel.host_copy(getattr(reference, field)),
+        rtol=2e-5,
+        atol=2e-6,
+      )
     np.testing.assert_allclose(float(new_metrics['loss']), float(metrics['loss']), rtol=1e-5)
 
   # EMA: TF ExponentialMovingAverage(0.15, num_updates=t) decays by min(0.15, (1 + t) / (10 + t)) = 0.1, 0.15.
@@ -149,9 +176,11 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
 def test_learning_rate_schedule_matches_efficientnet():
   tc = make_config(batch_size=512, base_learning_rate=0.016, warmup_epochs=5, lr_decay_epochs=2.4).retrain
   lr_fn = retrain.create_learning_rate_fn(tc, 10)  # peak 0.032, warm-up 50 steps, decay every 24 steps
-  np.testing.assert_allclose([float(lr_fn(s)) for s in (0, 25, 49, 50, 71, 72, 100)],
-                             [0.0, 0.016, 0.032 * 49 / 50, 0.032 * 0.97 ** 2, 0.032 * 0.97 ** 2,
-                              0.032 * 0.97 ** 3, 0.032 * 0.97 ** 4], rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(lr_fn(s)) for s in (0, 25, 49, 50, 71, 72, 100)],
+    [0.0, 0.016, 0.032 * 49 / 50, 0.032 * 0.97**2, 0.032 * 0.97**2, 0.032 * 0.97**3, 0.032 * 0.97**4],
+    rtol=1e-6,
+  )
   assert retrain.epochs_to_steps(2.4, 10) == 24
 
 
@@ -163,8 +192,11 @@ def test_weight_decay_skips_batchnorm_and_biases():
 
 
 def test_nan_guard_names_the_first_bad_step():
-  window = [(7, {'loss': 1.0, 'grad_norm': 2.0}), (8, {'loss': 1.0, 'grad_norm': float('inf')}),
-            (9, {'loss': float('nan'), 'grad_norm': 1.0})]
+  window = [
+    (7, {'loss': 1.0, 'grad_norm': 2.0}),
+    (8, {'loss': 1.0, 'grad_norm': float('inf')}),
+    (9, {'loss': float('nan'), 'grad_norm': 1.0}),
+  ]
   retrain.check_finite(window[:1])
   with pytest.raises(FloatingPointError, match='non-finite grad_norm at step 8'):
     retrain.check_finite(window)
@@ -175,26 +207,40 @@ def test_init_from_supernet_copies_the_chosen_paths(tmp_path):
   variables = child.init_child(make_model(None), jax.random.PRNGKey(0), IMAGE)
   ones = lambda tree: jax.tree.map(np.ones_like, tree)
   # Block 2's supernet cell reads a 12-wide teacher feature where the child's block 1 gives 8 channels.
-  wrong_in = child.init_child(child.ChildNet(space_lib.from_string('8,8,32|12s2:k3e3/16s2:k3e6'), CLASSES),
-                              jax.random.PRNGKey(1), IMAGE)
+  wrong_in = child.init_child(
+    child.ChildNet(space_lib.from_string('8,8,32|12s2:k3e3/16s2:k3e6'), CLASSES), jax.random.PRNGKey(1), IMAGE
+  )
   op = space_lib.OP_NAMES[ARCH.blocks[1].ops[0]]
   cells = [
-      (0, {c: {'stem': ones(variables[c]['stem']), 'ds': ones(variables[c]['ds']),
-               'layer0': {'k3e3': ones(variables[c]['block1_layer0'])}} for c in variables}),
-      (1, {c: {'layer0': {op: ones(wrong_in[c]['block2_layer0'])}} for c in variables}),
+    (
+      0,
+      {
+        c: {
+          'stem': ones(variables[c]['stem']),
+          'ds': ones(variables[c]['ds']),
+          'layer0': {'k3e3': ones(variables[c]['block1_layer0'])},
+        }
+        for c in variables
+      },
+    ),
+    (1, {c: {'layer0': {op: ones(wrong_in[c]['block2_layer0'])}} for c in variables}),
   ]
   space = space_lib.parse_space('2 12 1@8; 2 20 1@12,1@16', stem_width=8, ds_width=8, head_width=32)
   for k, (cell_index, cell) in enumerate(cells):
-    state = {'step': np.int32(5), 'params': {f'cell{cell_index}': cell['params']},
-             'batch_stats': {f'cell{cell_index}': cell['batch_stats']}}
+    state = {
+      'step': np.int32(5),
+      'params': {f'cell{cell_index}': cell['params']},
+      'batch_stats': {f'cell{cell_index}': cell['batch_stats']},
+    }
     with ocp.CheckpointManager(tmp_path / 'distill' / f'block_{k + 1}') as manager:
       manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   new = retrain.init_from_supernet(variables, ARCH, str(tmp_path), space=space)
   assert np.all(new['params']['block1_layer0']['dwconv']['kernel'] == 1)
   assert np.all(new['batch_stats']['stem']['bn']['var'] == 1)
   # Block 2's first layer has 12 inputs in the supernet, 8 in the child: its expanded convs keep their init.
-  np.testing.assert_array_equal(new['params']['block2_layer0']['dwconv']['kernel'],
-                                variables['params']['block2_layer0']['dwconv']['kernel'])
+  np.testing.assert_array_equal(
+    new['params']['block2_layer0']['dwconv']['kernel'], variables['params']['block2_layer0']['dwconv']['kernel']
+  )
   assert np.all(new['params']['block2_layer0']['project_bn']['bias'] == 1)  # same shape: copied
   np.testing.assert_array_equal(new['params']['head']['conv']['kernel'], variables['params']['head']['conv']['kernel'])
   with pytest.raises(FileNotFoundError, match='no distillation checkpoint'):
@@ -206,12 +252,17 @@ def test_normalizations_round_trip():
   for target in export_lib.NORMALIZATIONS:
     back = export_lib.normalize(export_lib.normalize(images, 'raw', target), target, 'raw')
     np.testing.assert_allclose(back, images, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(export_lib.normalize(images, 'raw', 'imagenet')[..., 0],
-                             (images[..., 0] / 255 - 0.485) / 0.229, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    export_lib.normalize(images, 'raw', 'imagenet')[..., 0],
+    (images[..., 0] / 255 - 0.485) / 0.229,
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
   import tensorflow as tf
+
   size = 8  # The last block runs on 1x1 maps, a case TFLite's converter needs help with.
   model = make_model(None)
   variables = child.init_child(model, jax.random.PRNGKey(3), size)
@@ -222,26 +273,29 @@ def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
   loaded_model, loaded, loaded_meta = export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
   assert loaded_meta == meta
   assert_trees_equal(loaded, variables)
-  other = export_lib.make_meta(space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, size,
-                               model.conventions, 'imagenet')
+  other = export_lib.make_meta(
+    space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, size, model.conventions, 'imagenet'
+  )
   (tmp_path / 'ckpt' / 'meta.json').write_text(json.dumps(other))
   with pytest.raises(ValueError, match=r'block2_layer0/dwconv/kernel is \(3, 3, 1, 48\).*needs \(5, 5, 1, 48\)'):
     export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
 
   pixels = np.random.default_rng(4).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
   expected = np.asarray(model.apply(variables, export_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])
-  saved_model = export_lib.export(loaded_model, loaded, size, str(tmp_path / 'sm'), 'saved_model',
-                                  normalization='imagenet')
+  saved_model = export_lib.export(
+    loaded_model, loaded, size, str(tmp_path / 'sm'), 'saved_model', normalization='imagenet'
+  )
   serve = tf.saved_model.load(saved_model).signatures['serving_default']
   np.testing.assert_allclose(serve(images=tf.constant(pixels))['logits'].numpy(), expected, atol=1e-4)
 
-  tflite = export_lib.export(loaded_model, loaded, size, str(tmp_path / 'model.tflite'), 'tflite',
-                             normalization='imagenet')
+  tflite = export_lib.export(
+    loaded_model, loaded, size, str(tmp_path / 'model.tflite'), 'tflite', normalization='imagenet'
+  )
   interpreter = tf.lite.Interpreter(model_path=tflite)
   interpreter.allocate_tensors()
   (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
   assert tuple(inp['shape']) == (1, size, size, 3)
   for i in range(len(pixels)):
-    interpreter.set_tensor(inp['index'], pixels[i:i + 1])
+    interpreter.set_tensor(inp['index'], pixels[i : i + 1])
     interpreter.invoke()
     np.testing.assert_allclose(interpreter.get_tensor(out['index'])[0], expected[i], atol=1e-4)

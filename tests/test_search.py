@@ -20,22 +20,23 @@ def random_space(rng: np.random.Generator, max_archs: int = 150_000) -> space_li
     blocks = []
     for _ in range(rng.integers(2, 5)):
       stride = int(rng.integers(1, 3))
-      cells = {space_lib.Cell(int(rng.integers(1, 3)), int(rng.choice([8, 12, 16])), stride)
-               for _ in range(rng.integers(1, 4))}
+      cells = {
+        space_lib.Cell(int(rng.integers(1, 3)), int(rng.choice([8, 12, 16])), stride) for _ in range(rng.integers(1, 4))
+      }
       blocks.append(space_lib.Block(tuple(sorted(cells, key=lambda c: (c.layers, c.width))), 16))
     space = space_lib.SearchSpace(tuple(blocks), stem_width=8, ds_width=8, head_width=32)
     if space.num_architectures <= max_archs:
       return space
 
 
-def write_random_ratings(directory: str, space: space_lib.SearchSpace, rng: np.random.Generator,
-                         ties: bool) -> ratings_lib.Ratings:
+def write_random_ratings(
+  directory: str, space: space_lib.SearchSpace, rng: np.random.Generator, ties: bool
+) -> ratings_lib.Ratings:
   for k, block in enumerate(space.blocks):
     draw = (lambda n: rng.integers(0, 4, n) / 8) if ties else (lambda n: rng.random(n))
     scores = {c: draw(cell.num_paths) for c, cell in enumerate(block.cells)}
     mses = {c: rng.random(cell.num_paths) for c, cell in enumerate(block.cells)}
-    ratings_lib.write_block_ratings(directory, space, k, scores, mses, resolution=RESOLUTION,
-                                    num_classes=NUM_CLASSES)
+    ratings_lib.write_block_ratings(directory, space, k, scores, mses, resolution=RESOLUTION, num_classes=NUM_CLASSES)
   return ratings_lib.read_ratings(directory)
 
 
@@ -95,16 +96,28 @@ def test_results_cost_as_costs_module(tmp_path):
     total, _ = costs.architecture_cost(r.architecture, RESOLUTION, NUM_CLASSES)
     assert (r.flops, r.params, r.macs) == (total.flops, total.params, total.macs)
     assert ratings_lib.architecture_rating(ratings, r.architecture) == {
-        'score': pytest.approx(r.score, abs=1e-12), 'flops': r.flops, 'params': r.params, 'macs': r.macs}
+      'score': pytest.approx(r.score, abs=1e-12),
+      'flops': r.flops,
+      'params': r.params,
+      'macs': r.macs,
+    }
 
 
 def test_all_ties_break_by_flops_params_then_choices(tmp_path):
-  space = space_lib.SearchSpace((space_lib.Block((space_lib.Cell(1, 8, 2), space_lib.Cell(1, 12, 2)), 16),
-                                 space_lib.Block((space_lib.Cell(1, 8, 1),), 16)), 8, 8, 32)
+  space = space_lib.SearchSpace(
+    (
+      space_lib.Block((space_lib.Cell(1, 8, 2), space_lib.Cell(1, 12, 2)), 16),
+      space_lib.Block((space_lib.Cell(1, 8, 1),), 16),
+    ),
+    8,
+    8,
+    32,
+  )
   for k, block in enumerate(space.blocks):
     zeros = {c: np.zeros(cell.num_paths) for c, cell in enumerate(block.cells)}
-    ratings_lib.write_block_ratings(str(tmp_path), space, k, zeros, zeros, resolution=RESOLUTION,
-                                    num_classes=NUM_CLASSES)
+    ratings_lib.write_block_ratings(
+      str(tmp_path), space, k, zeros, zeros, resolution=RESOLUTION, num_classes=NUM_CLASSES
+    )
   ratings = ratings_lib.read_ratings(str(tmp_path))
   results = search_lib.search(ratings, top_k=space.num_architectures)
   order = [(r.flops, r.params, r.choices) for r in results]
@@ -143,8 +156,9 @@ def test_round_trip_and_completion(tmp_path):
   scores = [{c: rng.random(cell.num_paths) for c, cell in enumerate(b.cells)} for b in space.blocks]
   for k in range(len(space.blocks)):
     assert not ratings_lib.block_complete(directory, k)
-    ratings_lib.write_block_ratings(directory, space, k, scores[k], scores[k], resolution=RESOLUTION,
-                                    num_classes=NUM_CLASSES)
+    ratings_lib.write_block_ratings(
+      directory, space, k, scores[k], scores[k], resolution=RESOLUTION, num_classes=NUM_CLASSES
+    )
     assert ratings_lib.block_complete(directory, k)
   ratings = ratings_lib.read_ratings(directory)
   assert ratings.space == space and (ratings.resolution, ratings.num_classes) == (RESOLUTION, NUM_CLASSES)
@@ -170,19 +184,23 @@ def test_incomplete_ratings_say_which_blocks(tmp_path):
   space = random_space(rng)
   block = space.blocks[0]
   values = {c: rng.random(cell.num_paths) for c, cell in enumerate(block.cells)}
-  ratings_lib.write_block_ratings(str(tmp_path), space, 0, values, values, resolution=RESOLUTION,
-                                  num_classes=NUM_CLASSES)
+  ratings_lib.write_block_ratings(
+    str(tmp_path), space, 0, values, values, resolution=RESOLUTION, num_classes=NUM_CLASSES
+  )
   with pytest.raises(ValueError, match=r'meta.json: ratings incomplete, blocks \[2'):
     ratings_lib.read_ratings(str(tmp_path))
 
 
-@pytest.mark.parametrize('line, edit, message', [
+@pytest.mark.parametrize(
+  'line, edit, message',
+  [
     (4, lambda f: f[:4] + ['oops'] + f[5:], "block_1.csv, line 4: could not convert string to float: 'oops'"),
     (3, lambda f: f[:2] + ['k9e6'] + f[3:], "block_1.csv, line 3: unknown op 'k9e6'"),
     (5, lambda f: f[:8], 'block_1.csv, line 5: expected 9 fields'),
     (2, lambda f: f[:3] + ['999'] + f[4:], 'block_1.csv, line 2: in_channels 999 is not a possible input width'),
     (6, lambda f: f[:1] + ['7@7'] + f[2:], "block_1.csv, line 6: cell '7@7' is not in block 1"),
-])
+  ],
+)
 def test_malformed_csv_names_file_and_line(tmp_path, line, edit, message):
   rng = np.random.default_rng(5)
   write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
@@ -224,9 +242,14 @@ def test_run_search_files_cli_and_overwrite(tmp_path, capsys):
   # existing files: refused without --overwrite, no traceback
   assert search_lib.main(['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2']) == 1
   assert 'arch_1.json, arch_2.json, pareto.png; choose another output directory or pass --overwrite' in (
-      capsys.readouterr().err)
-  assert search_lib.main(['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2', '--json',
-                          '--overwrite', '--no_plot']) == 0
+    capsys.readouterr().err
+  )
+  assert (
+    search_lib.main(
+      ['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2', '--json', '--overwrite', '--no_plot']
+    )
+    == 0
+  )
   printed = json.loads(capsys.readouterr().out)
   assert [p['string'] for p in printed] == [str(r.architecture) for r in results]
   assert search_lib.main(['--ratings', ratings_dir, '--max_flops', '1', '--out', str(tmp_path / 'x')]) == 1
@@ -237,8 +260,11 @@ def test_fewer_feasible_than_top_k(tmp_path):
   rng = np.random.default_rng(8)
   ratings = write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
   score, flops, params, rows = brute_force(ratings)
-  for max_flops, max_params in ((int(flops.min()), None), (None, int(params.min())),
-                                (int(np.sort(flops)[2]), int(np.sort(params)[-3]))):
+  for max_flops, max_params in (
+    (int(flops.min()), None),
+    (None, int(params.min())),
+    (int(np.sort(flops)[2]), int(np.sort(params)[-3])),
+  ):
     feasible = np.flatnonzero((flops <= (max_flops or flops.max())) & (params <= (max_params or params.max())))
     assert 1 <= len(feasible) < 20
     results = search_lib.search(ratings, max_flops, max_params, top_k=20)
@@ -247,6 +273,7 @@ def test_fewer_feasible_than_top_k(tmp_path):
 
 def test_stage_run_reads_config_budgets(tmp_path):
   import ml_collections
+
   rng = np.random.default_rng(9)
   ratings = write_random_ratings(str(tmp_path / 'ratings'), random_space(rng), rng, ties=False)
   _, _, params, _ = brute_force(ratings)

@@ -44,8 +44,11 @@ def test_default_space_size_and_paths():
   assert [len(b.cells) for b in space.blocks] == [2, 3, 3, 3, 3, 1]
   assert [b.teacher_width for b in space.blocks] == [48, 80, 160, 224, 384, 640]
   assert sum(b.num_paths for b in space.blocks) == 23010
-  assert space.num_architectures == (36 + 216) * (36 + 216 + 1296) * (36 + 216 + 1296) * (216 + 2 * 1296) \
-      * (1296 + 2 * 7776) * 6 == 171411186526175232
+  assert (
+    space.num_architectures
+    == (36 + 216) * (36 + 216 + 1296) * (36 + 216 + 1296) * (216 + 2 * 1296) * (1296 + 2 * 7776) * 6
+    == 171411186526175232
+  )
   paths = list(space.blocks[0].cells[0].paths())
   assert len(paths) == 36 and paths[0] == (0, 0) and paths[7] == (1, 1) and paths[-1] == (5, 5)
 
@@ -135,8 +138,11 @@ def test_macs_agree_with_xla_cost_analysis(name):
   arch = space_lib.NAMED_ARCHITECTURES[name]
   model = child.ChildNet(arch, 1000, conventions=layers.Conventions(depthwise='native'))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
-  compiled = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(
-      shapes, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)).compile()
+  compiled = (
+    jax.jit(lambda v, x: model.apply(v, x)[0])
+    .lower(shapes, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    .compile()
+  )
   xla_flops = compiled.cost_analysis()['flops']
   macs = costs.architecture_cost(arch)[0].macs
   assert 1.0 <= xla_flops / (2 * macs) <= 1.10
@@ -152,8 +158,7 @@ def test_describe_reports_model_costs():
 
 
 def run_describe(*args):
-  return subprocess.run([sys.executable, '-m', 'dna_jax.describe', *args], capture_output=True, text=True,
-                        timeout=120)
+  return subprocess.run([sys.executable, '-m', 'dna_jax.describe', *args], capture_output=True, text=True, timeout=120)
 
 
 def test_describe_cli(tmp_path):
@@ -180,8 +185,12 @@ def test_describe_cli(tmp_path):
 
 def test_depthwise_implementations_agree():
   rng = np.random.default_rng(0)
-  for size, kernel, stride, padding in [(9, 3, 2, 'tf_same'), (8, 5, 2, 'tf_same'), (8, 7, 1, 'symmetric'),
-                                        (7, 5, 2, 'symmetric')]:
+  for size, kernel, stride, padding in [
+    (9, 3, 2, 'tf_same'),
+    (8, 5, 2, 'tf_same'),
+    (8, 7, 1, 'symmetric'),
+    (7, 5, 2, 'symmetric'),
+  ]:
     x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
     native = layers.depthwise_conv(x, w, stride, padding, 'native')

@@ -24,11 +24,26 @@ TOL = 1e-4
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')  # Keras's numpy-2 __array__ notice
 # keras.applications.EfficientNetB*(weights=None).count_params() (Keras 3.15): trainable weights,
 # BN moving statistics and the Normalization layer's mean, variance and count.
-KERAS_PARAM_COUNTS = {'b0': 5_330_571, 'b1': 7_856_239, 'b2': 9_177_569, 'b3': 12_320_535, 'b4': 19_466_823,
-                      'b5': 30_562_527, 'b6': 43_265_143, 'b7': 66_658_687}
-B0_TAPS = {'stem': 'stem_activation', 'stage1': 'block1a_project_bn', 'block1': 'block2b_add',
-           'block2': 'block3b_add', 'block3': 'block4c_add', 'block4': 'block5c_add', 'block5': 'block6d_add',
-           'block6': 'block7a_project_bn'}
+KERAS_PARAM_COUNTS = {
+  'b0': 5_330_571,
+  'b1': 7_856_239,
+  'b2': 9_177_569,
+  'b3': 12_320_535,
+  'b4': 19_466_823,
+  'b5': 30_562_527,
+  'b6': 43_265_143,
+  'b7': 66_658_687,
+}
+B0_TAPS = {
+  'stem': 'stem_activation',
+  'stage1': 'block1a_project_bn',
+  'block1': 'block2b_add',
+  'block2': 'block3b_add',
+  'block3': 'block4c_add',
+  'block4': 'block5c_add',
+  'block5': 'block6d_add',
+  'block6': 'block7a_project_bn',
+}
 
 
 def keras_model(variant: str, resolution: int | None = RES, **kwargs) -> keras.Model:
@@ -40,10 +55,15 @@ def keras_model(variant: str, resolution: int | None = RES, **kwargs) -> keras.M
 def randomize(model: keras.Model, seed: int, imagenet_normalization: bool = False) -> None:
   """Random BN gamma/beta/moving stats, biases and input normalization (kernels keep Keras's init)."""
   rng = np.random.default_rng(seed)
-  values = {'gamma': lambda s: rng.uniform(0.5, 1.5, s), 'moving_variance': lambda s: rng.uniform(0.5, 2.0, s),
-            'beta': lambda s: rng.normal(0, 0.1, s), 'moving_mean': lambda s: rng.normal(0, 0.1, s),
-            'bias': lambda s: rng.normal(0, 0.1, s), 'mean': lambda s: rng.uniform(0.3, 0.6, s),
-            'variance': lambda s: rng.uniform(0.03, 0.1, s)}
+  values = {
+    'gamma': lambda s: rng.uniform(0.5, 1.5, s),
+    'moving_variance': lambda s: rng.uniform(0.5, 2.0, s),
+    'beta': lambda s: rng.normal(0, 0.1, s),
+    'moving_mean': lambda s: rng.normal(0, 0.1, s),
+    'bias': lambda s: rng.normal(0, 0.1, s),
+    'mean': lambda s: rng.uniform(0.3, 0.6, s),
+    'variance': lambda s: rng.uniform(0.03, 0.1, s),
+  }
   if imagenet_normalization:  # what keras-applications' ImageNet files hold (std stored as variance)
     values['mean'] = lambda s: np.array(efficientnet.IMAGENET_MEAN_RGB)
     values['variance'] = lambda s: np.array(efficientnet.IMAGENET_STDDEV_RGB)
@@ -106,8 +126,14 @@ def b0(tmp_path_factory):
     if isinstance(layer, keras.layers.Dropout):
       layer.rate = 0.0
   _, train_features = keras_outputs(model, {'block1': 'block2b_add'}, x, training=True)
-  return {'dir': out, 'weights': weights, 'images': x, 'logits': logits, 'features': features,
-          'train_features': train_features}
+  return {
+    'dir': out,
+    'weights': weights,
+    'images': x,
+    'logits': logits,
+    'features': features,
+    'train_features': train_features,
+  }
 
 
 def test_b0_matches_keras(b0):
@@ -117,7 +143,7 @@ def test_b0_matches_keras(b0):
   for name, want in b0['features'].items():
     assert features[name].shape == want.shape, name
     assert rel_error(features[name], want) < TOL, name
-  meta = json.loads(open(f"{b0['dir']}/{teacher.METADATA_FILE}").read())
+  meta = json.loads(open(f'{b0["dir"]}/{teacher.METADATA_FILE}').read())
   assert (meta['variant'], meta['input'], meta['num_classes'], meta['imagenet_rescale']) == ('b0', 'raw', 1000, False)
 
 
@@ -150,8 +176,9 @@ def test_check_names_variant_and_first_mismatch(b0, tmp_path):
   with pytest.raises(teacher.TeacherCheckpointError, match=r"lacks params/stage1_layer1/\S+ .* of EfficientNet 'b1'"):
     teacher.check(str(copy), 'b1')
   (copy / teacher.METADATA_FILE).write_text(json.dumps({**meta, 'model': {**meta['model'], 'num_classes': 10}}))
-  with pytest.raises(teacher.TeacherCheckpointError,
-                     match=r'params/head/classifier/bias has shape \(1000,\), .* needs \(10,\)'):
+  with pytest.raises(
+    teacher.TeacherCheckpointError, match=r'params/head/classifier/bias has shape \(1000,\), .* needs \(10,\)'
+  ):
     teacher.check(str(copy), 'b0')
   with pytest.raises(ValueError, match='valid: b0, b1'):
     teacher.check(b0['dir'], 'b9')
@@ -163,13 +190,16 @@ def test_converter_cli_errors(b0, tmp_path, capsys, monkeypatch):
 
   monkeypatch.setattr(file_utils, 'get_file', offline)
   cases = [
-      (['--variant', 'b0', '--keras_weights', b0['weights'], '--out', b0['dir']], 'not empty; .* --overwrite'),
-      (['--variant', 'b0', '--out', str(tmp_path / 'a')],
-       r'keras-applications/efficientnetb0\.h5 .* --keras_weights efficientnetb0\.h5'),
-      (['--variant', 'b1', '--keras_weights', b0['weights'], '--out', str(tmp_path / 'b')],
-       'cannot load .* EfficientNetB1'),
-      (['--variant', 'b0', '--keras_weights', str(tmp_path / 'none.h5'), '--out', str(tmp_path / 'c')],
-       'no such file'),
+    (['--variant', 'b0', '--keras_weights', b0['weights'], '--out', b0['dir']], 'not empty; .* --overwrite'),
+    (
+      ['--variant', 'b0', '--out', str(tmp_path / 'a')],
+      r'keras-applications/efficientnetb0\.h5 .* --keras_weights efficientnetb0\.h5',
+    ),
+    (
+      ['--variant', 'b1', '--keras_weights', b0['weights'], '--out', str(tmp_path / 'b')],
+      'cannot load .* EfficientNetB1',
+    ),
+    (['--variant', 'b0', '--keras_weights', str(tmp_path / 'none.h5'), '--out', str(tmp_path / 'c')], 'no such file'),
   ]
   for argv, message in cases:
     assert convert_teacher.main(argv) == 1
@@ -196,8 +226,9 @@ def test_imagenet_rescale_reproduces_keras(tmp_path, monkeypatch):
   model, variables = teacher.load(downloaded, 'b0')
   _, local_variables = teacher.load(local, 'b0')
   jax.tree.map(np.testing.assert_array_equal, variables, local_variables)
-  np.testing.assert_allclose(variables['normalization']['rescale'], 1 / np.sqrt(efficientnet.IMAGENET_STDDEV_RGB),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    variables['normalization']['rescale'], 1 / np.sqrt(efficientnet.IMAGENET_STDDEV_RGB), rtol=1e-6
+  )
   got_logits, got = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
   assert rel_error(got_logits, logits) < TOL
   assert rel_error(got['block6'], features['block6']) < TOL
@@ -246,14 +277,19 @@ def test_tiny_features_up_to_pmap_and_no_gradient():
   logits, features = jax.jit(model.apply)(variables, x)
   assert logits.shape == (4, 10)
   assert {k: v.shape[1:] for k, v in features.items() if k != 'pre_logits'} == {
-      'stem': (32, 32, 16), 'stage1': (32, 32, 8), 'block1': (16, 16, 16), 'block2': (8, 8, 24),
-      'block3': (8, 8, 32)}
+    'stem': (32, 32, 16),
+    'stage1': (32, 32, 8),
+    'block1': (16, 16, 16),
+    'block2': (8, 8, 24),
+    'block3': (8, 8, 32),
+  }
   assert (efficientnet.block_widths(model), efficientnet.block_strides(model)) == ((16, 24, 32), (2, 2, 1))
   part_logits, part = jax.jit(model.clone(up_to=2).apply)(variables, x)
   assert part_logits is None and set(part) == {'stem', 'stage1', 'block1', 'block2'}
   np.testing.assert_allclose(part['block2'], features['block2'], rtol=1e-6, atol=1e-6)
   per_device = jax.pmap(lambda v, x: teacher.teacher_features(model, v, x, up_to=3), in_axes=(None, 0))(
-      variables, x.reshape(2, 2, 32, 32, 3))
+    variables, x.reshape(2, 2, 32, 32, 3)
+  )
   np.testing.assert_allclose(per_device['block3'].reshape(4, 8, 8, 32), features['block3'], rtol=1e-5, atol=1e-5)
   grads = jax.jit(jax.grad(lambda v: jnp.sum(teacher.teacher_features(model, v, x)['block3'] ** 2)))(variables)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))

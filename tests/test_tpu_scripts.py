@@ -20,17 +20,42 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS_DIR = os.path.join(REPO_ROOT, 'tpu_scripts')
 RUNNABLE = ['create_vm.sh', 'install.sh', 'launch.sh', 'logs.sh', 'delete_vm.sh']
 ALL_SCRIPTS = ['common.sh'] + RUNNABLE
-SETTINGS = ['TPU_NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO_URL',
-            'REPO_BRANCH', 'REMOTE_DIR', 'REMOTE_VENV', 'REMOTE_PYTHON', 'RUN_LOG', 'DRY_RUN']
+SETTINGS = [
+  'TPU_NAME',
+  'ZONE',
+  'PROJECT',
+  'ACCELERATOR_TYPE',
+  'RUNTIME_VERSION',
+  'REPO_URL',
+  'REPO_BRANCH',
+  'REMOTE_DIR',
+  'REMOTE_VENV',
+  'REMOTE_PYTHON',
+  'RUN_LOG',
+  'DRY_RUN',
+]
 
 TPU_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 NAME = ['--name', 'dna-test', '--zone', 'us-west4-a']
 LOCATION = ['dna-test', '--zone=us-west4-a']
 LIBTPU_URL = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
-MAIN_ARGS = ['--config', 'configs/demo.py', '--workdir', 'gs://bucket/run', '--config.stages=distill,rate',
-             '--', "--config.name=it's a test"]
-EXPECTED_ARGV = ['--config', 'configs/demo.py', '--workdir', 'gs://bucket/run', '--config.stages=distill,rate',
-                 "--config.name=it's a test"]
+MAIN_ARGS = [
+  '--config',
+  'configs/demo.py',
+  '--workdir',
+  'gs://bucket/run',
+  '--config.stages=distill,rate',
+  '--',
+  "--config.name=it's a test",
+]
+EXPECTED_ARGV = [
+  '--config',
+  'configs/demo.py',
+  '--workdir',
+  'gs://bucket/run',
+  '--config.stages=distill,rate',
+  "--config.name=it's a test",
+]
 
 
 def _load_make_notebook():
@@ -59,8 +84,9 @@ def fixture_env(tmp_path):
 
 
 def _run_script(name, args, env, returncode=0):
-  result = subprocess.run(['bash', os.path.join(SCRIPTS_DIR, name), *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+  result = subprocess.run(
+    ['bash', os.path.join(SCRIPTS_DIR, name), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+  )
   assert 'fake gcloud called' not in result.stderr, result.stderr
   assert result.returncode == returncode, result.stderr
   return result
@@ -80,14 +106,14 @@ def _shell_words(text):
 
 def _find(words, expected):
   for start in range(len(words) - len(expected) + 1):
-    if words[start:start + len(expected)] == expected:
+    if words[start : start + len(expected)] == expected:
       return start
   raise AssertionError(f'{expected} not in {words}')
 
 
 def _remote_command(line):
   assert line[-1].startswith('--command='), line
-  return line[-1][len('--command='):]
+  return line[-1][len('--command=') :]
 
 
 def _job_of(launch_command):
@@ -98,8 +124,7 @@ def _job_of(launch_command):
 
 @pytest.mark.parametrize('name', ALL_SCRIPTS)
 def test_bash_syntax(name):
-  result = subprocess.run(['bash', '-n', os.path.join(SCRIPTS_DIR, name)], capture_output=True, text=True,
-                          check=False)
+  result = subprocess.run(['bash', '-n', os.path.join(SCRIPTS_DIR, name)], capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr
 
 
@@ -107,14 +132,14 @@ def test_shellcheck():
   if shutil.which('shellcheck') is None:
     pytest.skip('shellcheck is not installed')
   paths = [os.path.join(SCRIPTS_DIR, name) for name in ALL_SCRIPTS]
-  result = subprocess.run(['shellcheck', '-x', *paths], capture_output=True, text=True,
-                          check=False)
+  result = subprocess.run(['shellcheck', '-x', *paths], capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout
 
 
 def test_fake_gcloud_is_what_the_scripts_would_call(env):
-  result = subprocess.run(['bash', '-c', 'gcloud compute tpus list'], env=env, capture_output=True, text=True,
-                          check=False)
+  result = subprocess.run(
+    ['bash', '-c', 'gcloud compute tpus list'], env=env, capture_output=True, text=True, check=False
+  )
   assert result.returncode == 97
   assert 'fake gcloud called: compute tpus list' in result.stderr
 
@@ -133,23 +158,45 @@ def test_unknown_option_fails(name, env):
 
 
 def test_create_single_host(env):
-  lines = _dry_run('create_vm.sh', [*NAME, '--accelerator-type', 'v4-8', '--runtime-version', 'tpu-ubuntu2204-base'],
-                   env)
+  lines = _dry_run(
+    'create_vm.sh', [*NAME, '--accelerator-type', 'v4-8', '--runtime-version', 'tpu-ubuntu2204-base'], env
+  )
   assert lines == [[*TPU_VM, 'create', *LOCATION, '--accelerator-type=v4-8', '--version=tpu-ubuntu2204-base']]
 
 
 def test_create_spot_v5e_with_equals_options(env):
-  lines = _dry_run('create_vm.sh', ['--name=dna-test', '--zone=us-west4-a', '--accelerator-type=v5litepod-8',
-                                    '--runtime-version=v2-alpha-tpuv5-lite', '--spot'], env)
-  assert lines == [[*TPU_VM, 'create', *LOCATION, '--accelerator-type=v5litepod-8', '--version=v2-alpha-tpuv5-lite',
-                    '--spot']]
+  lines = _dry_run(
+    'create_vm.sh',
+    [
+      '--name=dna-test',
+      '--zone=us-west4-a',
+      '--accelerator-type=v5litepod-8',
+      '--runtime-version=v2-alpha-tpuv5-lite',
+      '--spot',
+    ],
+    env,
+  )
+  assert lines == [
+    [*TPU_VM, 'create', *LOCATION, '--accelerator-type=v5litepod-8', '--version=v2-alpha-tpuv5-lite', '--spot']
+  ]
 
 
 def test_create_pod_slice_from_environment(env):
   env.update(TPU_NAME='dna-pod', ZONE='us-central2-b', PROJECT='my-project', ACCELERATOR_TYPE='v4-32')
   lines = _dry_run('create_vm.sh', ['--spot', '--', '--network=my-net'], env)
-  assert lines == [[*TPU_VM, 'create', 'dna-pod', '--zone=us-central2-b', '--project=my-project',
-                    '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--spot', '--network=my-net']]
+  assert lines == [
+    [
+      *TPU_VM,
+      'create',
+      'dna-pod',
+      '--zone=us-central2-b',
+      '--project=my-project',
+      '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base',
+      '--spot',
+      '--network=my-net',
+    ]
+  ]
 
 
 def test_delete(env):
@@ -158,10 +205,12 @@ def test_delete(env):
 
 
 def test_logs(env):
-  assert _dry_run('logs.sh', NAME, env) == [[*TPU_VM, 'ssh', *LOCATION, '--worker=0',
-                                              '--command=tail -n 100 -F dna_jax_run.log']]
+  assert _dry_run('logs.sh', NAME, env) == [
+    [*TPU_VM, 'ssh', *LOCATION, '--worker=0', '--command=tail -n 100 -F dna_jax_run.log']
+  ]
   assert _dry_run('logs.sh', [*NAME, '--worker', 'all', '--lines=20', '--no-follow'], env) == [
-      [*TPU_VM, 'ssh', *LOCATION, '--worker=all', '--command=tail -n 20 dna_jax_run.log']]
+    [*TPU_VM, 'ssh', *LOCATION, '--worker=all', '--command=tail -n 20 dna_jax_run.log']
+  ]
 
 
 def _jax_pin():
@@ -200,8 +249,15 @@ def test_install_copies_this_checkout(env, tmp_path):
 
   # The same tar command on a small tree keeps the code and leaves out git data, caches and workdirs.
   tree = tmp_path / 'tree'
-  for relative in ['.git/HEAD', 'dna_jax/main.py', 'dna_jax/__pycache__/main.cpython-311.pyc', 'configs/demo.py',
-                   'workdir_demo/summary.txt', '.venv/bin/python', 'README.md']:
+  for relative in [
+    '.git/HEAD',
+    'dna_jax/main.py',
+    'dna_jax/__pycache__/main.cpython-311.pyc',
+    'configs/demo.py',
+    'workdir_demo/summary.txt',
+    '.venv/bin/python',
+    'README.md',
+  ]:
     (tree / relative).parent.mkdir(parents=True, exist_ok=True)
     (tree / relative).write_text('x')
   subprocess.run([*tar[:-5], '-czf', tarball, '-C', str(tree), '.'], check=True)
@@ -217,12 +273,32 @@ def test_launch(env):
   launch = _remote_command(lines[0])
   launch_words = _shell_words(launch)
   start = _find(launch_words, ['setsid', 'nohup', 'bash', '-c'])
-  assert launch_words[start + 5:start + 14] == ['>>', 'dna_jax_run.log', '2', '>&', '1', '<', '/dev/null', '&', 'echo']
+  assert launch_words[start + 5 : start + 14] == [
+    '>>',
+    'dna_jax_run.log',
+    '2',
+    '>&',
+    '1',
+    '<',
+    '/dev/null',
+    '&',
+    'echo',
+  ]
   job = _shell_words(_job_of(launch))
   main = ['DNA_JAX_DISTRIBUTED=1', 'python', '-m', 'dna_jax.main', *EXPECTED_ARGV]
-  assert job[:10] == ['(', 'source', 'dna_jax_venv/bin/activate', '&&', 'cd', 'dna_jax', '&&', 'export',
-                      'PYTHONUNBUFFERED=1', '&&']
-  assert job[_find(job, main):] == [*main, ');', 'echo', '$?', '>', 'dna_jax_run.rc']  # `);`: one operator word
+  assert job[:10] == [
+    '(',
+    'source',
+    'dna_jax_venv/bin/activate',
+    '&&',
+    'cd',
+    'dna_jax',
+    '&&',
+    'export',
+    'PYTHONUNBUFFERED=1',
+    '&&',
+  ]
+  assert job[_find(job, main) :] == [*main, ');', 'echo', '$?', '>', 'dna_jax_run.rc']  # `);`: one operator word
 
 
 def test_launch_refuses_missing_or_unsafe_arguments(env):
@@ -230,8 +306,9 @@ def test_launch_refuses_missing_or_unsafe_arguments(env):
   assert '--workdir is required' in result.stderr
   result = _run_script('launch.sh', ['--dry-run', '--workdir', 'gs://bucket/run'], env, returncode=2)
   assert '--config is required' in result.stderr
-  result = _run_script('launch.sh', ['--dry-run', '--spot', '--config', 'c.py', '--workdir', '/tmp/run'], env,
-                       returncode=2)
+  result = _run_script(
+    'launch.sh', ['--dry-run', '--spot', '--config', 'c.py', '--workdir', '/tmp/run'], env, returncode=2
+  )
   assert '--spot needs a gs:// workdir' in result.stderr
 
 
@@ -244,8 +321,7 @@ def test_launch_spot_recreates_reinstalls_and_reruns(env):
   assert describe == [*TPU_VM, 'describe', *LOCATION, '--format=value(state)']
   assert status[:-1] == [*TPU_VM, 'ssh', *LOCATION, '--worker=all']
   assert delete == [*TPU_VM, 'delete', *LOCATION, '--quiet']
-  assert create == [*TPU_VM, 'create', *LOCATION, '--accelerator-type=v4-8', '--version=tpu-ubuntu2204-base',
-                    '--spot']
+  assert create == [*TPU_VM, 'create', *LOCATION, '--accelerator-type=v4-8', '--version=tpu-ubuntu2204-base', '--spot']
   assert rebuild == [install, launch]
 
 
@@ -253,7 +329,7 @@ def _recording_gcloud(env, tmp_path, states=(), statuses=()):
   """Replaces the failing fake by one that records its arguments and plays a VM: `describe` answers the
   next of STATES (then READY), the run-status ssh the next of STATUSES; every other call succeeds."""
   script = tmp_path / 'bin' / 'gcloud'
-  script.write_text(f'''#!{sys.executable}
+  script.write_text(f"""#!{sys.executable}
 import json, pathlib, sys
 folder = pathlib.Path({str(tmp_path)!r})
 with open(folder / 'calls.jsonl', 'a') as calls:
@@ -267,25 +343,39 @@ if sys.argv[4] == 'describe':
   print(next_of('states.json', 'READY'))
 elif sys.argv[4] == 'ssh' and 'DNA_JAX_RUNNING' in sys.argv[-1]:
   print(next_of('statuses.json', 'DNA_JAX_RUNNING'))
-''')
+""")
   (tmp_path / 'states.json').write_text(json.dumps(list(states)))
   (tmp_path / 'statuses.json').write_text(json.dumps(list(statuses)))
 
   def calls():
     with open(tmp_path / 'calls.jsonl', encoding='utf-8') as recorded:
       return [['gcloud', *json.loads(line)] for line in recorded]
+
   return calls
 
 
-@pytest.mark.parametrize('name, args', [
-    ('create_vm.sh', ['--spot']), ('delete_vm.sh', ['--yes']), ('logs.sh', ['--worker', 'all']),
-    ('install.sh', []), ('launch.sh', MAIN_ARGS)])
+@pytest.mark.parametrize(
+  'name, args',
+  [
+    ('create_vm.sh', ['--spot']),
+    ('delete_vm.sh', ['--yes']),
+    ('logs.sh', ['--worker', 'all']),
+    ('install.sh', []),
+    ('launch.sh', MAIN_ARGS),
+  ],
+)
 def test_real_run_calls_gcloud_with_the_printed_words(name, args, env, tmp_path):
   env['REPO_URL'] = 'https://example.com/dna_jax.git'  # install.sh: no tar of this checkout
   printed = _dry_run(name, [*NAME, *args], env)
   calls = _recording_gcloud(env, tmp_path)
-  result = subprocess.run(['bash', os.path.join(SCRIPTS_DIR, name), *NAME, *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+  result = subprocess.run(
+    ['bash', os.path.join(SCRIPTS_DIR, name), *NAME, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert calls() == printed
 
@@ -293,19 +383,45 @@ def test_real_run_calls_gcloud_with_the_printed_words(name, args, env, tmp_path)
 def _spot_loop(env, tmp_path, states, statuses, returncode):
   env['REPO_URL'] = 'https://example.com/dna_jax.git'
   calls = _recording_gcloud(env, tmp_path, states, statuses)
-  result = subprocess.run(['bash', os.path.join(SCRIPTS_DIR, 'launch.sh'), *NAME, '--spot', '--poll', '0',
-                           *MAIN_ARGS], env=env, capture_output=True, text=True, timeout=60, check=False)
+  result = subprocess.run(
+    ['bash', os.path.join(SCRIPTS_DIR, 'launch.sh'), *NAME, '--spot', '--poll', '0', *MAIN_ARGS],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
   assert result.returncode == returncode, result.stderr
-  return [call[4] if call[4] != 'ssh' else ('status' if 'DNA_JAX_RUNNING' in call[-1] else
-                                            'launch' if 'dna_jax.main' in call[-1] else 'install')
-          for call in calls()], result.stderr
+  return [
+    call[4]
+    if call[4] != 'ssh'
+    else ('status' if 'DNA_JAX_RUNNING' in call[-1] else 'launch' if 'dna_jax.main' in call[-1] else 'install')
+    for call in calls()
+  ], result.stderr
 
 
 def test_spot_loop_recreates_a_preempted_vm_and_stops_when_the_run_ends(env, tmp_path):
-  steps, log = _spot_loop(env, tmp_path, ['READY', 'READY', 'PREEMPTED', 'CREATING'],
-                          ['DNA_JAX_RUNNING', 'DNA_JAX_RC=0\nDNA_JAX_RC=0'], returncode=0)
-  assert steps == ['describe', 'launch', 'describe', 'status', 'describe', 'delete', 'create', 'install', 'launch',
-                   'describe', 'describe', 'status']
+  steps, log = _spot_loop(
+    env,
+    tmp_path,
+    ['READY', 'READY', 'PREEMPTED', 'CREATING'],
+    ['DNA_JAX_RUNNING', 'DNA_JAX_RC=0\nDNA_JAX_RC=0'],
+    returncode=0,
+  )
+  assert steps == [
+    'describe',
+    'launch',
+    'describe',
+    'status',
+    'describe',
+    'delete',
+    'create',
+    'install',
+    'launch',
+    'describe',
+    'describe',
+    'status',
+  ]
   assert 'The run finished on all workers' in log
 
 
@@ -333,26 +449,32 @@ def test_launch_remote_command_runs_main_detached_once(env, tmp_path):
   package.mkdir(parents=True)
   (package / '__init__.py').write_text('')
   (package / 'main.py').write_text(
-      'import json, os, pathlib, sys, time\n'
-      "home = pathlib.Path(os.environ['HOME'])\n"
-      "(home / 'seen.json').write_text(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
-      "    'distributed': os.environ.get('DNA_JAX_DISTRIBUTED'), 'venv': os.environ.get('FAKE_VENV_ACTIVE')}))\n"
-      "while not (home / 'release').exists():\n"
-      '  time.sleep(0.05)\n'
-      "print('fake run done')\n")
+    'import json, os, pathlib, sys, time\n'
+    "home = pathlib.Path(os.environ['HOME'])\n"
+    "(home / 'seen.json').write_text(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
+    "    'distributed': os.environ.get('DNA_JAX_DISTRIBUTED'), 'venv': os.environ.get('FAKE_VENV_ACTIVE')}))\n"
+    "while not (home / 'release').exists():\n"
+    '  time.sleep(0.05)\n'
+    "print('fake run done')\n"
+  )
   launch = _remote_command(_dry_run('launch.sh', [*NAME, *MAIN_ARGS], env)[0])
   status = _remote_command(_dry_run('launch.sh', [*NAME, '--spot', *MAIN_ARGS], env)[1])
   env['HOME'] = str(home)
 
   def remote(command):
-    return subprocess.run(['bash', '-c', command], cwd=home, env=env, capture_output=True, text=True, timeout=30,
-                          check=True).stdout
+    return subprocess.run(
+      ['bash', '-c', command], cwd=home, env=env, capture_output=True, text=True, timeout=30, check=True
+    ).stdout
 
   try:
     assert 'dna_jax started on' in remote(launch)
     _wait_for(home / 'seen.json')
     assert json.loads((home / 'seen.json').read_text()) == {
-        'argv': EXPECTED_ARGV, 'cwd': str(home / 'dna_jax'), 'distributed': '1', 'venv': '1'}
+      'argv': EXPECTED_ARGV,
+      'cwd': str(home / 'dna_jax'),
+      'distributed': '1',
+      'venv': '1',
+    }
     assert remote(status) == 'DNA_JAX_RUNNING\n'
     assert 'already running' in remote(launch)
     (home / 'release').write_text('')
@@ -365,12 +487,15 @@ def test_launch_remote_command_runs_main_detached_once(env, tmp_path):
 
 
 def test_read_demo_command():
-  readme = ('# dna_jax\n\nSome text.\n\n<!-- demo-command -->\n```bash\n'
-            'python -m pip install -r requirements.txt && python -m dna_jax.main --config configs/demo.py '
-            '--workdir /tmp/dna_demo\n```\n\nMore.\n```bash\nls\n```\n')
+  readme = (
+    '# dna_jax\n\nSome text.\n\n<!-- demo-command -->\n```bash\n'
+    'python -m pip install -r requirements.txt && python -m dna_jax.main --config configs/demo.py '
+    '--workdir /tmp/dna_demo\n```\n\nMore.\n```bash\nls\n```\n'
+  )
   assert make_notebook.read_demo_command(readme) == (
-      'python -m pip install -r requirements.txt && python -m dna_jax.main --config configs/demo.py '
-      '--workdir /tmp/dna_demo')
+    'python -m pip install -r requirements.txt && python -m dna_jax.main --config configs/demo.py '
+    '--workdir /tmp/dna_demo'
+  )
   with pytest.raises(ValueError, match='exactly one demo command marker'):
     make_notebook.read_demo_command('```bash\nls\n```\n')
   with pytest.raises(ValueError, match='must be ```bash'):
@@ -407,8 +532,9 @@ def test_notebook_runs_the_readme_demo_command():
   command = _readme_demo_command()
   cells = {cell.id: cell for cell in nbformat.reads(_notebook(), as_version=4).cells}
   demo_source = cells['demo-command'].source
-  assert demo_source.splitlines()[-len(command.splitlines()):] == command.splitlines(), (
-      'the notebook does not run the README demo command: python tpu_scripts/make_notebook.py')
+  assert demo_source.splitlines()[-len(command.splitlines()) :] == command.splitlines(), (
+    'the notebook does not run the README demo command: python tpu_scripts/make_notebook.py'
+  )
   assert demo_source == make_notebook.demo_cell_source(command)
   workdir = make_notebook.workdir_of(command)
   assert f"WORKDIR = '{workdir}'" in cells['pareto'].source

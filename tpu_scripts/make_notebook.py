@@ -27,8 +27,9 @@ NOTEBOOK_PATH = os.path.join(REPO_ROOT, 'tpu_scripts', 'colab_tpu.ipynb')
 
 DEMO_MARKER = '<!-- demo-command -->'
 # Used only while README.md has no marked block yet (a warning says so); the test compares with README.
-FALLBACK_DEMO_COMMAND = ('python -m pip install -r requirements.txt && '
-                         'python -m dna_jax.main --config configs/demo.py --workdir /tmp/dna_demo')
+FALLBACK_DEMO_COMMAND = (
+  'python -m pip install -r requirements.txt && python -m dna_jax.main --config configs/demo.py --workdir /tmp/dna_demo'
+)
 # The project has no public URL yet: the notebook asks for one (its REPO_URL field, or --repo_url here)
 # and refuses to clone while the URL contains "OWNER".
 REPO_URL = 'https://github.com/OWNER/dna_jax.git'
@@ -48,14 +49,13 @@ def read_demo_command(readme_text):
   lines = readme_text.splitlines()
   starts = [i for i, line in enumerate(lines) if line.strip() == DEMO_MARKER]
   if len(starts) != 1:
-    raise ValueError(f'README.md must hold exactly one demo command marker ({len(starts)} found): '
-                     f'{MARKER_FORMAT}')
+    raise ValueError(f'README.md must hold exactly one demo command marker ({len(starts)} found): {MARKER_FORMAT}')
   fence = starts[0] + 1
   if fence >= len(lines) or lines[fence].strip() != '```bash':
     raise ValueError(f'The line after {DEMO_MARKER} in README.md must be ```bash: {MARKER_FORMAT}')
   for end in range(fence + 1, len(lines)):
     if lines[end].strip() == '```':
-      command = '\n'.join(lines[fence + 1:end]).strip('\n')
+      command = '\n'.join(lines[fence + 1 : end]).strip('\n')
       if not command.strip():
         raise ValueError(f'The demo command block in README.md is empty: {MARKER_FORMAT}')
       return command
@@ -90,59 +90,60 @@ def build_notebook(command, jax_pin, repo_url=REPO_URL):
   workdir = workdir_of(command)
   markdown, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
   cells = [
-      markdown(
-          '# dna_jax on a Colab TPU\n\n'
-          'Runs the whole DNA pipeline (blockwise distillation, rating of every path, search under a '
-          'cost budget, retraining, export) on the small Fashion-MNIST demo, then shows the Pareto plot '
-          'and the summary.\n\n'
-          'First choose **Runtime > Change runtime type > TPU** (v5e-1 or v6e-1), then '
-          '**Runtime > Run all**. tfds downloads Fashion-MNIST on the first run. '
-          'For TPU VMs and pod slices see `tpu_scripts/README.md`.',
-          id='intro'),
-      code(
-          'import os\n'
-          'import subprocess\n\n'
-          f"REPO_URL = '{repo_url}'  # @param {{type:\"string\"}}\n"
-          f"REPO_DIR = '{COLAB_REPO_DIR}'\n\n"
-          'if not os.path.isdir(REPO_DIR):\n'
-          "  if 'OWNER' in REPO_URL:\n"
-          "    raise ValueError('Set REPO_URL to the git URL of dna_jax (or upload the code to ' + REPO_DIR + ')')\n"
-          "  subprocess.run(['git', 'clone', '--depth=1', REPO_URL, REPO_DIR], check=True)\n"
-          'os.chdir(REPO_DIR)\n'
-          'print(os.getcwd())',
-          id='clone'),
-      code(
-          '# The pinned requirements, then the TPU build of the same jax (libtpu).\n'
-          '!python -m pip install -q -r requirements.txt\n'
-          f'!python -m pip install -q -U "jax[tpu]=={jax_pin}" -f {LIBTPU_URL}',
-          id='install'),
-      code(
-          '# In a fresh process, so the kernel keeps no stale imports from before the install.\n'
-          'import sys\n\n'
-          "PROBE = 'import jax; print(jax.devices()); print(jax.default_backend())'\n"
-          "check = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True)\n"
-          'print(check.stdout, check.stderr)\n'
-          "assert check.stdout.split()[-1:] == ['tpu'], 'No TPU: choose Runtime > Change runtime type > TPU'",
-          id='check-tpu'),
-      markdown('## The demo\n\nExactly the demo command of the README (a few minutes on a TPU).',
-               id='demo-intro'),
-      code(demo_cell_source(command), id='demo-command'),
-      code(
-          'from IPython.display import Image, display\n\n'
-          f"WORKDIR = '{workdir}'\n"
-          "display(Image(filename=os.path.join(WORKDIR, 'search', 'pareto.png')))",
-          id='pareto'),
-      code(
-          "with open(os.path.join(WORKDIR, 'summary.txt')) as summary:\n"
-          '  print(summary.read())',
-          id='summary'),
+    markdown(
+      '# dna_jax on a Colab TPU\n\n'
+      'Runs the whole DNA pipeline (blockwise distillation, rating of every path, search under a '
+      'cost budget, retraining, export) on the small Fashion-MNIST demo, then shows the Pareto plot '
+      'and the summary.\n\n'
+      'First choose **Runtime > Change runtime type > TPU** (v5e-1 or v6e-1), then '
+      '**Runtime > Run all**. tfds downloads Fashion-MNIST on the first run. '
+      'For TPU VMs and pod slices see `tpu_scripts/README.md`.',
+      id='intro',
+    ),
+    code(
+      'import os\n'
+      'import subprocess\n\n'
+      f'REPO_URL = \'{repo_url}\'  # @param {{type:"string"}}\n'
+      f"REPO_DIR = '{COLAB_REPO_DIR}'\n\n"
+      'if not os.path.isdir(REPO_DIR):\n'
+      "  if 'OWNER' in REPO_URL:\n"
+      "    raise ValueError('Set REPO_URL to the git URL of dna_jax (or upload the code to ' + REPO_DIR + ')')\n"
+      "  subprocess.run(['git', 'clone', '--depth=1', REPO_URL, REPO_DIR], check=True)\n"
+      'os.chdir(REPO_DIR)\n'
+      'print(os.getcwd())',
+      id='clone',
+    ),
+    code(
+      '# The pinned requirements, then the TPU build of the same jax (libtpu).\n'
+      '!python -m pip install -q -r requirements.txt\n'
+      f'!python -m pip install -q -U "jax[tpu]=={jax_pin}" -f {LIBTPU_URL}',
+      id='install',
+    ),
+    code(
+      '# In a fresh process, so the kernel keeps no stale imports from before the install.\n'
+      'import sys\n\n'
+      "PROBE = 'import jax; print(jax.devices()); print(jax.default_backend())'\n"
+      "check = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True)\n"
+      'print(check.stdout, check.stderr)\n'
+      "assert check.stdout.split()[-1:] == ['tpu'], 'No TPU: choose Runtime > Change runtime type > TPU'",
+      id='check-tpu',
+    ),
+    markdown('## The demo\n\nExactly the demo command of the README (a few minutes on a TPU).', id='demo-intro'),
+    code(demo_cell_source(command), id='demo-command'),
+    code(
+      'from IPython.display import Image, display\n\n'
+      f"WORKDIR = '{workdir}'\n"
+      "display(Image(filename=os.path.join(WORKDIR, 'search', 'pareto.png')))",
+      id='pareto',
+    ),
+    code("with open(os.path.join(WORKDIR, 'summary.txt')) as summary:\n  print(summary.read())", id='summary'),
   ]
   notebook = nbformat.v4.new_notebook(cells=cells)
   notebook.metadata = {
-      'accelerator': 'TPU',
-      'colab': {'provenance': [], 'gpuType': 'V5E1'},
-      'kernelspec': {'name': 'python3', 'display_name': 'Python 3'},
-      'language_info': {'name': 'python'},
+    'accelerator': 'TPU',
+    'colab': {'provenance': [], 'gpuType': 'V5E1'},
+    'kernelspec': {'name': 'python3', 'display_name': 'Python 3'},
+    'language_info': {'name': 'python'},
   }
   nbformat.validate(notebook)
   return notebook
@@ -161,8 +162,11 @@ def demo_command_from_readme():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--check', action='store_true', help='exit 1 if the notebook is out of date')
-  parser.add_argument('--repo_url', default=REPO_URL, help='git URL the notebook clones (default: a placeholder '
-                      'that the notebook asks the user to replace)')
+  parser.add_argument(
+    '--repo_url',
+    default=REPO_URL,
+    help='git URL the notebook clones (default: a placeholder that the notebook asks the user to replace)',
+  )
   args = parser.parse_args()
   with open(REQUIREMENTS_PATH, encoding='utf-8') as requirements:
     jax_pin = jax_version(requirements.read())

@@ -25,6 +25,7 @@ class ChildNet(nn.Module):
   Returns `(logits, features)`; `features` holds 'stem', 'ds', 'block1'..'blockN' (block outputs,
   the same kind of thing as the teacher's) and 'pre_logits'.
   """
+
   arch: space_lib.Architecture
   num_classes: int = 1000
   dropout_rate: float = 0.2
@@ -45,12 +46,20 @@ class ChildNet(nn.Module):
     for k, choice in enumerate(self.arch.blocks, start=1):
       for l, op_id in enumerate(choice.ops):
         op = space_lib.OPS[op_id]
-        x = layers.MBConv(choice.cell.width, op.expansion, op.kernel, choice.cell.stride if l == 0 else 1,
-                          drop_connect_rate=next(rates), conventions=conv, bn_axis_name=axis,
-                          name=f'block{k}_layer{l}')(x, train)
+        x = layers.MBConv(
+          choice.cell.width,
+          op.expansion,
+          op.kernel,
+          choice.cell.stride if l == 0 else 1,
+          drop_connect_rate=next(rates),
+          conventions=conv,
+          bn_axis_name=axis,
+          name=f'block{k}_layer{l}',
+        )(x, train)
       features[f'block{k}'] = x
-    logits, features['pre_logits'] = layers.Head(self.arch.head_width, self.num_classes, self.dropout_rate,
-                                                 conv, axis, name='head')(x, train)
+    logits, features['pre_logits'] = layers.Head(
+      self.arch.head_width, self.num_classes, self.dropout_rate, conv, axis, name='head'
+    )(x, train)
     return logits, features
 
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,7 @@ IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
 class Stage(NamedTuple):
   """One EfficientNet stage before scaling: `repeats` MBConv layers, the first with `stride`."""
+
   kernel: int
   expansion: int
   width: int
@@ -52,21 +54,21 @@ class Stage(NamedTuple):
 
 
 B0_STAGES: tuple[Stage, ...] = (
-    Stage(3, 1, 16, 1, 1),
-    Stage(3, 6, 24, 2, 2),
-    Stage(5, 6, 40, 2, 2),
-    Stage(3, 6, 80, 2, 3),
-    Stage(5, 6, 112, 1, 3),
-    Stage(5, 6, 192, 2, 4),
-    Stage(3, 6, 320, 1, 1),
+  Stage(3, 1, 16, 1, 1),
+  Stage(3, 6, 24, 2, 2),
+  Stage(5, 6, 40, 2, 2),
+  Stage(3, 6, 80, 2, 3),
+  Stage(5, 6, 112, 1, 3),
+  Stage(5, 6, 192, 2, 4),
+  Stage(3, 6, 320, 1, 1),
 )
 
 # A 4-stage net for 32x32 demo images (3 DNA blocks: 16 s2, 24 s2, 32 s1).
 TINY_STAGES: tuple[Stage, ...] = (
-    Stage(3, 1, 8, 1, 1),
-    Stage(3, 4, 16, 2, 2),
-    Stage(5, 4, 24, 2, 2),
-    Stage(3, 4, 32, 1, 1),
+  Stage(3, 1, 8, 1, 1),
+  Stage(3, 4, 16, 2, 2),
+  Stage(5, 4, 24, 2, 2),
+  Stage(3, 4, 32, 1, 1),
 )
 
 
@@ -91,6 +93,7 @@ class EfficientNet(nn.Module):
   head runs, 'pre_logits'. With `up_to=k` only the stem, stage 1 and DNA blocks 1..k run;
   logits are then None.
   """
+
   stages: tuple[Stage, ...] = B0_STAGES
   width_coefficient: float = 1.0
   depth_coefficient: float = 1.0
@@ -123,15 +126,23 @@ class EfficientNet(nn.Module):
       if i > last_stage:
         break
       for j in range(stage.repeats):
-        x = layers.MBConv(stage.width, stage.expansion, stage.kernel, stage.stride if j == 0 else 1,
-                          drop_connect_rate=self.drop_connect_rate * index / total_layers,
-                          conventions=conv, bn_axis_name=axis, name=f'stage{i}_layer{j}')(x, train)
+        x = layers.MBConv(
+          stage.width,
+          stage.expansion,
+          stage.kernel,
+          stage.stride if j == 0 else 1,
+          drop_connect_rate=self.drop_connect_rate * index / total_layers,
+          conventions=conv,
+          bn_axis_name=axis,
+          name=f'stage{i}_layer{j}',
+        )(x, train)
         index += 1
       features['stage1' if i == 1 else f'block{i - 1}'] = x
     if self.up_to is not None:
       return None, features
-    logits, features['pre_logits'] = layers.Head(self.scaled_width(self.head_width), self.num_classes,
-                                                 self.dropout_rate, conv, axis, name='head')(x, train)
+    logits, features['pre_logits'] = layers.Head(
+      self.scaled_width(self.head_width), self.num_classes, self.dropout_rate, conv, axis, name='head'
+    )(x, train)
     return logits, features
 
   def scaled_width(self, width: int) -> int:
@@ -140,8 +151,9 @@ class EfficientNet(nn.Module):
   def _normalize(self, x: Array) -> Array:
     """Keras's Rescaling(1/255) -> Normalization -> (ImageNet weights only) Rescaling, in float32."""
     mean = self.variable('normalization', 'mean', lambda: jnp.array(IMAGENET_MEAN_RGB, jnp.float32))
-    variance = self.variable('normalization', 'variance',
-                             lambda: jnp.square(jnp.array(IMAGENET_STDDEV_RGB, jnp.float32)))
+    variance = self.variable(
+      'normalization', 'variance', lambda: jnp.square(jnp.array(IMAGENET_STDDEV_RGB, jnp.float32))
+    )
     rescale = self.variable('normalization', 'rescale', lambda: jnp.ones((3,), jnp.float32))
     x = x.astype(jnp.float32) * jnp.float32(1.0 / 255.0)
     x = (x - mean.value) / jnp.maximum(jnp.sqrt(variance.value), jnp.float32(1e-7))
@@ -150,9 +162,10 @@ class EfficientNet(nn.Module):
 
 def scaled_stages(model: EfficientNet) -> tuple[Stage, ...]:
   """The stage table after width and depth scaling (actual channels and layer counts)."""
-  return tuple(stage._replace(width=model.scaled_width(stage.width),
-                              repeats=round_repeats(stage.repeats, model.depth_coefficient))
-               for stage in model.stages)
+  return tuple(
+    stage._replace(width=model.scaled_width(stage.width), repeats=round_repeats(stage.repeats, model.depth_coefficient))
+    for stage in model.stages
+  )
 
 
 def num_blocks(model: EfficientNet) -> int:
@@ -188,8 +201,9 @@ def validate(model: EfficientNet, shape: tuple[int, ...]) -> None:
 
 
 def _keras_variant(width: float, depth: float, dropout: float) -> Any:
-  return functools.partial(EfficientNet, width_coefficient=width, depth_coefficient=depth,
-                           dropout_rate=dropout, keras_input=True)
+  return functools.partial(
+    EfficientNet, width_coefficient=width, depth_coefficient=depth, dropout_rate=dropout, keras_input=True
+  )
 
 
 # Keras's coefficients (width, depth, dropout); native resolutions in DEFAULT_RESOLUTIONS.
@@ -202,16 +216,39 @@ EfficientNetB5 = _keras_variant(1.6, 2.2, 0.4)
 EfficientNetB6 = _keras_variant(1.8, 2.6, 0.5)
 EfficientNetB7 = _keras_variant(2.0, 3.1, 0.5)
 # Small demo/test teacher for 32x32 images: stem stride 1, 4 stages (3 DNA blocks), takes normalised input.
-EfficientNetTiny = functools.partial(EfficientNet, stages=TINY_STAGES, stem_width=16, head_width=128,
-                                     stem_stride=1, num_classes=10, dropout_rate=0.1, drop_connect_rate=0.1)
+EfficientNetTiny = functools.partial(
+  EfficientNet,
+  stages=TINY_STAGES,
+  stem_width=16,
+  head_width=128,
+  stem_stride=1,
+  num_classes=10,
+  dropout_rate=0.1,
+  drop_connect_rate=0.1,
+)
 
 VARIANTS = {
-    'b0': EfficientNetB0, 'b1': EfficientNetB1, 'b2': EfficientNetB2, 'b3': EfficientNetB3,
-    'b4': EfficientNetB4, 'b5': EfficientNetB5, 'b6': EfficientNetB6, 'b7': EfficientNetB7,
-    'tiny': EfficientNetTiny,
+  'b0': EfficientNetB0,
+  'b1': EfficientNetB1,
+  'b2': EfficientNetB2,
+  'b3': EfficientNetB3,
+  'b4': EfficientNetB4,
+  'b5': EfficientNetB5,
+  'b6': EfficientNetB6,
+  'b7': EfficientNetB7,
+  'tiny': EfficientNetTiny,
 }
-DEFAULT_RESOLUTIONS = {'b0': 224, 'b1': 240, 'b2': 260, 'b3': 300, 'b4': 380, 'b5': 456, 'b6': 528,
-                       'b7': 600, 'tiny': 32}
+DEFAULT_RESOLUTIONS = {
+  'b0': 224,
+  'b1': 240,
+  'b2': 260,
+  'b3': 300,
+  'b4': 380,
+  'b5': 456,
+  'b6': 528,
+  'b7': 600,
+  'tiny': 32,
+}
 
 
 def variant_name(name: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -31,6 +31,7 @@ class Conventions:
   bn_momentum: flax convention (new = m * old + (1 - m) * batch); PyTorch's 0.1 is 0.9 here.
   dtype: activation dtype (bfloat16 for mixed precision); parameters stay float32.
   """
+
   padding: str = 'tf_same'
   bn_epsilon: float = 1e-3
   bn_momentum: float = 0.99
@@ -54,10 +55,13 @@ def conventions_from_config(config: Any) -> Conventions:
   dtype = config.get('dtype', 'float32')
   if dtype not in dtypes:
     raise ValueError(f'dtype must be one of {sorted(dtypes)}, got {dtype!r}')
-  return Conventions(padding=config.get('padding', 'tf_same'),
-                     bn_epsilon=float(config.get('bn_epsilon', 1e-3)),
-                     bn_momentum=float(config.get('bn_momentum', 0.99)),
-                     depthwise=config.get('depthwise', 'auto'), dtype=dtypes[dtype])
+  return Conventions(
+    padding=config.get('padding', 'tf_same'),
+    bn_epsilon=float(config.get('bn_epsilon', 1e-3)),
+    bn_momentum=float(config.get('bn_momentum', 0.99)),
+    depthwise=config.get('depthwise', 'auto'),
+    dtype=dtypes[dtype],
+  )
 
 
 def conv_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
@@ -84,17 +88,20 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
     impl = 'shift_add' if jax.default_backend() == 'cpu' else 'native'
   if impl == 'native':
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=x.shape[-1])
+      x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1]
+    )
   out_h = (x.shape[1] + sum(pads[0]) - k) // stride + 1
   out_w = (x.shape[2] + sum(pads[1]) - k) // stride + 1
   padded = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
   out = None
   for i in range(k):
     for j in range(k):
-      window = lax.slice(padded, (0, i, j, 0),
-                         (padded.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                          padded.shape[3]), (1, stride, stride, 1))
+      window = lax.slice(
+        padded,
+        (0, i, j, 0),
+        (padded.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, padded.shape[3]),
+        (1, stride, stride, 1),
+      )
       term = window * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
@@ -102,6 +109,7 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
 
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution, no bias; param 'kernel' of shape (k, k, 1, C)."""
+
   kernel_size: int
   stride: int = 1
   conventions: Conventions = KERAS
@@ -109,22 +117,37 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     channels = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                        (self.kernel_size, self.kernel_size, 1, channels))
+    kernel = self.param(
+      'kernel',
+      nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+      (self.kernel_size, self.kernel_size, 1, channels),
+    )
     dtype = self.conventions.dtype
-    return depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride,
-                          self.conventions.padding, self.conventions.depthwise)
+    return depthwise_conv(
+      x.astype(dtype), kernel.astype(dtype), self.stride, self.conventions.padding, self.conventions.depthwise
+    )
 
 
 def batch_norm(conventions: Conventions, train: bool, name: str, axis_name: str | None = None) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=conventions.bn_momentum,
-                      epsilon=conventions.bn_epsilon, dtype=conventions.dtype, axis_name=axis_name, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=conventions.bn_momentum,
+    epsilon=conventions.bn_epsilon,
+    dtype=conventions.dtype,
+    axis_name=axis_name,
+    name=name,
+  )
 
 
 def pointwise(features: int, name: str, conventions: Conventions, use_bias: bool = False) -> nn.Dense:
   """A 1x1 convolution as a Dense layer over channels; kernel (in, out)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=conventions.dtype, name=name,
-                  kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=conventions.dtype,
+    name=name,
+    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+  )
 
 
 def se_width(in_channels: int, ratio: float = 0.25) -> int:
@@ -134,6 +157,7 @@ def se_width(in_channels: int, ratio: float = 0.25) -> int:
 
 class SqueezeExcite(nn.Module):
   """Global mean -> 1x1 conv (bias) -> swish -> 1x1 conv (bias) -> sigmoid gate."""
+
   squeeze: int
   conventions: Conventions = KERAS
 
@@ -161,6 +185,7 @@ class MBConv(nn.Module):
   expansion 1 skips the expand conv (EfficientNet stage 1, DNA's depthwise-separable block).
   The residual is used iff stride 1 and in == out channels. SE squeezes to 0.25 of the input channels.
   """
+
   out_channels: int
   expansion: int
   kernel_size: int
@@ -192,6 +217,7 @@ class MBConv(nn.Module):
 
 class Stem(nn.Module):
   """3x3 stride-2 conv (no bias) -> BN -> swish."""
+
   width: int
   stride: int = 2
   conventions: Conventions = KERAS
@@ -200,11 +226,20 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     conv = self.conventions
-    pads = [conv_padding(x.shape[1], 3, self.stride, conv.padding),
-            conv_padding(x.shape[2], 3, self.stride, conv.padding)]
-    y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), padding=pads, use_bias=False,
-                dtype=conv.dtype, name='conv',
-                kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))(x.astype(conv.dtype))
+    pads = [
+      conv_padding(x.shape[1], 3, self.stride, conv.padding),
+      conv_padding(x.shape[2], 3, self.stride, conv.padding),
+    ]
+    y = nn.Conv(
+      self.width,
+      (3, 3),
+      (self.stride, self.stride),
+      padding=pads,
+      use_bias=False,
+      dtype=conv.dtype,
+      name='conv',
+      kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    )(x.astype(conv.dtype))
     return nn.swish(batch_norm(conv, train, 'bn', self.bn_axis_name)(y))
 
 
@@ -213,6 +248,7 @@ class Head(nn.Module):
 
   Returns (logits, pre_logits).
   """
+
   width: int
   num_classes: int
   dropout_rate: float = 0.0
@@ -226,7 +262,10 @@ class Head(nn.Module):
     y = nn.swish(batch_norm(conv, train, 'bn', self.bn_axis_name)(y))
     pre_logits = jnp.mean(y, axis=(1, 2))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(pre_logits)
-    logits = nn.Dense(self.num_classes, dtype=conv.dtype, name='classifier',
-                      kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_out', 'uniform'))(y)
+    logits = nn.Dense(
+      self.num_classes,
+      dtype=conv.dtype,
+      name='classifier',
+      kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_out', 'uniform'),
+    )(y)
     return logits.astype(jnp.float32), pre_logits
-

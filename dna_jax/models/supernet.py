@@ -17,8 +17,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from dna_jax import space as space_lib
 from dna_jax.models import layers
@@ -30,30 +30,36 @@ Variables = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class SupernetCell:
   """One cell of one block, as trained against the teacher."""
+
   cell: space_lib.Cell
-  in_channels: int          # teacher width of the previous block (or the DS width for block 1)
-  out_channels: int         # teacher width of this block
+  in_channels: int  # teacher width of the previous block (or the DS width for block 1)
+  out_channels: int  # teacher width of this block
   conventions: layers.Conventions = layers.KERAS
-  stem: tuple[int, int, int] | None = None   # (stem width, DS width, stem stride) for block 1
-  bn_axis_name: str | None = None            # cross-device BatchNorm (rating's recalibration only)
+  stem: tuple[int, int, int] | None = None  # (stem width, DS width, stem stride) for block 1
+  bn_axis_name: str | None = None  # cross-device BatchNorm (rating's recalibration only)
 
   def layer_shape(self, l: int) -> tuple[int, int, int]:
     """(input channels, output channels, stride) of layer l."""
     last = l == self.cell.layers - 1
-    return (self.in_channels if l == 0 else self.cell.width,
-            self.out_channels if last else self.cell.width,
-            self.cell.stride if l == 0 else 1)
+    return (
+      self.in_channels if l == 0 else self.cell.width,
+      self.out_channels if last else self.cell.width,
+      self.cell.stride if l == 0 else 1,
+    )
 
   def op_module(self, l: int, op_id: int) -> layers.MBConv:
     _, out, stride = self.layer_shape(l)
     op = space_lib.OPS[op_id]
-    return layers.MBConv(out, op.expansion, op.kernel, stride, conventions=self.conventions,
-                         bn_axis_name=self.bn_axis_name)
+    return layers.MBConv(
+      out, op.expansion, op.kernel, stride, conventions=self.conventions, bn_axis_name=self.bn_axis_name
+    )
 
   def stem_modules(self) -> tuple[layers.Stem, layers.MBConv]:
     stem_width, ds_width, stem_stride = self.stem
-    return (layers.Stem(stem_width, stem_stride, self.conventions, self.bn_axis_name),
-            layers.MBConv(ds_width, 1, 3, 1, conventions=self.conventions, bn_axis_name=self.bn_axis_name))
+    return (
+      layers.Stem(stem_width, stem_stride, self.conventions, self.bn_axis_name),
+      layers.MBConv(ds_width, 1, 3, 1, conventions=self.conventions, bn_axis_name=self.bn_axis_name),
+    )
 
   def init(self, rng: Any, inputs: Array) -> Variables:
     """Variables of every op of every layer, for an example input batch."""
@@ -93,8 +99,9 @@ class SupernetCell:
     run = jax.checkpoint(lambda p, s, x: _apply(module, p, s, x, train))
     return run(variables['params'][f'layer{l}'][name], variables['batch_stats'][f'layer{l}'][name], x)
 
-  def apply(self, variables: Variables, inputs: Array, path: Array, train: bool = False
-            ) -> tuple[Array, dict[str, Any]]:
+  def apply(
+    self, variables: Variables, inputs: Array, path: Array, train: bool = False
+  ) -> tuple[Array, dict[str, Any]]:
     """The cell along `path` (int array, one op per layer); returns output and all batch stats.
 
     In training mode the statistics of the ops on the path are updated, the others kept.
@@ -111,7 +118,9 @@ class SupernetCell:
         y, stats = self.apply_op(variables, l, op_id, x, train)
         return y, {**layer_stats, space_lib.OP_NAMES[op_id]: stats}
 
-      x, new_stats[f'layer{l}'] = lax.switch(path[l], [lambda x, j=j: branch(j, x) for j in range(space_lib.NUM_OPS)], x)
+      x, new_stats[f'layer{l}'] = lax.switch(
+        path[l], [lambda x, j=j: branch(j, x) for j in range(space_lib.NUM_OPS)], x
+      )
     return x, new_stats
 
 
@@ -123,9 +132,12 @@ def _apply(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) ->
   return y, updates['batch_stats']
 
 
-def supernet_cells(space: space_lib.SearchSpace, teacher_widths: tuple[int, ...] | None = None,
-                   conventions: layers.Conventions = layers.KERAS, stem_stride: int = 2
-                   ) -> list[list[SupernetCell]]:
+def supernet_cells(
+  space: space_lib.SearchSpace,
+  teacher_widths: tuple[int, ...] | None = None,
+  conventions: layers.Conventions = layers.KERAS,
+  stem_stride: int = 2,
+) -> list[list[SupernetCell]]:
   """All cells of all blocks: block k reads teacher block k-1 (block 1 reads the image)."""
   widths = teacher_widths or tuple(block.teacher_width for block in space.blocks)
   blocks = []

@@ -1,6 +1,6 @@
 """One process of the multi-host check: a few distillation steps, parameters saved to an .npz.
 
-  python tests/helpers/multihost_distill.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT
+python tests/helpers/multihost_distill.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT
 """
 
 import os
@@ -17,8 +17,9 @@ jax.config.update('jax_platforms', 'cpu')
 jax.config.update('jax_disable_most_optimizations', True)
 if NUM_PROCESSES > 1:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{sys.argv[4]}', num_processes=NUM_PROCESSES,
-                             process_id=PROCESS_ID)
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{sys.argv[4]}', num_processes=NUM_PROCESSES, process_id=PROCESS_ID
+  )
 
 import flax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,8 +51,9 @@ def main():
   config.space.blocks = '2 16 1@8,2@8; 2 24 1@12'
   config.space.stem_width, config.space.ds_width, config.space.stem_stride = 8, 8, 1
   config.data.image_size = IMAGE
-  config.distill.update(dict(epochs=1, batch_size=GLOBAL_BATCH, learning_rates='0.01', checkpoint_every_steps=STEPS,
-                             log_every_steps=1))
+  config.distill.update(
+    dict(epochs=1, batch_size=GLOBAL_BATCH, learning_rates='0.01', checkpoint_every_steps=STEPS, log_every_steps=1)
+  )
   teacher = efficientnet.variant('tiny', num_classes=10)
   teacher_variables = jax.jit(lambda r: teacher.init(r, jnp.zeros((1, IMAGE, IMAGE, 3))))(jax.random.PRNGKey(7))
   space = space_lib.space_from_config(config.space)
@@ -60,6 +62,7 @@ def main():
   restored = {}
   for k in (1, 2):
     from dna_jax.models import supernet
+
     cells = supernet.supernet_cells(space, stem_stride=1)
     tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, STEPS), 1e-4)
     size = distill.block_input_sizes(IMAGE, 1, space)[k - 1]
