@@ -48,13 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import costs
-from dna_jax import distill
 from dna_jax import parallel
 from dna_jax import space as space_lib
+from dna_jax import supernet_store
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import layers
 from dna_jax.models import supernet
+from dna_jax.stages import distill
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 GiB = 1024**3
@@ -116,7 +117,7 @@ def setup(args):
 
 def analytic_student_macs(space, cells, image: int, stem_stride: int, block_ids) -> int:
   """Fwd multiply-accumulates of one image through every cell of `block_ids`, mean op per layer."""
-  sizes = distill.block_input_sizes(image, stem_stride, space)
+  sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   total = 0
   for k in block_ids:
     for cell in cells[k]:
@@ -127,7 +128,7 @@ def analytic_student_macs(space, cells, image: int, stem_stride: int, block_ids)
 
 
 def teacher_macs(model, image: int, up_to: int) -> int:
-  size = layers.output_size(image, 3, model.stem_stride, model.conventions.padding)
+  size = space_lib.output_size(image, 3, model.stem_stride, model.conventions.padding)
   channels = model.scaled_width(model.stem_width)
   macs = costs.conv_cost(3, channels, 3, size * size).macs
   for i, stage in enumerate(efficientnet.scaled_stages(model)):
@@ -207,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
   jax.block_until_ready(teacher_vars)
   print(f'teacher init {time.perf_counter() - t0:.1f} s', flush=True)
 
-  sizes = distill.block_input_sizes(image, stem_stride, space)
+  sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   optimizers = {
-    f'block{k + 1}': distill.create_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
+    f'block{k + 1}': supernet_store.block_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
     for k in range(num_blocks)
   }
   states = {
-    f'block{k + 1}': distill.create_block_state(
+    f'block{k + 1}': supernet_store.create_block_state(
       jax.random.key(k), tuple(cells[k]), sizes[k], optimizers[f'block{k + 1}']
     )
     for k in range(num_blocks)

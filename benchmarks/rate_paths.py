@@ -48,13 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import costs
-from dna_jax import distill
-from dna_jax import rate
 from dna_jax import space as space_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
-from dna_jax.models import layers
 from dna_jax.models import supernet
+from dna_jax.stages import rate
 
 NUM_OPS = space_lib.NUM_OPS
 BLOCK = 4  # block 5 (0-based index)
@@ -193,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
   space = space_lib.default_imagenet_space()
   all_cells = supernet.supernet_cells(space)
-  sizes = distill.block_input_sizes(224, 2, space)
+  sizes = space_lib.supernet_input_sizes(space, 224, 2)
   in_size, in_ch = sizes[BLOCK], all_cells[BLOCK][0].in_channels
-  out_size = layers.output_size(in_size, 3, 2, 'tf_same')
+  out_size = space_lib.output_size(in_size, 3, 2, 'tf_same')
   out_ch = all_cells[BLOCK][0].out_channels
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -301,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
   measured = {name: ours['cell_s'] for name, (_, _, ours) in results.items()}
   ref_cell, _, ref = results['4@192']
   s_per_mac = ref['cell_s'] / (tree_macs(ref_cell, in_size) * (b + calib_b))
-  per_batch, notes = 0.0, []
+  per_batch = 0.0
   for k, cells in enumerate(all_cells):
     for cell in cells:
       key = cell.cell.name if k == BLOCK else None

@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dna_jax import costs  # noqa: E402
-from dna_jax import ratings as ratings_lib  # noqa: E402
-from dna_jax import search as search_lib  # noqa: E402
-from dna_jax import space as space_lib  # noqa: E402
+from dna_jax import costs
+from dna_jax import ratings as ratings_lib
+from dna_jax import search as search_lib
+from dna_jax import space as space_lib
 
 BUDGETS = [(400e6, None), (None, 5.3e6), (400e6, 5.3e6), (300e6, None), (None, 4.0e6), (300e6, 4.0e6)]
 
@@ -34,14 +34,14 @@ BUDGETS = [(400e6, None), (None, 5.3e6), (400e6, 5.3e6), (300e6, None), (None, 4
 def write_scores(directory: str, kind: str, noise: float, seed: int) -> None:
   space = space_lib.default_imagenet_space()
   rng = np.random.default_rng(seed)
-  sizes = costs.block_sizes(space, 224)
+  sizes = space_lib.block_sizes(space, 224)
   for k, block in enumerate(space.blocks):
     scores = {}
     for c, cell in enumerate(block.cells):
       if kind == 'random':
         scores[c] = rng.random(cell.num_paths)
       else:
-        width = costs.block_input_widths(space, k)[0]
+        width = space_lib.block_input_widths(space, k)[0]
         flops = np.array([costs.cell_cost(cell, ops, width, sizes[k]).flops for ops in cell.paths()], float)
         scores[c] = 1.0 - 0.3 * np.log(flops / 1e7) + noise * rng.standard_normal(cell.num_paths)
     ratings_lib.write_block_ratings(directory, space, k, scores, scores, resolution=224, num_classes=1000)
@@ -76,7 +76,7 @@ def main() -> None:
       f'{sum(len(b) for b in ratings.blocks):,} rating rows; read in {seconds:.2f} s'
     )
     for cost in ('flops', 'params'):
-      seconds, (front, _) = timed(lambda: search_lib.pareto_front(ratings, cost), 1)
+      seconds, (front, _) = timed(lambda cost=cost: search_lib.pareto_front(ratings, cost), 1)
       print(f'pareto_front({cost}): {len(front):,} points in {seconds:.3f} s')
     print(f'\nscores: {args.scores}; median of {args.repeats} runs')
     print(
@@ -86,7 +86,7 @@ def main() -> None:
     for max_flops, max_params in BUDGETS:
       for top_k in (1, 10):
         budget = (None if max_flops is None else int(max_flops), None if max_params is None else int(max_params))
-        seconds, results = timed(lambda: search_lib.search(ratings, *budget, top_k), args.repeats)
+        seconds, results = timed(lambda b=budget, k=top_k: search_lib.search(ratings, *b, k), args.repeats)
         best = results[0]
         print(
           f'{_m(max_flops):>10} {_m(max_params):>10} {top_k:>5} {seconds:>8.3f}  {best.score:>10.5f} '

@@ -48,10 +48,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.space.stem_stride = 1
 
   config.teacher.variant = 'tiny'
-  config.teacher.epochs = 1.5
-  config.teacher.batch_size = 256
-  config.teacher.learning_rate = 0.004
   config.teacher.stem_stride = 1
+  config.teacher.training.update(
+    dict(
+      epochs=1.5,
+      batch_size=256,
+      base_learning_rate=0.004,
+      warmup_epochs=0.15,
+      weight_decay=1e-5,
+      checkpoint_every_steps=200,
+      log_every_steps=50,
+    )
+  )
 
   config.distill.epochs = 4
   config.distill.steps_per_epoch = 50
@@ -86,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fidelity.epochs = 1
 
   if arg == 'local':
-    config.teacher.epochs = 1
+    config.teacher.training.update(dict(epochs=1, warmup_epochs=0.1))
     config.distill.epochs = 2
     config.data.rating_examples = 500
     config.retrain.epochs = 1

@@ -1,26 +1,98 @@
-"""The full default configuration that every config file starts from.
+"""The full default configuration that every config file starts from: every default lives here.
 
-Config files under configs/ call `get_base_config()` and override a few fields
-(the flax examples' `configs/default.py` pattern, kept inside the package so that a
-config file loads from any working directory).
+Config files under configs/ call `get_base_config()` and override a few fields (the flax examples'
+`configs/default.py` pattern, kept inside the package so that a config file loads from any working
+directory). Sections: data, model, space, teacher (with the demo teacher's `training` recipe),
+distill, rate, search, retrain (a trainer section, see trainer.py), fidelity.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from dna_jax import input_pipeline
+# Where Debian's dataset-fashion-mnist package puts the Fashion-MNIST files.
+FASHION_MNIST_DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 
-STAGES = ('teacher', 'distill', 'rate', 'search', 'retrain', 'evaluate', 'fidelity')
+
+def get_data_config() -> ml_collections.ConfigDict:
+  """Data settings (input_pipeline.py): ImageNet at 224 px, raw 0..255 pixels."""
+  config = ml_collections.ConfigDict()
+  config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
+  config.data_dir = ''  # tfds data_dir (may be gs://); '': TFDS_DATA_DIR or tfds's own.
+  config.local_files_dir = FASHION_MNIST_DEBIAN_DIR
+  # Prepare a missing small dataset on first use (never imagenet2012: it needs the manual tars).
+  config.auto_prepare = False
+  config.train_split = 'train'  # A plain split name: rate/calib carve it.
+  config.eval_split = 'validation'
+  config.rating_examples = 10000  # Held-out train prefix used by 'rate'.
+  config.calib_examples = 2048  # Training images in the 'calib' stream.
+  config.calib_augment = False
+  config.image_size = 224
+  config.normalization = 'raw'  # 'raw' (0..255), 'imagenet' or 'unit'.
+  config.dtype = 'float32'  # 'bfloat16' on TPU.
+  config.augment = 'inception'  # 'inception', 'simple' (pad+crop) or 'none'.
+  config.simple_pad = 4  # Pixels padded before the 'simple' random crop.
+  config.small_image_fit = 'resize'  # Or 'pad': zero-pad smaller images.
+  config.color_jitter = 0.0  # Brightness/contrast/saturation strength.
+  config.randaugment_layers = 0  # 0: RandAugment off.
+  config.randaugment_magnitude = 10  # 0..10.
+  config.random_erasing = 0.0  # Probability per image.
+  config.resize_method = 'bicubic'
+  config.crop_fraction = 0.875  # Eval center crop, of the shorter side.
+  config.shuffle_buffer = 16384
+  config.seed = 0
+  config.deterministic = True
+  config.cache = False  # Cache the encoded examples in memory.
+  config.num_threads = 0  # tf.data threads; 0: one per core.
+  config.prefetch = 2  # Batches prefetched by tf.data.
+  # tf.data autotuning of parallelism and buffers. Off: tf.data's fixed default parallelism and no
+  # tuning thread, whose shutdown stalled the end of short CPU trainings by up to a minute.
+  config.autotune = True
+  return config
+
+
+def trainer_config(**overrides) -> ml_collections.ConfigDict:
+  """A trainer section (trainer.py): EfficientNet's ImageNet recipe unless overridden."""
+  config = ml_collections.ConfigDict(
+    dict(
+      epochs=350.0,
+      batch_size=4096,
+      # 0: training examples // batch_size.
+      steps_per_epoch=0,
+      optimizer='rmsprop',
+      # Per 256 images; scaled linearly with the global batch.
+      base_learning_rate=0.016,
+      warmup_epochs=5.0,
+      schedule='exponential',
+      lr_decay=0.97,
+      lr_decay_epochs=2.4,
+      weight_decay=1e-5,
+      label_smoothing=0.1,
+      ema_decay=0.9998,
+      # RMSProp as TensorFlow's (eps inside the square root); momentum also serves 'sgd'.
+      rms_decay=0.9,
+      rms_epsilon=1e-3,
+      momentum=0.9,
+      # 'pmap' or 'shard_map' (jit over a device mesh); the same per-device step runs under both.
+      parallel='pmap',
+      checkpoint_every_steps=1000,
+      keep_checkpoints=2,
+      log_every_steps=100,
+      # 0: evaluate once, at the end.
+      eval_every_epochs=1.0,
+    )
+  )
+  config.update(overrides)
+  return config
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Comma-separated, run in the order of STAGES; finished stages are skipped on rerun.
+  # Comma-separated, run in pipeline order (stages/__init__.py); finished stages are skipped on rerun.
   config.stages = 'distill,rate,search'
 
-  config.data = input_pipeline.get_data_config()
+  config.data = get_data_config()
 
   # Numerical conventions of the student/child nets (see models.layers.Conventions).
   config.model = ml_collections.ConfigDict(
@@ -40,14 +112,18 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint='',
       # The authors ran the frozen teacher with BatchNorm in training mode (batch statistics).
       train_mode_bn=False,
-      # Only for stages=teacher (demo): train the teacher on the data first.
-      epochs=0.0,
-      batch_size=256,
-      learning_rate=0.002,
-      weight_decay=1e-5,
+      # Only for stages=teacher (the demo): the teacher's stem stride and its training recipe.
       stem_stride=2,
-      # 0: training examples // batch_size.
-      steps_per_epoch=0,
+      training=trainer_config(
+        epochs=0.0,
+        batch_size=256,
+        optimizer='adam',
+        base_learning_rate=0.002,
+        warmup_epochs=0.0,
+        schedule='cosine',
+        ema_decay=0.999,
+        eval_every_epochs=0.0,
+      ),
     )
   )
 
@@ -86,49 +162,27 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.search = ml_collections.ConfigDict(dict(max_flops=0, max_params=0, top_k=5))
 
-  config.retrain = ml_collections.ConfigDict(
-    dict(
-      # 'search' (the search stage's best), a named net (dna_a..dna_d, efficientnet_b0) or a JSON path.
-      arch='search',
-      epochs=350.0,
-      batch_size=4096,
-      optimizer='rmsprop',
-      # Per 256 images; scaled linearly with the global batch.
-      base_learning_rate=0.016,
-      warmup_epochs=5.0,
-      schedule='exponential',
-      lr_decay=0.97,
-      lr_decay_epochs=2.4,
-      weight_decay=1e-5,
-      label_smoothing=0.1,
-      dropout_rate=0.2,
-      drop_connect_rate=0.2,
-      ema_decay=0.9998,
-      # RMSProp as TensorFlow's (eps inside the square root); momentum also serves 'sgd'.
-      rms_decay=0.9,
-      rms_epsilon=1e-3,
-      momentum=0.9,
-      # 0: training examples // batch_size.
-      steps_per_epoch=0,
-      # Input normalization the child net is trained for (converted on device from data.normalization).
-      normalization='imagenet',
-      init_from_supernet=False,
-      # 'pmap' or 'shard_map' (jit over a device mesh); the same per-device step runs under both.
-      parallel='pmap',
-      checkpoint_every_steps=1000,
-      keep_checkpoints=2,
-      log_every_steps=100,
-      eval_every_epochs=1.0,
-      # stages=evaluate: a child checkpoint directory (e.g. from dna_jax.convert_authors); '' evaluates
-      # WORKDIR/retrain/final and best.
-      checkpoint='',
-    )
+  config.retrain = trainer_config(
+    # 'search' (the search stage's best), a named net (dna_a..dna_d, efficientnet_b0) or a JSON path.
+    arch='search',
+    dropout_rate=0.2,
+    drop_connect_rate=0.2,
+    # Input normalization the child net is trained for (converted on device from data.normalization).
+    normalization='imagenet',
+    init_from_supernet=False,
+    # stages=evaluate: a child checkpoint directory (e.g. from dna_jax.convert_authors); '' evaluates
+    # WORKDIR/retrain/final and best.
+    checkpoint='',
   )
 
-  # stages=fidelity (see fidelity.py): num_archs nets trained standalone with the retrain recipe for `epochs`
-  # (0: retrain.epochs); noise_archs of them again with noise_seed; `bootstrap` resamples per interval.
+  # stages=export: 'tflite' and/or 'saved_model' of export.checkpoint ('': WORKDIR/retrain/final).
+  config.export = ml_collections.ConfigDict(dict(formats='tflite', checkpoint=''))
+
+  # stages=fidelity (stages/fidelity.py): num_archs nets trained standalone with the retrain recipe for
+  # `epochs` (0: retrain.epochs); noise_archs of them again with noise_seed; the picks are stratified
+  # over the summed scores of `sample_size` random nets; `bootstrap` resamples per `level` interval.
   config.fidelity = ml_collections.ConfigDict(
-    dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0, bootstrap=2000)
+    dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0, bootstrap=2000, sample_size=20_000, level=0.95)
   )
   return config
 
@@ -173,14 +227,3 @@ def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.Conf
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; valid: local')
   return config
-
-
-def parse_stages(text: str) -> list[str]:
-  """Validated stage list in pipeline order."""
-  names = [s.strip() for s in text.split(',') if s.strip()]
-  if not names:
-    raise ValueError(f'config.stages is empty; choose from {", ".join(STAGES)}')
-  unknown = [s for s in names if s not in STAGES]
-  if unknown:
-    raise ValueError(f'unknown stage(s) {", ".join(unknown)} in config.stages; valid: {", ".join(STAGES)}')
-  return [s for s in STAGES if s in names]

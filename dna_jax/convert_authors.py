@@ -21,14 +21,15 @@ from collections.abc import Sequence
 import dataclasses
 import functools
 import os
-import sys
 from typing import Any
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dna_jax import export
+from dna_jax import checkpoints
+from dna_jax import cli
 from dna_jax import space as space_lib
 from dna_jax.models import child
 from dna_jax.models import layers
@@ -298,8 +299,10 @@ def read_torch_checkpoint(
 
 
 def make_meta(arch: space_lib.Architecture, arch_name: str | None, num_classes: int, source: str) -> dict[str, Any]:
-  """The meta.json record of a converted net (`export.make_meta` plus 'arch_name' and 'source')."""
-  return export.make_meta(arch, num_classes, IMAGE_SIZE, CONVENTIONS, 'imagenet', arch_name=arch_name, source=source)
+  """The meta.json record of a converted net (`checkpoints.child_meta` plus 'arch_name' and 'source')."""
+  return checkpoints.child_meta(
+    arch, num_classes, IMAGE_SIZE, CONVENTIONS, 'imagenet', arch_name=arch_name, source=source
+  )
 
 
 def check_output_directory(directory: str, overwrite: bool) -> None:
@@ -311,7 +314,7 @@ def check_output_directory(directory: str, overwrite: bool) -> None:
     return
   if not overwrite:
     raise ConversionError(f'output directory {directory} is not empty; choose another --out or pass --overwrite')
-  others = [name for name in entries if name not in (export.META_FILE, export.VARIABLES_DIR)]
+  others = [name for name in entries if name not in (checkpoints.CHILD_META, checkpoints.VARIABLES_DIR)]
   if others:  # --overwrite replaces the whole directory: never delete what this tool did not write
     raise ConversionError(
       f'--overwrite would delete {directory}, which holds more than a converted checkpoint '
@@ -320,11 +323,11 @@ def check_output_directory(directory: str, overwrite: bool) -> None:
 
 
 def load_converted(directory: str, **options: Any) -> tuple[child.ChildNet, dict[str, Any], dict[str, Any]]:
-  """(model, variables, meta) of a converted directory: `export.load_child_checkpoint`, the one reader.
+  """(model, variables, meta) of a converted directory: `checkpoints.load_child`, the one reader.
 
   `options` (dtype, depthwise, bn_axis_name) go to it.
   """
-  return export.load_child_checkpoint(directory, **options)
+  return checkpoints.load_child(directory, **options)
 
 
 def convert(
@@ -343,42 +346,40 @@ def convert(
   state_dict, entry = read_torch_checkpoint(checkpoint, use_ema, trust_pickle)
   variables, num_classes = map_state_dict(arch, state_dict, num_classes, arch_label=arch_name or arch_spec)
   meta = make_meta(arch, arch_name, num_classes, f"authors' PyTorch checkpoint {os.path.abspath(checkpoint)} ({entry})")
-  export.save_child_checkpoint(os.path.abspath(out), variables, meta)
+  checkpoints.save_child(os.path.abspath(out), variables, meta)
   return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dna_jax.convert_authors', description=__doc__.splitlines()[0])
-  parser.add_argument(
-    '--arch',
-    required=True,
-    help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
-    'a path to an architecture JSON file, or an architecture string',
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+  'arch',
+  None,
+  f'One of {", ".join(space_lib.NAMED_ARCHITECTURES)}, a path to an architecture JSON file, or an architecture string.',
+  flag_values=FLAGS,
+)
+flags.DEFINE_string('checkpoint', None, "The authors' .pth/.pth.tar file.", flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Output directory (Orbax variables + meta.json).', flag_values=FLAGS)
+flags.DEFINE_integer('num_classes', None, 'Default: the classifier size in the file.', flag_values=FLAGS)
+flags.DEFINE_bool('no_ema', False, "Take 'state_dict' even when 'state_dict_ema' exists.", flag_values=FLAGS)
+flags.DEFINE_bool('overwrite', False, 'Replace the contents of a non-empty --out.', flag_values=FLAGS)
+flags.DEFINE_bool(
+  'trust_pickle', False, 'Load with full pickle (runs code from the file); only for files you trust.', flag_values=FLAGS
+)
+flags.mark_flags_as_required(['arch', 'checkpoint', 'out'], flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> int:
+  if argv:
+    raise ValueError(f'unexpected arguments: {" ".join(argv)}')
+  if FLAGS.num_classes is not None and FLAGS.num_classes < 1:
+    raise ConversionError('--num_classes must be positive')
+  meta = convert(
+    FLAGS.arch, FLAGS.checkpoint, FLAGS.out, FLAGS.num_classes, not FLAGS.no_ema, FLAGS.overwrite, FLAGS.trust_pickle
   )
-  parser.add_argument('--checkpoint', required=True, help="the authors' .pth/.pth.tar file")
-  parser.add_argument('--out', required=True, help='output directory (Orbax variables + meta.json)')
-  parser.add_argument('--num_classes', type=int, default=None, help='default: the classifier size in the file')
-  parser.add_argument('--no_ema', action='store_true', help="take 'state_dict' even when 'state_dict_ema' exists")
-  parser.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty --out')
-  parser.add_argument(
-    '--trust_pickle',
-    action='store_true',
-    help='load with full pickle (runs code from the file); only for files you trust',
-  )
-  args = parser.parse_args(argv)
-  try:
-    if args.num_classes is not None and args.num_classes < 1:
-      raise ConversionError('--num_classes must be positive')
-    meta = convert(
-      args.arch, args.checkpoint, args.out, args.num_classes, not args.no_ema, args.overwrite, args.trust_pickle
-    )
-  except ValueError as e:  # ConversionError and the architecture parser's errors
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   name = meta['arch_name'] or meta['arch']
-  print(f'converted {name} ({meta["num_classes"]} classes) from {meta["source"]} to {os.path.abspath(args.out)}')
+  print(f'converted {name} ({meta["num_classes"]} classes) from {meta["source"]} to {os.path.abspath(FLAGS.out)}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, FLAGS)

@@ -21,23 +21,24 @@ Before writing, `--verify` (default) compares the Flax model with Keras on rando
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 import math
 import os
 import re
-import sys
 from typing import Any
 import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: keep its C++ logging quiet
 
+from absl import flags
 import flax
 import jax
 import keras
 import numpy as np
 
+from dna_jax import cli
+from dna_jax import images as images_lib
 from dna_jax import teacher
+from dna_jax import workdir as workdir_lib
 from dna_jax.models import efficientnet
 
 KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/keras-applications/'
@@ -162,14 +163,14 @@ def input_rescale(keras_model: keras.Model, variance: np.ndarray, mode: str = 'a
   rescalings = [layer for layer in keras_model.layers if isinstance(layer, keras.layers.Rescaling)]
   if not rescalings or not np.isclose(float(np.asarray(rescalings[0].scale)), 1 / 255):
     raise ConversionError('unexpected Keras model: its first layer is not Rescaling(1/255)')
-  imagenet = np.asarray([1.0 / math.sqrt(s) for s in efficientnet.IMAGENET_STDDEV_RGB], np.float32)
+  imagenet = np.asarray([1.0 / math.sqrt(s) for s in images_lib.IMAGENET_STD], np.float32)
   if mode == 'yes':
     return imagenet
   if mode == 'no':
     return np.ones(3, np.float32)
   if len(rescalings) > 1:  # built with weights='imagenet': take Keras's own constant
     return np.broadcast_to(np.asarray(rescalings[1].scale, np.float32), (3,)).copy()
-  if np.allclose(variance, efficientnet.IMAGENET_STDDEV_RGB, rtol=0, atol=1e-6):
+  if np.allclose(variance, images_lib.IMAGENET_STD, rtol=0, atol=1e-6):
     return imagenet
   return np.ones(3, np.float32)
 
@@ -258,73 +259,72 @@ def build_keras_like(keras_model: keras.Model, variant: str, num_classes: int, r
   return reference
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m dna_jax.convert_teacher', description=__doc__.split('\n')[0])
-  parser.add_argument('--variant', required=True, type=str.lower, choices=KERAS_VARIANTS)
-  parser.add_argument(
-    '--keras_weights',
-    default=None,
-    help="local Keras weights file (.h5/.weights.h5); default: Keras's weights='imagenet' download",
-  )
-  parser.add_argument('--out', required=True, help='checkpoint directory to create (local path or gs://...)')
-  parser.add_argument('--resolution', type=int, default=224, help='resolution the teacher is run at (metadata)')
-  parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument(
-    '--imagenet_rescale',
-    choices=('auto', 'yes', 'no'),
-    default='auto',
-    help="Keras's extra ImageNet input rescale: auto = as EfficientNetB*(weights='imagenet')",
-  )
-  parser.add_argument(
-    '--verify',
-    action=argparse.BooleanOptionalAction,
-    default=True,
-    help=f'compare with Keras on random {VERIFY_RESOLUTION}x{VERIFY_RESOLUTION} images first',
-  )
-  parser.add_argument('--overwrite', action='store_true', help='replace a teacher checkpoint already in --out')
-  return parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum('variant', None, KERAS_VARIANTS, 'EfficientNet variant.', flag_values=FLAGS, case_sensitive=False)
+flags.DEFINE_string(
+  'keras_weights',
+  None,
+  "Local Keras weights file (.h5/.weights.h5); default: Keras's weights='imagenet' download.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string('out', None, 'Checkpoint directory to create (local path or gs://...).', flag_values=FLAGS)
+flags.DEFINE_integer('resolution', 224, 'Resolution the teacher is run at (metadata).', flag_values=FLAGS)
+flags.DEFINE_integer('num_classes', 1000, 'Classes of the classifier.', flag_values=FLAGS)
+flags.DEFINE_enum(
+  'imagenet_rescale',
+  'auto',
+  ('auto', 'yes', 'no'),
+  "Keras's extra ImageNet input rescale: auto = as EfficientNetB*(weights='imagenet').",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+  'verify',
+  True,
+  f'Compare with Keras on random {VERIFY_RESOLUTION}x{VERIFY_RESOLUTION} images first.',
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool('overwrite', False, 'Replace a teacher checkpoint already in --out.', flag_values=FLAGS)
+flags.mark_flags_as_required(['variant', 'out'], flag_values=FLAGS)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; returns the exit status (errors are one clear line on stderr)."""
-  args = parse_args(argv)
-  try:
-    out = teacher.as_path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-      raise ConversionError(f'--out {args.out} exists and is not empty; choose another directory or pass --overwrite')
-    if args.resolution < 32 or args.num_classes < 1:
-      raise ConversionError('--resolution must be >= 32 and --num_classes >= 1')
-    keras_model = build_keras(args.variant, args.keras_weights, args.num_classes)
-    model, variables = convert(keras_model, args.variant, args.num_classes, args.imagenet_rescale)
-    if args.verify:
-      errors = verify(keras_model, args.variant, model, variables)
-      print(' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
-      worst = max(errors, key=errors.get)
-      if errors[worst] > VERIFY_TOLERANCE:
-        raise ConversionError(
-          f'converted model disagrees with Keras: {worst} relative error {errors[worst]:.2e} '
-          f'> {VERIFY_TOLERANCE}; nothing written'
-        )
-    rescale = variables['normalization']['rescale']
-    metadata = {
-      'variant': args.variant,
-      'resolution': args.resolution,
-      'num_classes': args.num_classes,
-      'imagenet_rescale': bool(not np.allclose(rescale, 1.0)),
-      'source': args.keras_weights or KERAS_WEIGHTS_URL + keras_file_name(args.variant),
-      'keras_version': keras.__version__,
-    }
-    path = teacher.save(args.out, model, variables, metadata, overwrite=args.overwrite)
-  except (ConversionError, teacher.TeacherCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+def main(argv: list[str]) -> int:
+  """Converts, verifies against Keras, writes; errors are one clear line on stderr (see cli.py)."""
+  if argv:
+    raise ValueError(f'unexpected arguments: {" ".join(argv)}')
+  variant = FLAGS.variant
+  out = workdir_lib.as_path(FLAGS.out)
+  if out.exists() and any(out.iterdir()) and not FLAGS.overwrite:
+    raise ConversionError(f'--out {FLAGS.out} exists and is not empty; choose another directory or pass --overwrite')
+  if FLAGS.resolution < 32 or FLAGS.num_classes < 1:
+    raise ConversionError('--resolution must be >= 32 and --num_classes >= 1')
+  keras_model = build_keras(variant, FLAGS.keras_weights, FLAGS.num_classes)
+  model, variables = convert(keras_model, variant, FLAGS.num_classes, FLAGS.imagenet_rescale)
+  if FLAGS.verify:
+    errors = verify(keras_model, variant, model, variables)
+    print(' '.join(f'{k}={v:.1e}' for k, v in errors.items()))
+    worst = max(errors, key=errors.get)
+    if errors[worst] > VERIFY_TOLERANCE:
+      raise ConversionError(
+        f'converted model disagrees with Keras: {worst} relative error {errors[worst]:.2e} '
+        f'> {VERIFY_TOLERANCE}; nothing written'
+      )
+  rescale = variables['normalization']['rescale']
+  metadata = {
+    'variant': variant,
+    'resolution': FLAGS.resolution,
+    'num_classes': FLAGS.num_classes,
+    'imagenet_rescale': bool(not np.allclose(rescale, 1.0)),
+    'source': FLAGS.keras_weights or KERAS_WEIGHTS_URL + keras_file_name(variant),
+    'keras_version': keras.__version__,
+  }
+  path = teacher.save(FLAGS.out, model, variables, metadata, overwrite=FLAGS.overwrite)
   count = sum(int(np.size(x)) for x in jax.tree.leaves(variables))
   print(
-    f'wrote EfficientNet{args.variant.upper()} teacher ({count:,} values, input 0..255 RGB, ImageNet rescale '
+    f'wrote EfficientNet{variant.upper()} teacher ({count:,} values, input 0..255 RGB, ImageNet rescale '
     f'{"on" if metadata["imagenet_rescale"] else "off"}) to {path}'
   )
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, FLAGS)

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 import dataclasses
 
 from dna_jax import space as space_lib
-from dna_jax.models.layers import output_size
-from dna_jax.models.layers import se_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +46,13 @@ def mbconv_cost(
 ) -> tuple[Cost, int]:
   """Cost of one MBConv on a `size` x `size` input, and its output size."""
   hidden = in_ch * expansion
-  out_size = output_size(size, kernel, stride, padding)
+  out_size = space_lib.output_size(size, kernel, stride, padding)
   cost = Cost()
   if expansion != 1:
     cost += conv_cost(in_ch, hidden, 1, size * size) + bn_cost(hidden, size * size)
   out_pixels = out_size * out_size
   cost += conv_cost(hidden, hidden, kernel, out_pixels, groups=hidden) + bn_cost(hidden, out_pixels)
-  squeeze = se_width(in_ch)
+  squeeze = space_lib.se_width(in_ch)
   cost += conv_cost(hidden, squeeze, 1, 1, bias=True) + conv_cost(squeeze, hidden, 1, 1, bias=True)
   cost += conv_cost(hidden, out_ch, 1, out_pixels) + bn_cost(out_ch, out_pixels)
   return cost, out_size
@@ -72,7 +70,7 @@ def supernet_cell_macs(
   stem_macs = 0
   if stem is not None:
     stem_width, ds_width, stem_stride = stem
-    size = output_size(size, 3, stem_stride, 'tf_same')
+    size = space_lib.output_size(size, 3, stem_stride, 'tf_same')
     stem_macs = conv_cost(3, stem_width, 3, size * size).macs + mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0].macs
   per_layer = []
   for cin, cout, stride in layer_shapes:
@@ -80,19 +78,6 @@ def supernet_cell_macs(
     per_layer.append([cost.macs for cost, _ in per_op])
     size = per_op[0][1]
   return stem_macs, per_layer
-
-
-def block_sizes(
-  space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int, stem_stride: int = 2
-) -> list[int]:
-  """Input spatial size of every block (strides are fixed per block)."""
-  size = output_size(resolution, 3, stem_stride, 'tf_same')
-  sizes = []
-  for block in space_or_arch.blocks:
-    sizes.append(size)
-    stride = block.stride if isinstance(block, space_lib.Block) else block.cell.stride
-    size = output_size(size, 3, stride, 'tf_same')
-  return sizes
 
 
 def cell_cost(
@@ -121,7 +106,7 @@ def fixed_cost(
   stem_stride: int = 2,
 ) -> Cost:
   """Stem conv+BN, the DS block, the head's pool and classifier: what no search choice changes."""
-  size = output_size(resolution, 3, stem_stride, 'tf_same')
+  size = space_lib.output_size(resolution, 3, stem_stride, 'tf_same')
   cost = conv_cost(3, stem_width, 3, size * size) + bn_cost(stem_width, size * size)
   cost += mbconv_cost(stem_width, ds_width, 1, 3, 1, size)[0]
   pool = Cost(0, head_width * final_size * final_size, 0)
@@ -129,20 +114,11 @@ def fixed_cost(
   return cost + pool + classifier
 
 
-def final_size(
-  space_or_arch: space_lib.SearchSpace | space_lib.Architecture, resolution: int, stem_stride: int = 2
-) -> int:
-  size = block_sizes(space_or_arch, resolution, stem_stride)[-1]
-  last = space_or_arch.blocks[-1]
-  stride = last.stride if isinstance(last, space_lib.Block) else last.cell.stride
-  return output_size(size, 3, stride, 'tf_same')
-
-
 def architecture_cost(
   arch: space_lib.Architecture, resolution: int = 224, num_classes: int = 1000, stem_stride: int = 2
 ) -> tuple[Cost, list[Cost]]:
   """Total cost and the per-block costs (fixed part not included in the per-block list)."""
-  sizes = block_sizes(arch, resolution, stem_stride)
+  sizes = space_lib.block_sizes(arch, resolution, stem_stride)
   per_block = []
   channels = arch.ds_width
   for k, (choice, size) in enumerate(zip(arch.blocks, sizes)):
@@ -154,17 +130,10 @@ def architecture_cost(
     arch.ds_width,
     arch.head_width,
     resolution,
-    final_size(arch, resolution, stem_stride),
+    space_lib.final_size(arch, resolution, stem_stride),
     num_classes,
     stem_stride,
   )
   for cost in per_block:
     total += cost
   return total, per_block
-
-
-def block_input_widths(space: space_lib.SearchSpace, block_index: int) -> list[int]:
-  """The possible input widths of a block in the child net (widths of the previous block's cells)."""
-  if block_index == 0:
-    return [space.ds_width]
-  return sorted({cell.width for cell in space.blocks[block_index - 1].cells})

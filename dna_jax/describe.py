@@ -6,11 +6,12 @@ python -m dna_jax.describe path/to/arch.json --json --resolution 192 --num_class
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any
 
+from absl import flags
+
+from dna_jax import cli
 from dna_jax import costs
 from dna_jax import space as space_lib
 
@@ -20,13 +21,13 @@ def describe(
 ) -> dict[str, Any]:
   """Per-block rows and totals as plain data."""
   total, per_block = costs.architecture_cost(arch, resolution, num_classes, stem_stride)
-  sizes = costs.block_sizes(arch, resolution, stem_stride)
+  sizes = space_lib.block_sizes(arch, resolution, stem_stride)
   fixed = costs.fixed_cost(
     arch.stem_width,
     arch.ds_width,
     arch.head_width,
     resolution,
-    costs.final_size(arch, resolution, stem_stride),
+    space_lib.final_size(arch, resolution, stem_stride),
     num_classes,
     stem_stride,
   )
@@ -84,28 +85,25 @@ def format_table(info: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dna_jax.describe', description=__doc__.splitlines()[0])
-  parser.add_argument(
-    'arch',
-    help=f'one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, '
-    'a path to an architecture JSON file, or an architecture string',
-  )
-  parser.add_argument('--json', action='store_true', help='print one JSON object')
-  parser.add_argument('--resolution', type=int, default=224)
-  parser.add_argument('--num_classes', type=int, default=1000)
-  args = parser.parse_args(argv)
-  try:
-    if args.resolution < 1 or args.num_classes < 1:
-      raise ValueError('--resolution and --num_classes must be positive')
-    arch = space_lib.load_architecture(args.arch)
-    info = describe(arch, args.resolution, args.num_classes)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(json.dumps(info) if args.json else format_table(info))
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool('json', False, 'Print one JSON object.', flag_values=FLAGS)
+flags.DEFINE_integer('resolution', 224, 'Input resolution.', flag_values=FLAGS)
+flags.DEFINE_integer('num_classes', 1000, 'Classes of the classifier.', flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> int:
+  """ARCH: one of the named nets, a path to an architecture JSON file, or an architecture string."""
+  if len(argv) != 1:
+    raise ValueError(
+      f'give one architecture: one of {", ".join(space_lib.NAMED_ARCHITECTURES)}, a path to an architecture '
+      'JSON file, or an architecture string'
+    )
+  if FLAGS.resolution < 1 or FLAGS.num_classes < 1:
+    raise ValueError('--resolution and --num_classes must be positive')
+  info = describe(space_lib.load_architecture(argv[0]), FLAGS.resolution, FLAGS.num_classes)
+  print(json.dumps(info) if FLAGS.json else format_table(info))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, FLAGS)

@@ -1,8 +1,14 @@
-"""Small file helpers shared by the stages (local paths and gs:// alike, through etils.epath)."""
+"""Small file helpers shared by the stages: atomic text/JSON writes and PNG figures (local paths and gs://).
+
+Readers never see a partial file: everything is written to a temporary name and renamed. No JAX here:
+callers decide which process writes.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from etils import epath
 
@@ -14,4 +20,43 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> epath.Path:
   tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
   tmp.write_text(text)
   tmp.replace(path)
+  return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> epath.Path:
+  """`data` as indented JSON, written atomically."""
+  return atomic_write_text(path, json.dumps(data, indent=1) + '\n')
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+  """The JSON content of `path`, or a ValueError naming the file (and line) when it is unreadable."""
+  try:
+    text = epath.Path(path).read_text()
+  except OSError as e:
+    raise ValueError(f'{path}: cannot read ({e.strerror or e})') from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}, line {e.lineno}: not valid JSON ({e.msg})') from None
+
+
+def pyplot() -> Any:
+  """matplotlib.pyplot on the file-only Agg backend (imported on use: only plotting needs matplotlib)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> epath.Path:
+  """Writes a matplotlib figure as PNG (atomically) and closes it."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
+  with tmp.open('wb') as f:
+    fig.savefig(f, dpi=dpi, format='png')
+  tmp.replace(path)
+  pyplot().close(fig)
   return path

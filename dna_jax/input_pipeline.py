@@ -33,13 +33,9 @@ Keras EfficientNet teacher normalizes inside), 'unit' divides by 255,
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
-from collections.abc import Iterable
 from collections.abc import Iterator
-from collections.abc import Sequence
 import itertools
-import math
 from typing import Any
 
 from absl import logging
@@ -49,13 +45,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dna_jax import augment
+from dna_jax import images as images_lib
 from dna_jax import prepare_data
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 SPLITS = ('train', 'rate', 'calib', 'eval')
-_NORMALIZATIONS = ('raw', 'imagenet', 'unit')
 _AUGMENTS = ('inception', 'simple', 'none')
 _SMALL_IMAGE_FITS = ('resize', 'pad')
 _DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
@@ -65,51 +59,13 @@ _RESIZE_METHODS = {
   'area': tf.image.ResizeMethod.AREA,
   'nearest': tf.image.ResizeMethod.NEAREST_NEIGHBOR,
 }
-_MAX_MAGNITUDE = 10
-
-
-def get_data_config() -> ml_collections.ConfigDict:
-  """Default data settings (ImageNet at 224 px, raw 0..255 pixels)."""
-  config = ml_collections.ConfigDict()
-  config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
-  config.data_dir = ''  # tfds data_dir (may be gs://); '': TFDS_DATA_DIR or tfds's own.
-  config.local_files_dir = prepare_data.FASHION_MNIST_DEBIAN_DIR
-  # Prepare a missing small dataset on first use (never imagenet2012: it needs the manual tars).
-  config.auto_prepare = False
-  config.train_split = 'train'  # A plain split name: rate/calib carve it.
-  config.eval_split = 'validation'
-  config.rating_examples = 10000  # Held-out train prefix used by 'rate'.
-  config.calib_examples = 2048  # Training images in the 'calib' stream.
-  config.calib_augment = False
-  config.image_size = 224
-  config.normalization = 'raw'  # 'raw' (0..255), 'imagenet' or 'unit'.
-  config.dtype = 'float32'  # 'bfloat16' on TPU.
-  config.augment = 'inception'  # 'inception', 'simple' (pad+crop) or 'none'.
-  config.simple_pad = 4  # Pixels padded before the 'simple' random crop.
-  config.small_image_fit = 'resize'  # Or 'pad': zero-pad smaller images.
-  config.color_jitter = 0.0  # Brightness/contrast/saturation strength.
-  config.randaugment_layers = 0  # 0: RandAugment off.
-  config.randaugment_magnitude = 10  # 0..10.
-  config.random_erasing = 0.0  # Probability per image.
-  config.resize_method = 'bicubic'
-  config.crop_fraction = 0.875  # Eval center crop, of the shorter side.
-  config.shuffle_buffer = 16384
-  config.seed = 0
-  config.deterministic = True
-  config.cache = False  # Cache the encoded examples in memory.
-  config.num_threads = 0  # tf.data threads; 0: one per core.
-  config.prefetch = 2  # Batches prefetched by tf.data.
-  # tf.data autotuning of parallelism and buffers. Off: tf.data's fixed default parallelism and no
-  # tuning thread, whose shutdown stalled the end of short CPU trainings by up to a minute.
-  config.autotune = True
-  return config
 
 
 def _validate(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   c = data_config
   choices = {
-    'normalization': _NORMALIZATIONS,
+    'normalization': images_lib.NORMALIZATIONS,
     'augment': _AUGMENTS,
     'dtype': tuple(_DTYPES),
     'resize_method': tuple(_RESIZE_METHODS),
@@ -126,8 +82,8 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.random_erasing={c.random_erasing} not in [0, 1].')
   if c.color_jitter < 0 or c.simple_pad < 0 or c.randaugment_layers < 0:
     raise ValueError('data.color_jitter, data.simple_pad and data.randaugment_layers must be >= 0.')
-  if not 0 <= c.randaugment_magnitude <= _MAX_MAGNITUDE:
-    raise ValueError(f'data.randaugment_magnitude={c.randaugment_magnitude} not in [0, {_MAX_MAGNITUDE}].')
+  if not 0 <= c.randaugment_magnitude <= augment.MAX_MAGNITUDE:
+    raise ValueError(f'data.randaugment_magnitude={c.randaugment_magnitude} not in [0, {augment.MAX_MAGNITUDE}].')
   if c.rating_examples < 0 or c.calib_examples < 1:
     raise ValueError('data.rating_examples must be >= 0 and data.calib_examples >= 1.')
   if '[' in c.train_split:
@@ -235,21 +191,6 @@ def _decode_window(image_bytes: tf.Tensor, window_fn: Callable[..., tf.Tensor], 
   return image[y : y + h, x : x + w]
 
 
-def _random_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Inception-style crop: 8%-100% of the area, aspect ratio 3/4..4/3."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
-    seed=seed,
-    min_object_covered=0.1,
-    aspect_ratio_range=(3 / 4, 4 / 3),
-    area_range=(0.08, 1.0),
-    max_attempts=10,
-    use_image_if_no_bounding_boxes=True,
-  )
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
 def _center_window(shape: tf.Tensor, fraction: float) -> tf.Tensor:
   height, width = shape[0], shape[1]
   side = tf.maximum(1, tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
@@ -277,132 +218,8 @@ def _fit(image: tf.Tensor, size: int, method: str, fit: str) -> tf.Tensor:
   return image
 
 
-def _grayscale(image: tf.Tensor) -> tf.Tensor:
-  return tf.image.rgb_to_grayscale(image)
-
-
-def _blend(image: tf.Tensor, degenerate: tf.Tensor, factor: tf.Tensor):
-  """image at factor 1, degenerate at 0, extrapolated beyond; clipped."""
-  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
-
-
-def _color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
-  """Brightness, contrast, saturation, each by a factor in 1 +- strength."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  low, high = max(0.0, 1.0 - strength), 1.0 + strength
-  factor = [tf.random.stateless_uniform((), s, low, high) for s in seeds]
-  image = _blend(image, tf.zeros_like(image), factor[0])
-  image = _blend(image, tf.reduce_mean(_grayscale(image)), factor[1])
-  return _blend(image, _grayscale(image), factor[2])
-
-
-def _affine(image: tf.Tensor, transform: Sequence[Any]) -> tf.Tensor:
-  """Maps output (x, y) from input (a x + b y + c, d x + e y + f); gray fill."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  transform = tf.stack([tf.cast(t, tf.float32) for t in transform] + [0.0, 0.0])
-  return tf.raw_ops.ImageProjectiveTransformV3(
-    images=image[None],
-    transforms=transform[None],
-    output_shape=tf.stack([height, width]),
-    fill_value=128.0,
-    interpolation='BILINEAR',
-    fill_mode='CONSTANT',
-  )[0]
-
-
-def _rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
-  radians = degrees * math.pi / 180
-  cos, sin = tf.cos(radians), tf.sin(radians)
-  cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1) / 2
-  cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1) / 2
-  return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
-
-
-def _sharpen(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], (1, 1, 3, 1))
-  inner = tf.nn.depthwise_conv2d(image[None], kernel, (1, 1, 1, 1), 'VALID')[0]
-  padding = ((1, 1), (1, 1), (0, 0))
-  smooth = tf.pad(inner, padding)
-  border = tf.pad(tf.zeros_like(inner), padding, constant_values=1.0)
-  return _blend(image, border * image + (1 - border) * smooth, factor)
-
-
-def _auto_contrast(image: tf.Tensor) -> tf.Tensor:
-  low = tf.reduce_min(image, axis=(0, 1))
-  high = tf.reduce_max(image, axis=(0, 1))
-  scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1e-3), 1.0)
-  return tf.where(high > low, (image - low) * scale, image)
-
-
-def _posterize(image: tf.Tensor, bits: int) -> tf.Tensor:
-  step = 2.0 ** (8 - bits)
-  return tf.floor(image / step) * step
-
-
-def _solarize(image: tf.Tensor, threshold: float) -> tf.Tensor:
-  return tf.where(image >= threshold, 255.0 - image, image)
-
-
-def _rand_augment_ops(level: float, size: int) -> list[Callable[[tf.Tensor, tf.Tensor], Any]]:
-  """RandAugment's ops at level in [0, 1] (timm's ranges); (image, sign)."""
-  enhance = 0.9 * level  # Factor 1 +- this for color/contrast/...
-  shear, shift = 0.3 * level, 0.45 * level * size
-  return [
-    lambda x, s: x,
-    lambda x, s: _auto_contrast(x),
-    lambda x, s: _rotate(x, 30.0 * level * s),
-    lambda x, s: _solarize(x, 256.0 - 256.0 * level),
-    lambda x, s: _posterize(x, max(1, 8 - round(4 * level))),
-    lambda x, s: _blend(x, _grayscale(x), 1.0 + enhance * s),
-    lambda x, s: _blend(x, tf.reduce_mean(_grayscale(x)), 1.0 + enhance * s),
-    lambda x, s: _blend(x, tf.zeros_like(x), 1.0 + enhance * s),
-    lambda x, s: _sharpen(x, 1.0 + enhance * s),
-    lambda x, s: _affine(x, [1.0, shear * s, 0.0, 0.0, 1.0, 0.0]),
-    lambda x, s: _affine(x, [1.0, 0.0, 0.0, shear * s, 1.0, 0.0]),
-    lambda x, s: _affine(x, [1.0, 0.0, shift * s, 0.0, 1.0, 0.0]),
-    lambda x, s: _affine(x, [1.0, 0.0, 0.0, 0.0, 1.0, shift * s]),
-  ]
-
-
-def _rand_augment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
-  """Applies num_layers ops drawn uniformly, each with a random sign."""
-  shape = image.shape
-  ops = _rand_augment_ops(magnitude / _MAX_MAGNITUDE, shape[0])
-  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
-    op_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 2))
-    index = tf.random.stateless_uniform((), op_seed, 0, len(ops), tf.int32)
-    sign = tf.where(tf.random.stateless_uniform((), sign_seed) < 0.5, -1.0, 1.0)
-    image = tf.switch_case(index, [lambda op=op, x=image: op(x, sign) for op in ops])
-    image.set_shape(shape)
-  return image
-
-
-def _random_erasing(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
-  """With `probability`, fills a random box (2%-33% of the area, aspect ratio
-  0.3..3.3) with uniform noise, as timm's RandomErasing(mode='pixel')."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
-  height, width = image.shape[0], image.shape[1]
-  area = tf.random.stateless_uniform((), seeds[0], 0.02, 1 / 3) * height * width
-  ratio = tf.exp(tf.random.stateless_uniform((), seeds[1], math.log(0.3), -math.log(0.3)))
-  box_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), 1, height)
-  box_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32), 1, width)
-  top = tf.random.stateless_uniform((), seeds[2], 0, height - box_h + 1, tf.int32)
-  left = tf.random.stateless_uniform((), seeds[3], 0, width - box_w + 1, tf.int32)
-  rows = tf.range(height)[:, None, None]
-  cols = tf.range(width)[None, :, None]
-  inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
-  erase = tf.random.stateless_uniform((), seeds[4]) < probability
-  noise = tf.random.stateless_uniform(image.shape, seeds[5], 0.0, 255.0)
-  return tf.where(inside & erase, noise, image)
-
-
 def _normalize(image: tf.Tensor, normalization: str, dtype: str) -> tf.Tensor:
-  if normalization != 'raw':
-    image = image / 255.0
-  if normalization == 'imagenet':
-    image = (image - IMAGENET_MEAN) / IMAGENET_STD
-  return tf.cast(image, _DTYPES[dtype])
+  return tf.cast(images_lib.normalize(image, 'raw', normalization), _DTYPES[dtype])
 
 
 def _preprocess_fn(
@@ -429,7 +246,7 @@ def _preprocess_fn(
       seed = tf.random.experimental.stateless_fold_in(base, index)
       seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
       if c.augment == 'inception':
-        image = fit(_decode_window(image_bytes, lambda shape: _random_window(shape, seeds[0]), is_jpeg))
+        image = fit(_decode_window(image_bytes, lambda shape: augment.random_window(shape, seeds[0]), is_jpeg))
       elif c.augment == 'simple':
         image = fit(_decode_window(image_bytes, lambda s: tf.stack([0, 0, s[0], s[1]]), is_jpeg))
         padding = ((c.simple_pad, c.simple_pad),) * 2 + ((0, 0),)
@@ -439,11 +256,11 @@ def _preprocess_fn(
       if c.augment != 'none':
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
       if c.randaugment_layers:
-        image = _rand_augment(image, c.randaugment_layers, c.randaugment_magnitude, seeds[2])
+        image = augment.rand_augment(image, c.randaugment_layers, c.randaugment_magnitude, seeds[2])
       if c.color_jitter:
-        image = _color_jitter(image, c.color_jitter, seeds[3])
+        image = augment.color_jitter(image, c.color_jitter, seeds[3])
       if c.random_erasing:
-        image = _random_erasing(image, c.random_erasing, seeds[4])
+        image = augment.random_erasing(image, c.random_erasing, seeds[4])
     return {
       'image': _normalize(image, c.normalization, c.dtype),
       'label': tf.cast(example[label_key], tf.int32),
@@ -591,24 +408,3 @@ def _padded(
     if short:
       batch = {k: np.concatenate([v, zeros[k][:short]]) for k, v in batch.items()}
     yield batch
-
-
-def prefetch_to_device(
-  iterator: Iterable[Any], size: int = 2, devices: Sequence[jax.Device] | None = None
-) -> Iterator[Any]:
-  """Puts batches on `devices` (default: local ones, in pmap order), sharded
-  over their leading axis, keeping `size` batches in flight."""
-  devices = jax.local_devices() if devices is None else devices
-  mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
-  queue = collections.deque()
-  iterator = iter(iterator)
-
-  def enqueue(n: int) -> None:
-    for batch in itertools.islice(iterator, n):
-      queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)

@@ -1,52 +1,36 @@
 """Entry point: python -m dna_jax.main --config configs/NAME.py --workdir DIR [--config.key=value]."""
 
-import logging as std_logging
-import os
-import sys
+from __future__ import annotations
 
-from absl import app
+import os
+
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dna_jax import pipeline
+from dna_jax import cli
+from dna_jax import stages
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, ratings, logs and results (may be gs://).')
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-# Libraries whose INFO records (a dozen lines per checkpoint save) would bury our progress lines.
-QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/etils/')
-
-
-class QuietLibraries(std_logging.Filter):
-  """Drops INFO and DEBUG records of QUIET_LIBRARIES unless DNA_JAX_VERBOSE is set."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in QUIET_LIBRARIES)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, ratings, logs and results (may be gs://).', flag_values=FLAGS
+)
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/NAME.py[:arg]).', flag_values=FLAGS, lock_config=True
+)
+flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not os.environ.get('DNA_JAX_VERBOSE'):
-    logging.get_absl_handler().addFilter(QuietLibraries())
+def main(argv: list[str]) -> None:
+  if argv:
+    raise ValueError(f'unexpected arguments: {" ".join(argv)}')
   # Cloud TPU pods (tpu_scripts/ set this): one process per host, joined before any device use.
   if os.environ.get('DNA_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
-  try:
-    pipeline.run(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # User-facing problems (bad config, missing data or checkpoints, a diverged loss): the message
-    # says what to do. DNA_JAX_TRACEBACK=1 shows where it came from.
-    if os.environ.get('DNA_JAX_TRACEBACK'):
-      raise
-    sys.exit(f'error: {e}')
+  stages.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

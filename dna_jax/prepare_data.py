@@ -15,15 +15,17 @@ downloaded by tfds. Either way the result is a normal prepared tfds dataset in
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 
+from absl import flags
 import tensorflow_datasets as tfds
 
+from dna_jax import cli
+from dna_jax import config_base
+
 # Where the Debian package `dataset-fashion-mnist` puts its files.
-FASHION_MNIST_DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_DEBIAN_DIR = config_base.FASHION_MNIST_DEBIAN_DIR
 
 # sha256 of the Debian package's files (version 0.0~git20200523.55506a9-1).
 # They hold the upstream images and labels, but were re-gzipped without the
@@ -191,42 +193,45 @@ def _download_and_prepare(
     ways_out = 'give tfds internet access'
     if dataset == 'fashion_mnist':
       ways_out = 'install the Debian package (apt-get install dataset-fashion-mnist), or ' + ways_out
-    raise RuntimeError(
+    raise ValueError(
       f'tfds could not download and prepare {dataset} '
       f'({type(e).__name__}: {e}). To fix: {ways_out}, and '
       'run this command again.'
     ) from None
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m dna_jax.prepare_data', description=__doc__.split('\n')[0])
-  parser.add_argument('--dataset', required=True, help="tfds name, e.g. 'imagenet2012', 'fashion_mnist'")
-  parser.add_argument('--data_dir', default=None, help="tfds data directory (default: tfds's)")
-  parser.add_argument(
-    '--manual_dir',
-    default=None,
-    help='imagenet2012: directory of the ILSVRC2012 tars (default: <data_dir>/downloads/manual)',
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('dataset', None, "tfds name, e.g. 'imagenet2012', 'fashion_mnist'.", flag_values=FLAGS)
+flags.DEFINE_string('data_dir', None, "tfds data directory (default: tfds's).", flag_values=FLAGS)
+flags.DEFINE_string(
+  'manual_dir',
+  None,
+  'imagenet2012: directory of the ILSVRC2012 tars (default: <data_dir>/downloads/manual).',
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  'local_files_dir',
+  FASHION_MNIST_DEBIAN_DIR,
+  'fashion_mnist: directory of the Debian package files; "" to download instead.',
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  'max_examples_per_split', None, 'Keep only this many examples per split (smoke runs).', flag_values=FLAGS
+)
+flags.mark_flag_as_required('dataset', flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> None:
+  if argv:
+    raise ValueError(f'unexpected arguments: {" ".join(argv)}')
+  prepare(
+    FLAGS.dataset,
+    FLAGS.data_dir,
+    manual_dir=FLAGS.manual_dir,
+    local_files_dir=FLAGS.local_files_dir or None,
+    max_examples_per_split=FLAGS.max_examples_per_split,
   )
-  parser.add_argument(
-    '--local_files_dir',
-    default=FASHION_MNIST_DEBIAN_DIR,
-    help='fashion_mnist: directory of the Debian package files; "" to download instead',
-  )
-  parser.add_argument(
-    '--max_examples_per_split', type=int, default=None, help='keep only this many examples per split (smoke runs)'
-  )
-  args = parser.parse_args(argv)
-  try:
-    prepare(
-      args.dataset,
-      args.data_dir,
-      manual_dir=args.manual_dir,
-      local_files_dir=args.local_files_dir or None,
-      max_examples_per_split=args.max_examples_per_split,
-    )
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, FLAGS)

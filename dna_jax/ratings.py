@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from etils import epath
 import numpy as np
 
+from dna_jax import costs
 from dna_jax import files
 from dna_jax import space as space_lib
 
@@ -39,13 +39,6 @@ META = 'meta.json'
 def block_file(ratings_dir: str, block_index: int) -> str:
   """Path of the table of 0-based block `block_index`."""
   return os.path.join(ratings_dir, f'block_{block_index + 1}.csv')
-
-
-def input_widths(space: space_lib.SearchSpace, block_index: int) -> list[int]:
-  """Possible input widths of a block in the child net (as `costs.block_input_widths`)."""
-  if block_index == 0:
-    return [space.ds_width]
-  return sorted({cell.width for cell in space.blocks[block_index - 1].cells})
 
 
 def path_index(ops: Sequence[int]) -> int:
@@ -127,14 +120,13 @@ def architecture_rating(ratings: Ratings, arch: space_lib.Architecture) -> dict[
 
 
 def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int, stem_stride: int) -> dict[str, Any]:
-  from dna_jax import costs  # imports JAX (through the layer helpers): only writers need it
 
   fixed = costs.fixed_cost(
     space.stem_width,
     space.ds_width,
     space.head_width,
     resolution,
-    costs.final_size(space, resolution, stem_stride),
+    space_lib.final_size(space, resolution, stem_stride),
     num_classes,
     stem_stride,
   )
@@ -149,14 +141,7 @@ def _meta_record(space: space_lib.SearchSpace, resolution: int, num_classes: int
 
 
 def _read_json(path: str) -> dict[str, Any]:
-  try:
-    text = epath.Path(path).read_text()
-  except OSError as e:
-    raise ValueError(f'{path}: cannot read ({e.strerror or e})') from None
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}, line {e.lineno}: not valid JSON ({e.msg})') from None
+  data = files.read_json(path)
   if not isinstance(data, dict):
     raise ValueError(f'{path}, line 1: expected a JSON object')
   return data
@@ -179,7 +164,7 @@ def write_meta(
         'use a fresh ratings directory or delete the old one'
       )
     record['complete_blocks'] = sorted(int(k) for k in old.get('complete_blocks', []))
-  files.atomic_write_text(path, json.dumps(record, indent=1) + '\n')
+  files.write_json(path, record)
 
 
 def _check_values(name: str, values: Mapping[int, np.ndarray], block: space_lib.Block, block_index: int) -> dict:
@@ -224,7 +209,6 @@ def write_block_ratings(
   `scores[c]` / `mses[c]`: one value per path of cell `c`, in `cell.paths()` order. Costs are
   computed here for every possible input width. Returns the path written.
   """
-  from dna_jax import costs  # imports JAX (through the layer helpers): only writers need it
 
   if not 0 <= block_index < len(space.blocks):
     raise ValueError(f'block_index {block_index} out of range: the space has {len(space.blocks)} blocks (0-based)')
@@ -232,13 +216,13 @@ def write_block_ratings(
   scores = _check_values('scores', scores, block, block_index)
   mses = _check_values('mses', mses, block, block_index)
   write_meta(ratings_dir, space, resolution, num_classes, stem_stride)
-  size = costs.block_sizes(space, resolution, stem_stride)[block_index]
+  size = space_lib.block_sizes(space, resolution, stem_stride)[block_index]
   head = space.head_width if block_index == len(space.blocks) - 1 else None
   lines = [','.join(COLUMNS)]
   for c, cell in enumerate(block.cells):
     for p, ops in enumerate(cell.paths()):
       text = space_lib.ops_string(ops)
-      for width in input_widths(space, block_index):
+      for width in space_lib.block_input_widths(space, block_index):
         cost = costs.cell_cost(cell, ops, width, size, head)
         lines.append(
           f'{block_index + 1},{cell.name},{text},{width},{float(scores[c][p])!r},'
@@ -249,7 +233,7 @@ def write_block_ratings(
   meta_path = os.path.join(ratings_dir, META)
   meta = _read_json(meta_path)
   meta['complete_blocks'] = sorted(set(meta.get('complete_blocks', [])) | {block_index + 1})
-  files.atomic_write_text(meta_path, json.dumps(meta, indent=1) + '\n')
+  files.write_json(meta_path, meta)
   return path
 
 
@@ -289,7 +273,7 @@ def _read_meta(ratings_dir: str) -> tuple[dict[str, Any], space_lib.SearchSpace]
 def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> BlockRatings:
   block = space.blocks[block_index]
   cell_ids = {cell.name: c for c, cell in enumerate(block.cells)}
-  widths = set(input_widths(space, block_index))
+  widths = set(space_lib.block_input_widths(space, block_index))
   ops_cache: dict[tuple[int, str], tuple[tuple[int, ...], int]] = {}
   cols: dict[str, list] = {
     name: [] for name in ('cell', 'path', 'ops', 'in_channels', 'score', 'mse', 'flops', 'params', 'macs')

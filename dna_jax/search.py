@@ -32,19 +32,13 @@ scores tie exactly. Reported scores are the plain float sums in block order.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 import dataclasses
 import functools
 import heapq
-import json
 import math
-import os
-import sys
-import time
 from typing import Any
 
-from etils import epath
 import numpy as np
 
 from dna_jax import ratings as ratings_lib
@@ -107,7 +101,7 @@ def _score_scale(ratings: ratings_lib.Ratings) -> float:
 
 def _widths(space: space_lib.SearchSpace) -> list[list[int]]:
   """Input widths of every position 0..N; position N holds the last block's widths."""
-  widths = [ratings_lib.input_widths(space, m) for m in range(len(space.blocks))]
+  widths = [space_lib.block_input_widths(space, m) for m in range(len(space.blocks))]
   return widths + [sorted({c.width for c in space.blocks[-1].cells})]
 
 
@@ -369,7 +363,7 @@ def _children(
   s2, f2, p2 = score[node] + c.score[pick], flops[node] + c.flops[pick], params[node] + c.params[pick]
   nxt = c.nxt[pick]
   lb_s = s2 + problem.min_score[m + 1][nxt]
-  for i, field in enumerate(problem.active):
+  for field in problem.active:
     left = problem.budgets[field] - (f2 if field == 'flops' else p2)
     bound = np.full(len(s2), np.inf)
     for o, _ in c.groups:
@@ -532,172 +526,3 @@ def pareto_front(ratings: ratings_lib.Ratings, cost: str = 'flops') -> tuple[np.
     np.concatenate([c for c, _ in front.values()]), np.concatenate([s for _, s in front.values()])
   )
   return costs, scores / scale
-
-
-# ----------------------------------------------------------------------------- plot, files, CLI
-
-
-def plot_pareto(ratings: ratings_lib.Ratings, results: Sequence[Result], path_png: str) -> None:
-  """Two panels (score vs FLOPs, score vs params): the exact front, the chosen nets and the named nets."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  named = {}
-  for name, arch in space_lib.NAMED_ARCHITECTURES.items():
-    rating = ratings_lib.architecture_rating(ratings, arch)
-    if rating is not None:
-      named[name] = rating
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-  for ax, cost, label in ((axes[0], 'flops', 'FLOPs (M)'), (axes[1], 'params', 'parameters (M)')):
-    costs, scores = pareto_front(ratings, cost)
-    ax.step(costs / 1e6, scores, where='post', color='0.3', lw=1, label=f'exact Pareto front ({len(costs):,} points)')
-    for rank, r in enumerate(results, 1):
-      ax.plot(getattr(r, cost) / 1e6, r.score, 'o', color='tab:red', ms=6, label='chosen' if rank == 1 else None)
-      ax.annotate(
-        str(rank),
-        (getattr(r, cost) / 1e6, r.score),
-        textcoords='offset points',
-        xytext=(4, 4),
-        fontsize=7,
-        color='tab:red',
-      )
-    for name, rating in named.items():
-      ax.plot(rating[cost] / 1e6, rating['score'], 's', color='tab:blue', ms=5)
-      ax.annotate(
-        name,
-        (rating[cost] / 1e6, rating['score']),
-        textcoords='offset points',
-        xytext=(4, -10),
-        fontsize=7,
-        color='tab:blue',
-      )
-    ax.set_xlabel(label)
-    ax.set_ylabel('summed block score (relative L1)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(f'{ratings.directory or "ratings"}: {ratings.resolution}px, {ratings.num_classes} classes')
-  fig.tight_layout()
-  with epath.Path(path_png).open('wb') as f:
-    fig.savefig(f, dpi=120, format='png')
-  plt.close(fig)
-
-
-def default_out_dir(ratings_dir: str) -> str:
-  """WORKDIR/search beside WORKDIR/ratings."""
-  if '://' in ratings_dir:
-    return os.path.join(os.path.dirname(ratings_dir.rstrip('/')), 'search')
-  return os.path.join(os.path.dirname(os.path.abspath(ratings_dir)), 'search')
-
-
-def run_search(
-  ratings_dir: str,
-  out_dir: str | None = None,
-  max_flops: int | None = None,
-  max_params: int | None = None,
-  top_k: int = 1,
-  overwrite: bool = False,
-  plot: bool = True,
-) -> list[Result]:
-  """Reads the ratings, searches, writes `arch_1.json`.. and `pareto.png` into `out_dir`."""
-  out_dir = out_dir or default_out_dir(ratings_dir)
-  names = [f'arch_{i}.json' for i in range(1, top_k + 1)] + (['pareto.png'] if plot else [])
-  existing = [n for n in names if (epath.Path(out_dir) / n).exists()]
-  if existing and not overwrite:
-    raise ValueError(
-      f'{out_dir} already holds {", ".join(existing)}; choose another output directory or pass --overwrite'
-    )
-  ratings = ratings_lib.read_ratings(ratings_dir)
-  results = search(ratings, max_flops, max_params, top_k)
-  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  for rank, result in enumerate(results, 1):
-    record = {
-      **result.to_dict(),
-      'rank': rank,
-      'max_flops': max_flops,
-      'max_params': max_params,
-      'ratings': ratings_dir if '://' in ratings_dir else os.path.abspath(ratings_dir),
-    }
-    (epath.Path(out_dir) / f'arch_{rank}.json').write_text(json.dumps(record, indent=1) + '\n')
-  if plot:
-    plot_pareto(ratings, results, os.path.join(out_dir, 'pareto.png'))
-  return results
-
-
-def run(config: Any, workdir: str) -> dict[str, Any]:
-  """The search stage: WORKDIR/ratings -> WORKDIR/search, budgets from `config.search` (0: none)."""
-  budget = lambda value: int(value) if value else None
-  start = time.perf_counter()
-  results = run_search(
-    os.path.join(workdir, 'ratings'),
-    os.path.join(workdir, 'search'),
-    budget(config.search.max_flops),
-    budget(config.search.max_params),
-    int(config.search.top_k),
-    overwrite=True,
-  )
-  best = results[0]
-  return {
-    'architecture': str(best.architecture),
-    'score': round(best.score, 6),
-    'flops': best.flops,
-    'params': best.params,
-    'nets': len(results),
-    'seconds': round(time.perf_counter() - start, 2),
-  }
-
-
-def format_table(results: Sequence[Result]) -> str:
-  lines = [f'{"rank":>4} {"score":>10} {"MFLOPs":>8} {"Mparams":>8} {"MMACs":>8}  architecture']
-  for rank, r in enumerate(results, 1):
-    lines.append(
-      f'{rank:>4} {r.score:>10.5f} {r.flops / 1e6:>8.2f} {r.params / 1e6:>8.3f} {r.macs / 1e6:>8.2f}  {r.architecture}'
-    )
-  return '\n'.join(lines)
-
-
-def _count(text: str) -> int:
-  """'400M', '5.3e6', '350000000' -> int."""
-  scale = {'K': 1e3, 'M': 1e6, 'G': 1e9}.get(text[-1:].upper(), 1)
-  try:
-    value = float(text[:-1] if scale != 1 else text) * scale
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a count: {text!r} (e.g. 400M, 5.3e6, 350000000)') from None
-  if not math.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f'not a count: {text!r}')
-  return int(value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dna_jax.search', description=__doc__.splitlines()[0])
-  parser.add_argument('--ratings', required=True, help='ratings directory (WORKDIR/ratings)')
-  parser.add_argument('--max_flops', type=_count, default=None, help='FLOPs budget, e.g. 400M')
-  parser.add_argument('--max_params', type=_count, default=None, help='parameter budget, e.g. 5.3M')
-  parser.add_argument('--top_k', type=int, default=1)
-  parser.add_argument('--json', action='store_true', help='print the results as JSON')
-  parser.add_argument('--out', default=None, help='output directory (default: WORKDIR/search)')
-  parser.add_argument('--overwrite', action='store_true', help='replace existing arch_*.json / pareto.png')
-  parser.add_argument('--no_plot', action='store_true', help='skip pareto.png')
-  args = parser.parse_args(argv)
-  start = time.perf_counter()
-  try:
-    results = run_search(
-      args.ratings, args.out, args.max_flops, args.max_params, args.top_k, args.overwrite, plot=not args.no_plot
-    )
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  if args.json:
-    print(json.dumps([{**r.to_dict(), 'rank': i} for i, r in enumerate(results, 1)], indent=1))
-  else:
-    print(format_table(results))
-    print(
-      f'({len(results)} nets, {time.perf_counter() - start:.2f} s; files in '
-      f'{args.out or default_out_dir(args.ratings)})'
-    )
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -56,6 +56,31 @@ def parse_ops(text: str) -> tuple[int, ...]:
   return tuple(op_index(name) for name in text.strip().split('-'))
 
 
+# ----------------------------------------------------------------------------- shape rules
+# Written once, here, for the analytic costs (NumPy only) and the Flax layers alike.
+
+
+def conv_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+  """(before, after) padding of one spatial axis: 'tf_same' (TensorFlow SAME) or 'symmetric' (PyTorch)."""
+  if padding == 'symmetric':
+    pad = ((stride - 1) + (kernel - 1)) // 2
+    return pad, pad
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+  """Spatial size after a conv with the given padding convention."""
+  before, after = conv_padding(size, kernel, stride, padding)
+  return (size + before + after - kernel) // stride + 1
+
+
+def se_width(in_channels: int, ratio: float = 0.25) -> int:
+  """Squeeze width of SE: a fraction of the block's input channels, at least 1."""
+  return max(1, int(in_channels * ratio))
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One alternative of a block: `layers` MBConv layers at `width` channels.
@@ -136,7 +161,7 @@ class SearchSpace:
     """Builds a space from plain data (a config's `space` entry or `to_dict` output)."""
     try:
       blocks = []
-      for k, block in enumerate(data['blocks']):
+      for block in data['blocks']:
         cells = tuple(Cell(int(c['layers']), int(c['width']), int(c['stride'])) for c in block['cells'])
         blocks.append(Block(cells, int(block['teacher_width'])))
     except (KeyError, TypeError) as e:
@@ -405,3 +430,51 @@ def parse_space(blocks: str, stem_width: int = 32, ds_width: int = 16, head_widt
 def space_from_config(config: Any) -> SearchSpace:
   """The search space of a config's `space` section."""
   return parse_space(config.blocks, config.stem_width, config.ds_width, config.head_width)
+
+
+# ----------------------------------------------------------------------------- shapes of a space or net
+
+
+def block_input_widths(space: SearchSpace, block_index: int) -> list[int]:
+  """Possible input widths of a block in the child net: the widths of the previous block's cells."""
+  if block_index == 0:
+    return [space.ds_width]
+  return sorted({cell.width for cell in space.blocks[block_index - 1].cells})
+
+
+def _stride(block: Block | BlockChoice) -> int:
+  return block.stride if isinstance(block, Block) else block.cell.stride
+
+
+def block_sizes(space_or_arch: SearchSpace | Architecture, resolution: int, stem_stride: int = 2) -> list[int]:
+  """Input spatial size of every block of the child net (strides are fixed per block)."""
+  size = output_size(resolution, 3, stem_stride, 'tf_same')
+  sizes = []
+  for block in space_or_arch.blocks:
+    sizes.append(size)
+    size = output_size(size, 3, _stride(block), 'tf_same')
+  return sizes
+
+
+def final_size(space_or_arch: SearchSpace | Architecture, resolution: int, stem_stride: int = 2) -> int:
+  """Spatial size of the last block's output (the head's input)."""
+  size = block_sizes(space_or_arch, resolution, stem_stride)[-1]
+  return output_size(size, 3, _stride(space_or_arch.blocks[-1]), 'tf_same')
+
+
+def supernet_input_sizes(space: SearchSpace, image_size: int, stem_stride: int) -> list[int]:
+  """Spatial size of each block's distillation-supernet input (block 1 reads the image itself)."""
+  return [image_size] + block_sizes(space, image_size, stem_stride)[1:]
+
+
+def parse_block_numbers(text: str, num_blocks: int, what: str = 'blocks') -> list[int]:
+  """'' -> every block; '2,3' -> [1, 2] (0-based); a clear error naming `what` for bad numbers."""
+  if not text.strip():
+    return list(range(num_blocks))
+  try:
+    chosen = sorted({int(b) - 1 for b in text.split(',') if b.strip()})
+  except ValueError:
+    raise ValueError(f'{what}={text!r}: expected comma-separated block numbers 1..{num_blocks}') from None
+  if not chosen or chosen[0] < 0 or chosen[-1] >= num_blocks:
+    raise ValueError(f'{what}={text!r}: block numbers must lie in 1..{num_blocks}')
+  return chosen

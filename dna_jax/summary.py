@@ -5,38 +5,41 @@ python -m dna_jax.summary WORKDIR
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
+from absl import flags
+from absl import logging
 from etils import epath
 
+from dna_jax import cli
+from dna_jax import files
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
+from dna_jax import workdir as workdir_lib
 
 
 def _json(path: epath.Path) -> dict[str, Any] | None:
   try:
-    return json.loads(path.read_text()) if path.exists() else None
-  except (OSError, ValueError):
+    return files.read_json(path) if path.exists() else None
+  except ValueError:
     return None
 
 
 def _pct(value: Any) -> str:
-  """Accuracies are stored in percent (stage markers) or as fractions (results files)."""
+  """An accuracy, stored as a fraction everywhere (stage markers and results files), in percent."""
   if not isinstance(value, (int, float)):
     return 'n/a'
-  return f'{value if value > 1 else 100 * value:.2f}%'
+  return f'{100 * value:.2f}%'
 
 
 def summarize(workdir: str) -> str:
   """A plain-text report of the stages finished in `workdir` (also written to WORKDIR/summary.txt)."""
-  root = epath.Path(workdir)
+  paths = workdir_lib.Workdir(workdir)
   lines = [f'DNA run in {workdir}', '']
-  teacher = _json(root / 'stages' / 'teacher.done')
+  teacher = _json(paths.stage_marker('teacher'))
   if teacher:
     lines.append(f'Teacher (trained here): test top-1 {_pct(teacher.get("top1"))}')
-  ratings_dir = root / 'ratings'
+  ratings_dir = paths.ratings
   if (ratings_dir / ratings_lib.META).exists():
     try:
       table = ratings_lib.read_ratings(str(ratings_dir))
@@ -53,8 +56,7 @@ def summarize(workdir: str) -> str:
           f'  block {k + 1}: cell {cell.name:>6}  {ops:<30} score {block.score[best]:.4f}  '
           f'({table.space.blocks[k].num_paths} paths rated)'
         )
-  search_dir = root / 'search'
-  best = _json(search_dir / 'arch_1.json')
+  best = _json(paths.arch(1))
   if best:
     lines.append('')
     lines.append(f'Chosen architecture: {best.get("string")}')
@@ -62,14 +64,14 @@ def summarize(workdir: str) -> str:
       f'  summed score {best.get("score", float("nan")):.4f}, {best.get("flops", 0) / 1e6:.2f} MFLOPs, '
       f'{best.get("params", 0):,} params'
     )
-  results = _json(root / 'retrain' / 'results.json')
+  results = _json(paths.retrain_results)
   if results:
     final = (results.get('final') or {}).get('ema') or {}
     lines.append(
       f'  retrained: test top-1 {_pct(final.get("top1"))} (EMA weights), '
       f'best {_pct((results.get("best") or {}).get("top1"))}'
     )
-  fidelity = _json(root / 'fidelity' / 'fidelity.json')
+  fidelity = _json(paths.fidelity / 'fidelity.json')
   if fidelity:
     tau = fidelity.get('kendall_tau', {})
     lines.append(
@@ -80,24 +82,30 @@ def summarize(workdir: str) -> str:
   lines.append('Outputs:')
   for label, path in (
     ('ratings CSVs', ratings_dir),
-    ('Pareto plot', search_dir / 'pareto.png'),
-    ('architecture JSON', search_dir / 'arch_1.json'),
-    ('distillation loss curves', root / 'distill' / 'loss_curves.png'),
-    ('TensorBoard logs', root),
-    ('fidelity report', root / 'fidelity' / 'fidelity.json'),
+    ('Pareto plot', paths.search / 'pareto.png'),
+    ('architecture JSON', paths.arch(1)),
+    ('distillation loss curves', paths.loss_curves),
+    ('TensorBoard logs', paths.root),
+    ('fidelity report', paths.fidelity / 'fidelity.json'),
   ):
     if path.exists():
       lines.append(f'  {label:<25} {path}')
   text = '\n'.join(lines)
   try:
-    (root / 'summary.txt').write_text(text + '\n')
-  except OSError:
-    pass
+    files.atomic_write_text(paths.summary, text + '\n')
+  except OSError as e:  # a read-only workdir still gets its summary printed
+    logging.warning('could not write %s: %s', paths.summary, e)
   return text
 
 
+FLAGS = flags.FlagValues()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 1:
+    raise ValueError('usage: python -m dna_jax.summary WORKDIR')
+  print(summarize(argv[0]))
+
+
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    print('usage: python -m dna_jax.summary WORKDIR', file=sys.stderr)
-    sys.exit(2)
-  print(summarize(sys.argv[1]))
+  cli.run(main, FLAGS)

@@ -24,13 +24,13 @@ from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 
+from dna_jax import checkpoints
+from dna_jax import space as space_lib
+from dna_jax import workdir as workdir_lib
 from dna_jax.models import efficientnet
 
 Array = jax.Array
-VARIABLES_DIR = 'variables'
 METADATA_FILE = 'teacher.json'
 FORMAT = 'dna_jax.teacher.v1'
 # Model attributes a checkpoint may override on top of its named variant.
@@ -41,12 +41,10 @@ class TeacherCheckpointError(ValueError):
   """A teacher checkpoint is missing, incomplete or not the expected model."""
 
 
-def as_path(directory: str | os.PathLike[str]) -> epath.Path:
-  """An epath for a local or remote (gs://...) directory; local paths made absolute (Orbax needs it)."""
-  text = os.fspath(directory)
-  if not text:
+def _path(directory: str | os.PathLike[str]) -> epath.Path:
+  if not os.fspath(directory):
     raise TeacherCheckpointError('no teacher checkpoint directory given (config.teacher.checkpoint is empty)')
-  return epath.Path(text if '://' in text else os.path.abspath(text))
+  return workdir_lib._path(directory)
 
 
 def build_model(metadata: Mapping[str, Any], **overrides: Any) -> efficientnet.EfficientNet:
@@ -71,20 +69,9 @@ def save(
   """Writes `variables` and metadata (must hold 'variant') as a teacher checkpoint in `directory`."""
   if 'variant' not in metadata:
     raise ValueError("teacher metadata needs a 'variant' entry")
-  path = as_path(directory)
-  if path.exists() and any(path.iterdir()):
-    if not overwrite:
-      raise TeacherCheckpointError(f'{path} exists and is not empty; choose another directory or pass --overwrite')
-    if (path / METADATA_FILE).exists():
-      (path / METADATA_FILE).unlink()  # first: an interrupted overwrite leaves no valid-looking checkpoint
-    if (path / VARIABLES_DIR).exists():
-      (path / VARIABLES_DIR).rmtree()
-  path.mkdir(parents=True, exist_ok=True)
-  variables = jax.tree.map(np.asarray, flax.core.unfreeze(variables))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path / VARIABLES_DIR, variables)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  path = _path(directory)
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise TeacherCheckpointError(f'{path} exists and is not empty; choose another directory or pass --overwrite')
   meta = {
     'format': FORMAT,
     **metadata,
@@ -92,13 +79,12 @@ def save(
     'input': 'raw' if model.keras_input else 'normalized',
     'block_widths': list(efficientnet.block_widths(model)),
   }
-  (path / METADATA_FILE).write_text(json.dumps(meta, indent=1) + '\n')
-  return path
+  return checkpoints.save_variables(path, variables, meta, METADATA_FILE)
 
 
 def read_metadata(directory: str | os.PathLike[str], expected: str = '') -> dict[str, Any]:
   """The metadata of a complete teacher checkpoint, or a clear error."""
-  path = as_path(directory)
+  path = _path(directory)
   want = f' (expected EfficientNet variant {expected!r})' if expected else ''
   if expected == 'tiny':
     hint = '; train it with the teacher stage (config.stages=teacher,...)'
@@ -127,7 +113,7 @@ def check(directory: str | os.PathLike[str], variant: str) -> dict[str, Any]:
   """
   expected = efficientnet.variant_name(variant)
   metadata = read_metadata(directory, expected)
-  path = as_path(directory)
+  path = _path(directory)
   found = str(metadata['variant']).lower()
   if found != expected:
     raise TeacherCheckpointError(
@@ -135,14 +121,13 @@ def check(directory: str | os.PathLike[str], variant: str) -> dict[str, Any]:
       f'(config teacher.variant); convert the right weights or point teacher.checkpoint elsewhere'
     )
   try:
-    stored = ocp.StandardCheckpointer().metadata(path / VARIABLES_DIR).item_metadata.tree
+    have_shapes = checkpoints.stored_shapes(path)
   except (FileNotFoundError, ValueError, OSError) as e:
     raise TeacherCheckpointError(f'cannot read the variables of teacher checkpoint {path}: {e}') from None
   want_shapes = {
     '/'.join(k): tuple(v.shape)
     for k, v in flax.traverse_util.flatten_dict(abstract_variables(build_model(metadata))).items()
   }
-  have_shapes = {'/'.join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(dict(stored)).items()}
   for name, shape in sorted(want_shapes.items(), key=lambda item: not item[0].startswith('params/')):
     if name not in have_shapes:
       raise TeacherCheckpointError(f'teacher checkpoint {path} lacks {name} {shape} of EfficientNet {expected!r}')
@@ -169,7 +154,7 @@ def load(
   metadata = check(directory, variant) if variant else read_metadata(directory)
   model = build_model(metadata, **overrides)
   target = abstract_variables(model)
-  restored = ocp.StandardCheckpointer().restore(as_path(directory) / VARIABLES_DIR, target)
+  restored = checkpoints.load_variables(_path(directory), target)
   return model, jax.device_put(restored)
 
 
@@ -194,3 +179,31 @@ def teacher_features(
   else:
     _, features = model.apply(variables, images, train=False)
   return jax.lax.stop_gradient(features)
+
+
+def load_for_run(config: Any, workdir: str) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:
+  """The frozen teacher a run's config names: teacher.checkpoint, or the one the teacher stage trained."""
+  directory = config.teacher.checkpoint or os.fspath(workdir_lib.Workdir(workdir).teacher)
+  check(directory, config.teacher.variant)
+  return load(directory)
+
+
+def check_space(space: space_lib.SearchSpace, model: efficientnet.EfficientNet, stem_stride: int) -> None:
+  """Every block of the space must match the width and stride of the teacher stage it is cut at."""
+  if model.stem_stride != stem_stride:
+    raise ValueError(
+      f"space.stem_stride={stem_stride} but the teacher's stem stride is {model.stem_stride}: "
+      'student and teacher blocks would not have the same resolution'
+    )
+  widths = efficientnet.block_widths(model)
+  strides = efficientnet.block_strides(model)
+  if len(widths) < len(space.blocks):
+    raise ValueError(
+      f'the space has {len(space.blocks)} blocks but the teacher has only {len(widths)} distillable stages'
+    )
+  for k, block in enumerate(space.blocks):
+    if block.teacher_width != widths[k] or block.stride != strides[k]:
+      raise ValueError(
+        f'space block {k + 1} expects teacher width {block.teacher_width} and stride {block.stride}, '
+        f'but teacher block {k + 1} has width {widths[k]} and stride {strides[k]}'
+      )

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from dna_jax import cli
 from dna_jax import convert_authors
 from dna_jax import space as space_lib
 
@@ -169,7 +170,12 @@ def test_converted_logits_match_torch(tmp_path, capsys, name, num_classes, wrapp
   torch.save(stored, tmp_path / 'model.pth.tar')
   out = tmp_path / 'converted'
   assert (
-    convert_authors.main(['--arch', name, '--checkpoint', str(tmp_path / 'model.pth.tar'), '--out', str(out)]) == 0
+    cli.call(
+      convert_authors.main,
+      convert_authors.FLAGS,
+      ['--arch', name, '--checkpoint', str(tmp_path / 'model.pth.tar'), '--out', str(out)],
+    )
+    == 0
   ), capsys.readouterr().err
   logits, meta = _jax_logits(out, depthwise)
   expected = torch_forward(arch, sd, _images())
@@ -238,7 +244,11 @@ def test_dna_b_file_given_as_dna_c_fails_cleanly(tmp_path, capsys):
   sd = authors_state_dict(space_lib.named_architecture('dna_b'), 10, seed=1)
   torch.save({'state_dict': sd}, tmp_path / 'dna_b.pth')
   out = tmp_path / 'out'
-  code = convert_authors.main(['--arch', 'dna_c', '--checkpoint', str(tmp_path / 'dna_b.pth'), '--out', str(out)])
+  code = cli.call(
+    convert_authors.main,
+    convert_authors.FLAGS,
+    ['--arch', 'dna_c', '--checkpoint', str(tmp_path / 'dna_b.pth'), '--out', str(out)],
+  )
   err = capsys.readouterr().err
   assert code == 2
   assert err.startswith('error: checkpoint does not fit architecture dna_c')
@@ -259,20 +269,20 @@ def test_no_ema_takes_state_dict_and_output_is_not_overwritten(tmp_path, capsys)
   torch.save({'state_dict': raw, 'state_dict_ema': ema}, tmp_path / 'ckpt.pth')
   out = tmp_path / 'out'
   args = ['--arch', 'dna_a', '--checkpoint', str(tmp_path / 'ckpt.pth'), '--out', str(out), '--no_ema']
-  assert convert_authors.main(args) == 0
+  assert cli.call(convert_authors.main, convert_authors.FLAGS, args) == 0
   _, variables, meta = convert_authors.load_converted(str(out))
   np.testing.assert_array_equal(variables['params']['head']['classifier']['bias'], raw['classifier.bias'].numpy())
   assert meta['source'].endswith('(state_dict)') and meta['num_classes'] == 10
-  assert convert_authors.main(args) == 2
+  assert cli.call(convert_authors.main, convert_authors.FLAGS, args) == 2
   assert 'is not empty; choose another --out or pass --overwrite' in capsys.readouterr().err
-  assert convert_authors.main(args[:-1] + ['--overwrite']) == 0
+  assert cli.call(convert_authors.main, convert_authors.FLAGS, args[:-1] + ['--overwrite']) == 0
   _, variables, meta = convert_authors.load_converted(str(out))
   np.testing.assert_array_equal(variables['params']['head']['classifier']['bias'], ema['classifier.bias'].numpy())
   assert meta['source'].endswith('(state_dict_ema)')
   assert sorted(os.listdir(out)) == ['meta.json', 'variables']
   assert json.loads((out / 'meta.json').read_text())['arch_name'] == 'dna_a'
   (out / 'notes.txt').write_text('not ours')  # --overwrite never deletes files it did not write
-  assert convert_authors.main(args[:-1] + ['--overwrite']) == 2
+  assert cli.call(convert_authors.main, convert_authors.FLAGS, args[:-1] + ['--overwrite']) == 2
   assert 'holds more than a converted checkpoint (notes.txt)' in capsys.readouterr().err
   assert (out / 'notes.txt').exists()
 
@@ -282,12 +292,21 @@ def test_architecture_string_is_accepted_and_missing_torch_is_explained(tmp_path
   torch.save(sd, tmp_path / 'a.pth')
   text = str(space_lib.named_architecture('dna_a'))
   assert (
-    convert_authors.main(['--arch', text, '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out')]) == 0
+    cli.call(
+      convert_authors.main,
+      convert_authors.FLAGS,
+      ['--arch', text, '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out')],
+    )
+    == 0
   )
   assert json.loads((tmp_path / 'out' / 'meta.json').read_text())['arch'] == text
   monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # `import torch` now raises ImportError
   assert (
-    convert_authors.main(['--arch', 'dna_a', '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out2')])
+    cli.call(
+      convert_authors.main,
+      convert_authors.FLAGS,
+      ['--arch', 'dna_a', '--checkpoint', str(tmp_path / 'a.pth'), '--out', str(tmp_path / 'out2')],
+    )
     == 2
   )
   assert 'needs torch, which is not installed: pip install -r requirements-torch.txt' in capsys.readouterr().err

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from dna_jax import config_base
-from dna_jax import distill
 from dna_jax import parallel
 from dna_jax import space as space_lib
+from dna_jax import supernet_store
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import supernet
+from dna_jax.stages import distill
 
 IMAGE = 16
 SPACE = '2 16 1@8,2@8; 2 24 1@12; 1 32 1@16'
@@ -61,11 +62,11 @@ def train(config, workdir, teacher, steps, data=fixed_batches):
 def restore_block(config, workdir, block, teacher):
   space = space_lib.space_from_config(config.space)
   cells = supernet.supernet_cells(space, stem_stride=1)
-  manager = distill.checkpoint_manager(workdir / 'distill' / f'block_{block}', config.distill)
-  size = distill.block_input_sizes(IMAGE, 1, space)[block - 1]
-  tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
-  fresh = distill.create_block_state(jax.random.PRNGKey(0), tuple(cells[block - 1]), size, tx)
-  state, meta = distill.restore_latest(manager, fresh, f'block{block}')
+  manager = supernet_store.block_manager(str(workdir), block - 1, config.distill.keep_checkpoints)
+  size = space_lib.supernet_input_sizes(space, IMAGE, 1)[block - 1]
+  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  fresh = supernet_store.create_block_state(jax.random.PRNGKey(0), tuple(cells[block - 1]), size, tx)
+  state, meta = supernet_store.restore_block(manager, fresh, block - 1)
   manager.close()
   return state, meta
 
@@ -138,8 +139,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_teacher):
   train(make_config(epochs=1), tmp_path / 'resumed', tiny_teacher, 2)
   train(config, tmp_path / 'resumed', tiny_teacher, 2)
   for block in (1, 2, 3):
-    a, meta_a = restore_block(config, tmp_path / 'straight', block, tiny_teacher)
-    b, meta_b = restore_block(config, tmp_path / 'resumed', block, tiny_teacher)
+    a, _ = restore_block(config, tmp_path / 'straight', block, tiny_teacher)
+    b, _ = restore_block(config, tmp_path / 'resumed', block, tiny_teacher)
     assert int(a.step) == int(b.step) == 4
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.params, b.params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.batch_stats, b.batch_stats)
@@ -193,8 +194,8 @@ def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
   space = space_lib.space_from_config(config.space)
   cells = supernet.supernet_cells(space, stem_stride=1)
   teacher_model, teacher_variables = tiny_teacher
-  tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
-  states = {'block2': distill.create_block_state(jax.random.PRNGKey(1), tuple(cells[1]), 4, tx)}
+  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  states = {'block2': supernet_store.create_block_state(jax.random.PRNGKey(1), tuple(cells[1]), 4, tx)}
   batch = next(fixed_batches(0))
   results = []
   for mode in ('pmap', 'shard_map'):

@@ -11,10 +11,11 @@ import pytest
 from scipy import stats
 
 from dna_jax import config_base
-from dna_jax import fidelity
-from dna_jax import pipeline
+from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
+from dna_jax import stages
+from dna_jax.stages import fidelity
 
 # 42 x 6 x 12 = 3,024 architectures; block 2 reads two input widths.
 SPACE = space_lib.parse_space('2 16 1@8,2@8; 2 24 1@12; 1 32 1@16,1@24', 8, 8, 32)
@@ -47,25 +48,25 @@ def all_architectures(ratings):
 @pytest.mark.filterwarnings('ignore::scipy.stats.ConstantInputWarning')
 @pytest.mark.parametrize('x, y', [(X, Y), (X, -X), (X, X), (X[:5], Y[:5]), (np.arange(8.0), np.ones(8))])
 def test_correlations_match_scipy(x, y):
-  np.testing.assert_allclose(fidelity.kendall_tau(x, y), stats.kendalltau(x, y).statistic, atol=1e-12)
-  np.testing.assert_allclose(fidelity.spearman_rho(x, y), stats.spearmanr(x, y).statistic, atol=1e-12)
-  np.testing.assert_allclose(fidelity.average_ranks(x), stats.rankdata(x))
+  np.testing.assert_allclose(rank_stats.kendall_tau(x, y), stats.kendalltau(x, y).statistic, atol=1e-12)
+  np.testing.assert_allclose(rank_stats.spearman_rho(x, y), stats.spearmanr(x, y).statistic, atol=1e-12)
+  np.testing.assert_allclose(rank_stats.average_ranks(x), stats.rankdata(x))
 
 
 def test_correlations_batched_like_one_by_one():
   rng = np.random.default_rng(1)
   x, y = rng.integers(0, 4, (5, 9)).astype(float), rng.integers(0, 4, (5, 9)).astype(float)
-  for statistic in (fidelity.kendall_tau, fidelity.spearman_rho):
+  for statistic in (rank_stats.kendall_tau, rank_stats.spearman_rho):
     np.testing.assert_allclose(statistic(x, y), [statistic(a, b) for a, b in zip(x, y)])
 
 
 def test_bootstrap_interval_contains_value_and_is_deterministic():
-  first = fidelity.with_interval(fidelity.kendall_tau, X, Y, 500, seed=3)
-  assert first == fidelity.with_interval(fidelity.kendall_tau, X, Y, 500, seed=3)
-  assert first != fidelity.with_interval(fidelity.kendall_tau, X, Y, 500, seed=4)
+  first = rank_stats.with_interval(rank_stats.kendall_tau, X, Y, 500, seed=3)
+  assert first == rank_stats.with_interval(rank_stats.kendall_tau, X, Y, 500, seed=3)
+  assert first != rank_stats.with_interval(rank_stats.kendall_tau, X, Y, 500, seed=4)
   assert first['value'] == pytest.approx(stats.kendalltau(X, Y).statistic)
   assert first['low'] < first['value'] < first['high']
-  rho = fidelity.with_interval(fidelity.spearman_rho, X, 2 * X + Y, 500, seed=3)
+  rho = rank_stats.with_interval(rank_stats.spearman_rho, X, 2 * X + Y, 500, seed=3)
   assert rho['low'] < rho['value'] < rho['high'] <= 1
 
 
@@ -188,13 +189,13 @@ def load_config(name, arg=None):
 def test_configs_fit_the_workdir_of_their_search(name, base):
   config, search_config = load_config(name), load_config(base)
   assert config.stages == 'fidelity' and config.fidelity.num_archs >= 10 and config.fidelity.epochs > 0
-  for key in pipeline.IDENTITY_KEYS:
-    assert pipeline._lookup(config, key) == pipeline._lookup(search_config, key), key
+  for key in stages.IDENTITY_KEYS:
+    assert stages.lookup(config, key) == stages.lookup(search_config, key), key
 
 
 def test_command_line_reads_the_config_the_pipeline_saved(tmp_path):
   config = load_config('demo_fidelity')
-  pipeline.check_workdir(config, str(tmp_path))
+  stages.check_workdir(config, str(tmp_path))
   assert fidelity.saved_config(str(tmp_path)).to_dict() == config.to_dict()
   with pytest.raises(FileNotFoundError, match='pass --config'):
     fidelity.saved_config(str(tmp_path / 'other'))

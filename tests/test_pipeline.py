@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dna_jax import config_base
-from dna_jax import pipeline
+from dna_jax import cli
+from dna_jax import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,45 +22,44 @@ def load_config(name, arg=None):
 
 
 def test_stages_are_ordered_and_validated():
-  assert config_base.parse_stages('search, distill') == ['distill', 'search']
-  with pytest.raises(ValueError, match='config.stages is empty'):
-    config_base.parse_stages(' , ')
-  with pytest.raises(ValueError, match='unknown stage.*distil.*valid: teacher, distill'):
-    config_base.parse_stages('distil')
+  assert stages.parse_stages('search, distill') == ['distill', 'search']
+  with pytest.raises(ValueError, match=r'config\.stages is empty'):
+    stages.parse_stages(' , ')
+  with pytest.raises(ValueError, match=r'unknown stage.*distil.*valid: teacher, distill'):
+    stages.parse_stages('distil')
 
 
 @pytest.mark.parametrize('name', ['demo', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0'])
 def test_config_files_load_and_validate(name):
   config = load_config(name)
-  assert pipeline.validate(config)
-  assert pipeline.validate(load_config(name, 'local'))
+  assert stages.validate(config)
+  assert stages.validate(load_config(name, 'local'))
   with pytest.raises(ValueError, match='unknown config argument'):
     load_config(name, 'bogus')
 
 
 def test_workdir_from_a_different_experiment_is_refused(tmp_path):
   config = load_config('demo')
-  pipeline.check_workdir(config, str(tmp_path))
+  stages.check_workdir(config, str(tmp_path))
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['identity']['data.dataset'] == 'fashion_mnist'
-  pipeline.check_workdir(config, str(tmp_path))  # same experiment: fine
+  stages.check_workdir(config, str(tmp_path))  # same experiment: fine
   config.retrain.epochs = 7  # not part of the identity: fine
-  pipeline.check_workdir(config, str(tmp_path))
+  stages.check_workdir(config, str(tmp_path))
   config.space.blocks = '2 16 1@8'
   with pytest.raises(ValueError, match=r'different experiment \(space: workdir has'):
-    pipeline.check_workdir(config, str(tmp_path))
+    stages.check_workdir(config, str(tmp_path))
 
 
 def test_finished_stages_are_skipped(tmp_path, monkeypatch):
   config = load_config('demo')
   config.stages = 'search,distill'
   calls = []
-  monkeypatch.setattr(pipeline, '_stage_runner', lambda name: lambda c, w: calls.append(name) or {'ok': 1})
-  monkeypatch.setattr(pipeline, 'print_summary', lambda workdir: None)
-  pipeline.run(config, str(tmp_path))
+  monkeypatch.setattr(stages, 'stage_runner', lambda name: lambda c, w: calls.append(name) or {'ok': 1})
+  stages.run(config, str(tmp_path))
   assert calls == ['distill', 'search']
   assert json.loads((tmp_path / 'stages' / 'distill.done').read_text())['ok'] == 1
-  pipeline.run(config, str(tmp_path))
+  stages.run(config, str(tmp_path))
   assert calls == ['distill', 'search']
 
 
@@ -71,23 +70,47 @@ def run_main(*args):
   )
 
 
+def one_line_error(out) -> str:
+  """The single `error: ...` line a user error must print (exit code 2, no traceback)."""
+  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(('W', 'I0', 'I1'))]
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), out.stderr[-2000:]
+  return lines[0]
+
+
 def test_bad_config_fails_at_start_up_with_a_clear_message(tmp_path):
   demo = os.path.join('configs', 'demo.py')
-  out = run_main('--config', demo, '--workdir', str(tmp_path), '--config.distill.lerning_rate=1')
-  assert out.returncode != 0 and 'lerning_rate' in out.stderr
-  out = run_main('--config', demo, '--workdir', str(tmp_path), '--config.distill.epochs=many')
-  assert out.returncode != 0 and 'epochs' in out.stderr
-  out = run_main('--config', demo, '--workdir', str(tmp_path), '--config.stages=')
-  assert out.returncode != 0 and 'config.stages is empty' in out.stderr
+  line = one_line_error(run_main('--config', demo, '--workdir', str(tmp_path), '--config.distill.lerning_rate=1'))
+  assert "unknown config key 'distill.lerning_rate'" in line and 'distill.learning_rates' in line
+  line = one_line_error(run_main('--config', demo, '--workdir', str(tmp_path), '--config.no_such_key=1'))
+  assert "unknown config key 'no_such_key'" in line
+  line = one_line_error(run_main('--config', 'configs/no_such.py', '--workdir', str(tmp_path)))
+  assert 'configs/no_such.py: no such config file' in line
+  assert 'epochs' in one_line_error(
+    run_main('--config', demo, '--workdir', str(tmp_path), '--config.distill.epochs=many')
+  )
+  assert 'config.stages is empty' in one_line_error(
+    run_main('--config', demo, '--workdir', str(tmp_path), '--config.stages=')
+  )
+  assert 'workdir' in one_line_error(run_main('--config', demo))
   assert not (tmp_path / 'stages').exists()
+
+
+def test_every_command_shares_the_error_convention(tmp_path):
+  """Each `python -m dna_jax.X` prints one `error:` line and exits 2 on a user error (cli.py)."""
+  from dna_jax import describe
+  from dna_jax.stages import search as search_stage
+
+  assert cli.call(describe.main, describe.FLAGS, ['no_such_net']) == 2
+  assert cli.call(describe.main, describe.FLAGS, ['--no_such_flag', 'dna_a']) == 2
+  assert cli.call(search_stage.main, search_stage.FLAGS, ['--ratings', str(tmp_path)]) == 2
+  assert cli.call(describe.main, describe.FLAGS, ['dna_a']) == 0
 
 
 def test_library_info_records_are_hidden_but_warnings_and_our_own_kept():
   import logging as std_logging
 
-  from dna_jax import main as main_lib
-
-  quiet = main_lib.QuietLibraries()
+  quiet = cli.QuietLibraries()
 
   def record(path, level):
     return std_logging.LogRecord('absl', level, path, 1, 'message', None, None)

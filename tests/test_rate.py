@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dna_jax import rate
 from dna_jax import space as space_lib
 from dna_jax.models import supernet
+from dna_jax.stages import rate
 
 
 def perturbed(variables, seed):

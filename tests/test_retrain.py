@@ -10,13 +10,16 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from dna_jax import checkpoints
 from dna_jax import config_base
-from dna_jax import export as export_lib
+from dna_jax import images as images_lib
 from dna_jax import parallel
-from dna_jax import retrain
 from dna_jax import space as space_lib
+from dna_jax import trainer
 from dna_jax.models import child
 from dna_jax.models import layers
+from dna_jax.stages import export as export_stage
+from dna_jax.stages import retrain
 
 IMAGE = 16
 CLASSES = 6
@@ -70,17 +73,9 @@ def eval_batches():
   return [next(fixed_batches(0)), next(fixed_batches(1))]
 
 
-def train(workdir, config, **kwargs):
-  return retrain.train_and_evaluate(
-    make_model(),
-    config.retrain,
-    str(workdir),
-    image_size=IMAGE,
-    train_batches=fixed_batches,
-    steps_per_epoch=config.retrain.steps_per_epoch,
-    seed=0,
-    **kwargs,
-  )
+def train(workdir, config, eval_batches=None, **kwargs):
+  data = trainer.Data(fixed_batches, eval_batches, config.retrain.steps_per_epoch, IMAGE, 'imagenet')
+  return trainer.train_and_evaluate(make_model(), config.retrain, str(workdir), data, seed=0, **kwargs)
 
 
 def assert_trees_equal(a, b, **tolerance):
@@ -96,9 +91,9 @@ def whole_run(tmp_path_factory):
   """12 uninterrupted steps (3 epochs of 4 steps), evaluated after each epoch, and the initial eval."""
   workdir = tmp_path_factory.mktemp('whole')
   config = make_config()
-  fresh = retrain.create_train_state(jax.random.PRNGKey(0), make_model(), IMAGE, optax.sgd(0.1))
-  initial = retrain.evaluate_batches(
-    retrain.parallel_eval('pmap', fresh.apply_fn), retrain.variables_of(fresh, ema=False), eval_batches(), 'pmap'
+  fresh = trainer.create_train_state(jax.random.PRNGKey(0), make_model(), IMAGE, optax.sgd(0.1))
+  initial = trainer.evaluate_batches(
+    trainer.parallel_eval('pmap', fresh.apply_fn), trainer.variables_of(fresh, ema=False), eval_batches(), 'pmap'
   )
   saved = []
   state, results = train(workdir, config, eval_batches=eval_batches, on_best=lambda v, best: saved.append(best))
@@ -137,10 +132,10 @@ def test_resume_equals_uninterrupted(whole_run, tmp_path, monkeypatch):
 
 def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
   tc = make_config().retrain
-  lr_fn = retrain.create_learning_rate_fn(tc, 4)
-  tx = retrain.create_optimizer(tc, lr_fn)
-  state = retrain.create_train_state(jax.random.PRNGKey(2), make_model(), IMAGE, tx)
-  step = functools.partial(retrain.train_step, learning_rate_fn=lr_fn, label_smoothing=0.1, ema_decay=tc.ema_decay)
+  lr_fn = trainer.create_learning_rate_fn(tc, 4)
+  tx = trainer.create_optimizer(tc, lr_fn)
+  state = trainer.create_train_state(jax.random.PRNGKey(2), make_model(), IMAGE, tx)
+  step = functools.partial(trainer.train_step, learning_rate_fn=lr_fn, label_smoothing=0.1, ema_decay=tc.ema_decay)
   batch = next(fixed_batches(0))
   one_device = jax.pmap(
     step, axis_name=parallel.AXIS, in_axes=(None, 0), out_axes=None, devices=jax.local_devices()[:1]
@@ -154,7 +149,7 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
   }
   reference, metrics = one_device(state, jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch))
   assert not np.allclose(jax.tree.leaves(reference.params)[0], jax.tree.leaves(state.params)[0])
-  for name, (new_state, new_metrics) in results.items():
+  for new_state, new_metrics in results.values():
     for field in ('params', 'batch_stats'):
       assert_trees_equal(
         parallel.host_copy(getattr(new_state, field)),
@@ -175,18 +170,18 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
 
 def test_learning_rate_schedule_matches_efficientnet():
   tc = make_config(batch_size=512, base_learning_rate=0.016, warmup_epochs=5, lr_decay_epochs=2.4).retrain
-  lr_fn = retrain.create_learning_rate_fn(tc, 10)  # peak 0.032, warm-up 50 steps, decay every 24 steps
+  lr_fn = trainer.create_learning_rate_fn(tc, 10)  # peak 0.032, warm-up 50 steps, decay every 24 steps
   np.testing.assert_allclose(
     [float(lr_fn(s)) for s in (0, 25, 49, 50, 71, 72, 100)],
     [0.0, 0.016, 0.032 * 49 / 50, 0.032 * 0.97**2, 0.032 * 0.97**2, 0.032 * 0.97**3, 0.032 * 0.97**4],
     rtol=1e-6,
   )
-  assert retrain.epochs_to_steps(2.4, 10) == 24
+  assert trainer.epochs_to_steps(2.4, 10) == 24
 
 
 def test_weight_decay_skips_batchnorm_and_biases():
   params = jax.eval_shape(lambda: make_model().init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3))))
-  mask = retrain.kernel_mask(params['params'])
+  mask = trainer.kernel_mask(params['params'])
   assert mask['head']['classifier']['kernel'] and not mask['head']['classifier']['bias']
   assert not mask['stem']['bn']['scale'] and mask['block1_layer0']['dwconv']['kernel']
 
@@ -197,9 +192,9 @@ def test_nan_guard_names_the_first_bad_step():
     (8, {'loss': 1.0, 'grad_norm': float('inf')}),
     (9, {'loss': float('nan'), 'grad_norm': 1.0}),
   ]
-  retrain.check_finite(window[:1])
+  trainer.check_finite(window[:1])
   with pytest.raises(FloatingPointError, match='non-finite grad_norm at step 8'):
-    retrain.check_finite(window)
+    trainer.check_finite(window)
 
 
 def test_init_from_supernet_copies_the_chosen_paths(tmp_path):
@@ -233,7 +228,7 @@ def test_init_from_supernet_copies_the_chosen_paths(tmp_path):
       'batch_stats': {f'cell{cell_index}': cell['batch_stats']},
     }
     with ocp.CheckpointManager(tmp_path / 'distill' / f'block_{k + 1}') as manager:
-      manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({})))
   new = retrain.init_from_supernet(variables, ARCH, str(tmp_path), space=space)
   assert np.all(new['params']['block1_layer0']['dwconv']['kernel'] == 1)
   assert np.all(new['batch_stats']['stem']['bn']['var'] == 1)
@@ -243,17 +238,17 @@ def test_init_from_supernet_copies_the_chosen_paths(tmp_path):
   )
   assert np.all(new['params']['block2_layer0']['project_bn']['bias'] == 1)  # same shape: copied
   np.testing.assert_array_equal(new['params']['head']['conv']['kernel'], variables['params']['head']['conv']['kernel'])
-  with pytest.raises(FileNotFoundError, match='no distillation checkpoint'):
+  with pytest.raises(FileNotFoundError, match='no distilled checkpoint'):
     retrain.init_from_supernet(variables, ARCH, str(tmp_path / 'elsewhere'), space=space)
 
 
 def test_normalizations_round_trip():
   images = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
-  for target in export_lib.NORMALIZATIONS:
-    back = export_lib.normalize(export_lib.normalize(images, 'raw', target), target, 'raw')
+  for target in images_lib.NORMALIZATIONS:
+    back = images_lib.normalize(images_lib.normalize(images, 'raw', target), target, 'raw')
     np.testing.assert_allclose(back, images, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(
-    export_lib.normalize(images, 'raw', 'imagenet')[..., 0],
+    images_lib.normalize(images, 'raw', 'imagenet')[..., 0],
     (images[..., 0] / 255 - 0.485) / 0.229,
     rtol=1e-5,
     atol=1e-5,
@@ -268,27 +263,27 @@ def test_child_checkpoint_round_trip_and_export_equivalence(tmp_path):
   variables = child.init_child(model, jax.random.PRNGKey(3), size)
   # Non-trivial BatchNorm statistics so that inference mode matters.
   variables['batch_stats'] = jax.tree.map(lambda x: x + 0.3, variables['batch_stats'])
-  meta = export_lib.make_meta(ARCH, CLASSES, size, model.conventions, 'imagenet')
-  export_lib.save_child_checkpoint(str(tmp_path / 'ckpt'), variables, meta)
-  loaded_model, loaded, loaded_meta = export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
+  meta = checkpoints.child_meta(ARCH, CLASSES, size, model.conventions, 'imagenet')
+  checkpoints.save_child(str(tmp_path / 'ckpt'), variables, meta)
+  loaded_model, loaded, loaded_meta = checkpoints.load_child(str(tmp_path / 'ckpt'))
   assert loaded_meta == meta
   assert_trees_equal(loaded, variables)
-  other = export_lib.make_meta(
+  other = checkpoints.child_meta(
     space_lib.from_string('8,8,32|8s2:k3e3/16s2:k5e6'), CLASSES, size, model.conventions, 'imagenet'
   )
   (tmp_path / 'ckpt' / 'meta.json').write_text(json.dumps(other))
   with pytest.raises(ValueError, match=r'block2_layer0/dwconv/kernel is \(3, 3, 1, 48\).*needs \(5, 5, 1, 48\)'):
-    export_lib.load_child_checkpoint(str(tmp_path / 'ckpt'))
+    checkpoints.load_child(str(tmp_path / 'ckpt'))
 
   pixels = np.random.default_rng(4).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
-  expected = np.asarray(model.apply(variables, export_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])
-  saved_model = export_lib.export(
+  expected = np.asarray(model.apply(variables, images_lib.normalize(pixels, 'raw', 'imagenet'), train=False)[0])
+  saved_model = export_stage.export(
     loaded_model, loaded, size, str(tmp_path / 'sm'), 'saved_model', normalization='imagenet'
   )
   serve = tf.saved_model.load(saved_model).signatures['serving_default']
   np.testing.assert_allclose(serve(images=tf.constant(pixels))['logits'].numpy(), expected, atol=1e-4)
 
-  tflite = export_lib.export(
+  tflite = export_stage.export(
     loaded_model, loaded, size, str(tmp_path / 'model.tflite'), 'tflite', normalization='imagenet'
   )
   interpreter = tf.lite.Interpreter(model_path=tflite)

@@ -6,10 +6,12 @@ import os
 import numpy as np
 import pytest
 
+from dna_jax import cli
 from dna_jax import costs
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import space as space_lib
+from dna_jax.stages import search as search_stage
 
 RESOLUTION, NUM_CLASSES = 32, 10
 
@@ -162,11 +164,11 @@ def test_round_trip_and_completion(tmp_path):
     assert ratings_lib.block_complete(directory, k)
   ratings = ratings_lib.read_ratings(directory)
   assert ratings.space == space and (ratings.resolution, ratings.num_classes) == (RESOLUTION, NUM_CLASSES)
-  fixed = costs.fixed_cost(8, 8, 32, RESOLUTION, costs.final_size(space, RESOLUTION), NUM_CLASSES)
+  fixed = costs.fixed_cost(8, 8, 32, RESOLUTION, space_lib.final_size(space, RESOLUTION), NUM_CLASSES)
   assert (ratings.fixed_flops, ratings.fixed_params, ratings.fixed_macs) == (fixed.flops, fixed.params, fixed.macs)
-  sizes = costs.block_sizes(space, RESOLUTION)
+  sizes = space_lib.block_sizes(space, RESOLUTION)
   for k, (block, table) in enumerate(zip(space.blocks, ratings.blocks)):
-    widths = costs.block_input_widths(space, k)
+    widths = space_lib.block_input_widths(space, k)
     assert len(table) == block.num_paths * len(widths)
     for i in range(len(table)):
       cell = block.cells[table.cell[i]]
@@ -232,7 +234,7 @@ def test_run_search_files_cli_and_overwrite(tmp_path, capsys):
   ratings = write_random_ratings(ratings_dir, random_space(rng), rng, ties=False)
   _, flops, _, _ = brute_force(ratings)
   budget = int(np.median(flops))
-  results = search_lib.run_search(ratings_dir, None, budget, None, top_k=2)
+  results = search_stage.run_search(ratings_dir, None, budget, None, top_k=2)
   out = tmp_path / 'work' / 'search'
   assert sorted(os.listdir(out)) == ['arch_1.json', 'arch_2.json', 'pareto.png']
   saved = json.loads((out / 'arch_1.json').read_text())
@@ -240,26 +242,40 @@ def test_run_search_files_cli_and_overwrite(tmp_path, capsys):
   assert (saved['flops'], saved['max_flops'], saved['rank']) == (results[0].flops, budget, 1)
   assert space_lib.load_architecture(str(out / 'arch_2.json')) == results[1].architecture
   # existing files: refused without --overwrite, no traceback
-  assert search_lib.main(['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2']) == 1
+  assert (
+    cli.call(
+      search_stage.main, search_stage.FLAGS, ['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2']
+    )
+    == 2
+  )
   assert 'arch_1.json, arch_2.json, pareto.png; choose another output directory or pass --overwrite' in (
     capsys.readouterr().err
   )
   assert (
-    search_lib.main(
-      ['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2', '--json', '--overwrite', '--no_plot']
+    cli.call(
+      search_stage.main,
+      search_stage.FLAGS,
+      ['--ratings', ratings_dir, '--max_flops', str(budget), '--top_k', '2', '--json', '--overwrite', '--no_plot'],
     )
     == 0
   )
   printed = json.loads(capsys.readouterr().out)
   assert [p['string'] for p in printed] == [str(r.architecture) for r in results]
-  assert search_lib.main(['--ratings', ratings_dir, '--max_flops', '1', '--out', str(tmp_path / 'x')]) == 1
+  assert (
+    cli.call(
+      search_stage.main,
+      search_stage.FLAGS,
+      ['--ratings', ratings_dir, '--max_flops', '1', '--out', str(tmp_path / 'x')],
+    )
+    == 2
+  )
   assert 'minimum achievable FLOPs is' in capsys.readouterr().err
 
 
 def test_fewer_feasible_than_top_k(tmp_path):
   rng = np.random.default_rng(8)
   ratings = write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
-  score, flops, params, rows = brute_force(ratings)
+  _, flops, params, rows = brute_force(ratings)
   for max_flops, max_params in (
     (int(flops.min()), None),
     (None, int(params.min())),
@@ -279,7 +295,7 @@ def test_stage_run_reads_config_budgets(tmp_path):
   _, _, params, _ = brute_force(ratings)
   config = ml_collections.ConfigDict({'search': {'max_flops': 0, 'max_params': int(np.median(params)), 'top_k': 2}})
   for _ in range(2):  # a rerun replaces its own files
-    summary = search_lib.run(config, str(tmp_path))
+    summary = search_stage.run(config, str(tmp_path))
   expected = search_lib.search(ratings, None, int(np.median(params)), 2)
   assert summary['architecture'] == str(expected[0].architecture) and summary['nets'] == 2
   assert json.loads((tmp_path / 'search' / 'arch_2.json').read_text())['string'] == str(expected[1].architecture)

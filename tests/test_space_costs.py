@@ -119,9 +119,9 @@ def test_costs_are_additive_per_block():
   for _ in range(5):
     arch = random_architecture(space, rng)
     total, per_block = costs.architecture_cost(arch)
-    fixed = costs.fixed_cost(32, 16, 1280, 224, costs.final_size(arch, 224), 1000)
+    fixed = costs.fixed_cost(32, 16, 1280, 224, space_lib.final_size(arch, 224), 1000)
     assert total == sum(per_block, fixed)
-    sizes = costs.block_sizes(space, 224)
+    sizes = space_lib.block_sizes(space, 224)
     assert sizes == [112, 56, 28, 14, 14, 7]
     widths = [16] + [b.cell.width for b in arch.blocks]
     for k, choice in enumerate(arch.blocks):
@@ -195,11 +195,13 @@ def test_depthwise_implementations_agree():
     w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
     native = layers.depthwise_conv(x, w, stride, padding, 'native')
     shifted = layers.depthwise_conv(x, w, stride, padding, 'shift_add')
-    out = layers.output_size(size, kernel, stride, padding)
+    out = space_lib.output_size(size, kernel, stride, padding)
     assert native.shape == shifted.shape == (2, out, out, 6)
     np.testing.assert_allclose(native, shifted, rtol=1e-5, atol=1e-5)
-    g1 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'native') ** 2))(w)
-    g2 = jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, stride, padding, 'shift_add') ** 2))(w)
+    g1, g2 = (
+      jax.grad(lambda w, i=impl, s=stride, p=padding, x=x: jnp.sum(layers.depthwise_conv(x, w, s, p, i) ** 2))(w)
+      for impl in ('native', 'shift_add')
+    )
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
 
 

@@ -15,7 +15,9 @@ from keras.src.utils import file_utils
 import numpy as np
 import pytest
 
+from dna_jax import cli
 from dna_jax import convert_teacher
+from dna_jax import images as images_lib
 from dna_jax import teacher
 from dna_jax.models import efficientnet
 
@@ -65,8 +67,8 @@ def randomize(model: keras.Model, seed: int, imagenet_normalization: bool = Fals
     'variance': lambda s: rng.uniform(0.03, 0.1, s),
   }
   if imagenet_normalization:  # what keras-applications' ImageNet files hold (std stored as variance)
-    values['mean'] = lambda s: np.array(efficientnet.IMAGENET_MEAN_RGB)
-    values['variance'] = lambda s: np.array(efficientnet.IMAGENET_STDDEV_RGB)
+    values['mean'] = lambda s: np.array(images_lib.IMAGENET_MEAN)
+    values['variance'] = lambda s: np.array(images_lib.IMAGENET_STD)
   for layer in model.layers:
     for weight in layer.weights:
       if weight.name in values:
@@ -119,7 +121,10 @@ def b0(tmp_path_factory):
   weights = str(tmp / 'b0.weights.h5')
   model.save_weights(weights)
   out = str(tmp / 'teacher')
-  assert convert_teacher.main(['--variant', 'b0', '--keras_weights', weights, '--out', out]) == 0
+  assert (
+    cli.call(convert_teacher.main, convert_teacher.FLAGS, ['--variant', 'b0', '--keras_weights', weights, '--out', out])
+    == 0
+  )
   x = images()
   logits, features = keras_outputs(model, B0_TAPS, x)
   for layer in model.layers:  # training-mode reference: batch-statistics BN, no drop-connect/dropout
@@ -143,7 +148,8 @@ def test_b0_matches_keras(b0):
   for name, want in b0['features'].items():
     assert features[name].shape == want.shape, name
     assert rel_error(features[name], want) < TOL, name
-  meta = json.loads(open(f'{b0["dir"]}/{teacher.METADATA_FILE}').read())
+  with open(f'{b0["dir"]}/{teacher.METADATA_FILE}') as f:
+    meta = json.load(f)
   assert (meta['variant'], meta['input'], meta['num_classes'], meta['imagenet_rescale']) == ('b0', 'raw', 1000, False)
 
 
@@ -202,7 +208,7 @@ def test_converter_cli_errors(b0, tmp_path, capsys, monkeypatch):
     (['--variant', 'b0', '--keras_weights', str(tmp_path / 'none.h5'), '--out', str(tmp_path / 'c')], 'no such file'),
   ]
   for argv, message in cases:
-    assert convert_teacher.main(argv) == 1
+    assert cli.call(convert_teacher.main, convert_teacher.FLAGS, argv) == 2
     err = capsys.readouterr().err
     assert re.search(f'error: .*{message}', err), err
     assert 'Traceback' not in err
@@ -217,8 +223,17 @@ def test_imagenet_rescale_reproduces_keras(tmp_path, monkeypatch):
   source.save_weights(weights)
   monkeypatch.setattr(file_utils, 'get_file', lambda *args, **kwargs: weights)
   downloaded, local = str(tmp_path / 'downloaded'), str(tmp_path / 'local')
-  assert convert_teacher.main(['--variant', 'b0', '--out', downloaded, '--no-verify']) == 0
-  assert convert_teacher.main(['--variant', 'b0', '--keras_weights', weights, '--out', local, '--no-verify']) == 0
+  assert (
+    cli.call(convert_teacher.main, convert_teacher.FLAGS, ['--variant', 'b0', '--out', downloaded, '--noverify']) == 0
+  )
+  assert (
+    cli.call(
+      convert_teacher.main,
+      convert_teacher.FLAGS,
+      ['--variant', 'b0', '--keras_weights', weights, '--out', local, '--noverify'],
+    )
+    == 0
+  )
   reference = keras_model('b0', resolution=None, weights='imagenet')  # Keras's own ImageNet graph
   assert any(isinstance(l, keras.layers.Rescaling) and np.size(l.scale) == 3 for l in reference.layers)
   x = images(1, 224)
@@ -226,9 +241,7 @@ def test_imagenet_rescale_reproduces_keras(tmp_path, monkeypatch):
   model, variables = teacher.load(downloaded, 'b0')
   _, local_variables = teacher.load(local, 'b0')
   jax.tree.map(np.testing.assert_array_equal, variables, local_variables)
-  np.testing.assert_allclose(
-    variables['normalization']['rescale'], 1 / np.sqrt(efficientnet.IMAGENET_STDDEV_RGB), rtol=1e-6
-  )
+  np.testing.assert_allclose(variables['normalization']['rescale'], 1 / np.sqrt(images_lib.IMAGENET_STD), rtol=1e-6)
   got_logits, got = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
   assert rel_error(got_logits, logits) < TOL
   assert rel_error(got['block6'], features['block6']) < TOL
@@ -241,7 +254,14 @@ def test_b7_matches_keras(tmp_path):
   weights = str(tmp_path / 'b7.weights.h5')
   model.save_weights(weights)
   out = str(tmp_path / 'teacher')
-  assert convert_teacher.main(['--variant', 'b7', '--keras_weights', weights, '--out', out, '--no-verify']) == 0
+  assert (
+    cli.call(
+      convert_teacher.main,
+      convert_teacher.FLAGS,
+      ['--variant', 'b7', '--keras_weights', weights, '--out', out, '--noverify'],
+    )
+    == 0
+  )
   x = images()
   taps = stage_taps(model)
   assert taps['block6'] == 'block7d_add' and taps['block1'] == 'block2g_add'  # depth 3.1: ceil(3.1 * 2) = 7

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from dna_jax import space as space_lib
 from dna_jax.models import layers
@@ -67,3 +71,58 @@ def init_child(model: ChildNet, rng: Any, image_size: int) -> dict[str, Any]:
   """Variables of `model` for square `image_size` inputs (shape-only init under jit)."""
   dummy = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
   return jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+
+
+def transfer_supernet_weights(
+  child_variables: Mapping[str, Any], arch: space_lib.Architecture, cells: list[Mapping[str, Any]]
+) -> tuple[dict[str, Any], int, int]:
+  """Child variables with every leaf of the chosen supernet paths copied where the shapes agree.
+
+  `cells[k]` holds the variables of the supernet cell chosen for block k (layer l, op o under
+  'layer{l}/{op name}'; block 1 also 'stem' and 'ds'). Leaves whose shape differs (the first layer of a
+  block reads the teacher's width in the supernet, the last one writes it) keep the child's
+  initialisation. Returns (variables, leaves copied, leaves kept).
+  """
+  sources = {}
+  for k, choice in enumerate(arch.blocks[: len(cells)]):
+    if k == 0:
+      sources['stem'], sources['ds'] = ('stem',), ('ds',)
+    for l, op_id in enumerate(choice.ops):
+      sources[f'block{k + 1}_layer{l}'] = (k, f'layer{l}', space_lib.OP_NAMES[op_id])
+  copied = kept = 0
+  result = {}
+  for collection, tree in child_variables.items():
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    for key, value in flat.items():
+      source = sources.get(key[0])
+      found = None
+      if source is not None:
+        block, *path = (0, *source) if source[0] in ('stem', 'ds') else source
+        node = cells[block].get(collection, {})
+        for part in (*path, *key[1:]):
+          node = node.get(part) if isinstance(node, Mapping) else None
+        found = node
+      if found is not None and tuple(np.shape(found)) == tuple(np.shape(value)):
+        flat[key] = jnp.asarray(found, dtype=value.dtype)
+        copied += 1
+      else:
+        kept += 1
+    result[collection] = flax.traverse_util.unflatten_dict(flat)
+  return result, copied, kept
+
+
+def child_for_training(
+  arch: space_lib.Architecture, num_classes: int, config: Any, bn_axis_name: str | None
+) -> ChildNet:
+  """The child net as a run's config trains it: conventions from config.model, dropout and drop-connect
+  from config.retrain, stem stride from config.space, BatchNorm statistics over `bn_axis_name`."""
+  rc = config.retrain
+  return ChildNet(
+    arch,
+    num_classes,
+    rc.dropout_rate,
+    rc.drop_connect_rate,
+    config.space.stem_stride,
+    layers.conventions_from_config(config.model),
+    bn_axis_name=bn_axis_name,
+  )

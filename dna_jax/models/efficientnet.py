@@ -34,13 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dna_jax import images as images_lib
 from dna_jax.models import layers
 
 Array = jax.Array
-
-# ImageNet channel statistics; the default 'normalization' variables of a fresh model.
-IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
-IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
 class Stage(NamedTuple):
@@ -83,7 +80,7 @@ def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> i
 
 def round_repeats(repeats: int, depth_coefficient: float) -> int:
   """Keras's depth scaling: ceil(depth_coefficient * repeats)."""
-  return int(math.ceil(depth_coefficient * repeats))
+  return math.ceil(depth_coefficient * repeats)
 
 
 class EfficientNet(nn.Module):
@@ -150,9 +147,9 @@ class EfficientNet(nn.Module):
 
   def _normalize(self, x: Array) -> Array:
     """Keras's Rescaling(1/255) -> Normalization -> (ImageNet weights only) Rescaling, in float32."""
-    mean = self.variable('normalization', 'mean', lambda: jnp.array(IMAGENET_MEAN_RGB, jnp.float32))
+    mean = self.variable('normalization', 'mean', lambda: jnp.array(images_lib.IMAGENET_MEAN, jnp.float32))
     variance = self.variable(
-      'normalization', 'variance', lambda: jnp.square(jnp.array(IMAGENET_STDDEV_RGB, jnp.float32))
+      'normalization', 'variance', lambda: jnp.square(jnp.array(images_lib.IMAGENET_STD, jnp.float32))
     )
     rescale = self.variable('normalization', 'rescale', lambda: jnp.ones((3,), jnp.float32))
     x = x.astype(jnp.float32) * jnp.float32(1.0 / 255.0)

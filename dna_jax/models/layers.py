@@ -17,6 +17,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dna_jax import space as space_lib
+
 Array = jax.Array
 
 
@@ -64,26 +66,13 @@ def conventions_from_config(config: Any) -> Conventions:
   )
 
 
-def conv_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
-  """(before, after) padding of one spatial axis."""
-  if padding == 'symmetric':
-    pad = ((stride - 1) + (kernel - 1)) // 2
-    return pad, pad
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
-def output_size(size: int, kernel: int, stride: int, padding: str) -> int:
-  """Spatial size after a conv with the given padding convention."""
-  before, after = conv_padding(size, kernel, stride, padding)
-  return (size + before + after - kernel) // stride + 1
-
-
 def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str) -> Array:
   """Depthwise conv of NHWC `x` with a (k, k, 1, C) kernel."""
   k = kernel.shape[0]
-  pads = [conv_padding(x.shape[1], k, stride, padding), conv_padding(x.shape[2], k, stride, padding)]
+  pads = [
+    space_lib.conv_padding(x.shape[1], k, stride, padding),
+    space_lib.conv_padding(x.shape[2], k, stride, padding),
+  ]
   if impl == 'auto':
     impl = 'shift_add' if jax.default_backend() == 'cpu' else 'native'
   if impl == 'native':
@@ -150,11 +139,6 @@ def pointwise(features: int, name: str, conventions: Conventions, use_bias: bool
   )
 
 
-def se_width(in_channels: int, ratio: float = 0.25) -> int:
-  """Squeeze width of SE: a fraction of the block's input channels, at least 1."""
-  return max(1, int(in_channels * ratio))
-
-
 class SqueezeExcite(nn.Module):
   """Global mean -> 1x1 conv (bias) -> swish -> 1x1 conv (bias) -> sigmoid gate."""
 
@@ -207,7 +191,7 @@ class MBConv(nn.Module):
     y = DepthwiseConv(self.kernel_size, self.stride, conv, name='dwconv')(y)
     y = nn.swish(batch_norm(conv, train, 'dw_bn', self.bn_axis_name)(y))
     if self.se_ratio:
-      y = SqueezeExcite(se_width(in_channels, self.se_ratio), conv, name='se')(y)
+      y = SqueezeExcite(space_lib.se_width(in_channels, self.se_ratio), conv, name='se')(y)
     y = pointwise(self.out_channels, 'project_conv', conv)(y)
     y = batch_norm(conv, train, 'project_bn', self.bn_axis_name)(y)
     if self.stride == 1 and in_channels == self.out_channels:
@@ -227,8 +211,8 @@ class Stem(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     conv = self.conventions
     pads = [
-      conv_padding(x.shape[1], 3, self.stride, conv.padding),
-      conv_padding(x.shape[2], 3, self.stride, conv.padding),
+      space_lib.conv_padding(x.shape[1], 3, self.stride, conv.padding),
+      space_lib.conv_padding(x.shape[2], 3, self.stride, conv.padding),
     ]
     y = nn.Conv(
       self.width,

@@ -148,10 +148,6 @@ def supernet_cells(
   return blocks
 
 
-def cell_name(block_index: int, cell_index: int) -> str:
-  return f'block{block_index + 1}_cell{cell_index}'
-
-
 def random_path(rng: Any, num_layers: int) -> Array:
   """DNA's sampling: each layer's op drawn uniformly and independently."""
   return jax.random.randint(rng, (num_layers,), 0, space_lib.NUM_OPS)

@@ -11,7 +11,7 @@ os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={8 // NUM_PRO
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update('jax_platforms', 'cpu')
 jax.config.update('jax_disable_most_optimizations', True)
@@ -21,14 +21,16 @@ if NUM_PROCESSES > 1:
     coordinator_address=f'127.0.0.1:{sys.argv[4]}', num_processes=NUM_PROCESSES, process_id=PROCESS_ID
   )
 
-import flax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax
+import jax.numpy as jnp
+import numpy as np
 
-from dna_jax import config_base  # noqa: E402
-from dna_jax import distill  # noqa: E402
-from dna_jax import space as space_lib  # noqa: E402
-from dna_jax.models import efficientnet  # noqa: E402
+from dna_jax import config_base
+from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax.models import efficientnet
+from dna_jax.models import supernet
+from dna_jax.stages import distill
 
 IMAGE, STEPS, GLOBAL_BATCH = 16, 3, 16
 
@@ -60,15 +62,13 @@ def main():
   workdir = os.path.join(out_dir, f'workdir_{NUM_PROCESSES}')
   distill.train_blocks(config, workdir, teacher, teacher_variables, space, global_batches, STEPS)
   restored = {}
+  cells = supernet.supernet_cells(space, stem_stride=1)
   for k in (1, 2):
-    from dna_jax.models import supernet
-
-    cells = supernet.supernet_cells(space, stem_stride=1)
-    tx = distill.create_optimizer(distill.create_learning_rate_fn(0.01, 0.9, STEPS), 1e-4)
-    size = distill.block_input_sizes(IMAGE, 1, space)[k - 1]
-    fresh = distill.create_block_state(jax.random.PRNGKey(0), tuple(cells[k - 1]), size, tx)
-    manager = distill.checkpoint_manager(distill.epath.Path(workdir) / 'distill' / f'block_{k}', config.distill)
-    state, _ = distill.restore_latest(manager, fresh, f'block{k}')
+    tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, STEPS), 1e-4)
+    size = space_lib.supernet_input_sizes(space, IMAGE, 1)[k - 1]
+    fresh = supernet_store.create_block_state(jax.random.PRNGKey(0), tuple(cells[k - 1]), size, tx)
+    manager = supernet_store.block_manager(workdir, k - 1)
+    state, _ = supernet_store.restore_block(manager, fresh, k - 1)
     manager.close()
     restored[f'block{k}'] = jax.device_get(state.params)
   if jax.process_index() == 0:

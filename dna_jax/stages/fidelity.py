@@ -17,12 +17,11 @@ Layout of WORKDIR/fidelity/:
 
 Run in a workdir that holds ratings (stages rate, and optionally search, done):
   python -m dna_jax.main --config CONFIG --workdir DIR --config.stages=fidelity
-  python -m dna_jax.fidelity --workdir DIR [--config CONFIG]   (default: the config in DIR/config.json)
+  python -m dna_jax.stages.fidelity --workdir DIR [--config CONFIG]   (default: the config in DIR/config.json)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Sequence
 import csv
 import io
@@ -30,89 +29,27 @@ import json
 import os
 from typing import Any
 
+from absl import flags
 from absl import logging
 from clu import metric_writers
 from etils import epath
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
+from dna_jax import cli
+from dna_jax import config_base
 from dna_jax import files
+from dna_jax import input_pipeline
+from dna_jax import parallel
+from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import space as space_lib
-
-SAMPLE_SIZE = 20_000  # random architectures whose score quantiles the pick is stratified over
-LEVEL = 0.95  # coverage of the bootstrap intervals
-
-# ----------------------------------------------------------------------------- rank correlations
-
-
-def kendall_tau(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """Kendall's tau-b (ties handled as scipy.stats.kendalltau) along the last axis; NaN if x or y is constant."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  n = x.shape[-1]
-  upper = np.triu(np.ones((n, n), bool), 1)
-  sx = np.sign(x[..., :, None] - x[..., None, :])[..., upper]
-  sy = np.sign(y[..., :, None] - y[..., None, :])[..., upper]
-  denominator = np.sqrt(np.sum(sx != 0, -1) * np.sum(sy != 0, -1).astype(np.float64))
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.where(denominator > 0, np.sum(sx * sy, -1) / denominator, np.nan)
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks along the last axis, ties sharing their average rank (scipy.stats.rankdata)."""
-  x = np.asarray(x, np.float64)
-  below = np.sum(x[..., None, :] < x[..., :, None], -1)
-  equal = np.sum(x[..., None, :] == x[..., :, None], -1)
-  return below + (equal + 1) / 2
-
-
-def spearman_rho(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """Spearman's rho (Pearson correlation of average ranks) along the last axis; NaN if x or y is constant."""
-  rx, ry = average_ranks(x), average_ranks(y)
-  rx = rx - rx.mean(-1, keepdims=True)
-  ry = ry - ry.mean(-1, keepdims=True)
-  denominator = np.sqrt(np.sum(rx * rx, -1) * np.sum(ry * ry, -1))
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.where(denominator > 0, np.sum(rx * ry, -1) / denominator, np.nan)
-
-
-def with_interval(
-  statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
-  x: Sequence[float],
-  y: Sequence[float],
-  resamples: int,
-  seed: int,
-  level: float = LEVEL,
-) -> dict[str, float]:
-  """{value, low, high}: the statistic and its percentile-bootstrap interval over resampled pairs.
-
-  Resamples where the statistic is undefined (x or y constant) are left out; NaN bounds if all are.
-  """
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if x.shape != y.shape or x.ndim != 1:
-    raise ValueError(f'x and y must be 1-D of the same length, got shapes {x.shape} and {y.shape}')
-  value = float(statistic(x, y))
-  low = high = float('nan')
-  if resamples > 0:
-    index = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
-    values = statistic(x[index], y[index])
-    values = values[np.isfinite(values)]
-    if len(values):
-      low, high = (float(v) for v in np.percentile(values, [50 * (1 - level), 50 * (1 + level)]))
-  return {'value': value, 'low': low, 'high': high}
-
-
-def correlations(
-  quality: Sequence[float], accuracy: Sequence[float], resamples: int, seed: int
-) -> dict[str, dict[str, float]]:
-  """Kendall tau and Spearman rho of `quality` (higher = predicted better) against accuracy."""
-  return {
-    'kendall_tau': with_interval(kendall_tau, quality, accuracy, resamples, seed),
-    'spearman_rho': with_interval(spearman_rho, quality, accuracy, resamples, seed),
-  }
-
+from dna_jax import trainer
+from dna_jax import workdir as workdir_lib
+from dna_jax.models import child
 
 # ----------------------------------------------------------------------------- picking architectures
 
@@ -121,7 +58,7 @@ def _row_tables(ratings: ratings_lib.Ratings) -> list[np.ndarray]:
   """Per block: table[offset of cell + path index, input width index] = row of the block's ratings."""
   tables = []
   for k, (block, rated) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
-    widths = ratings_lib.input_widths(ratings.space, k)
+    widths = space_lib.block_input_widths(ratings.space, k)
     offsets = np.cumsum([0] + [cell.num_paths for cell in block.cells])[:-1]
     table = np.full((block.num_paths, len(widths)), -1, np.int64)
     table[offsets[rated.cell] + rated.path, np.searchsorted(widths, rated.in_channels)] = np.arange(len(rated))
@@ -135,7 +72,7 @@ def sample_architectures(ratings: ratings_lib.Ratings, count: int, rng: np.rando
   rows = np.zeros((count, len(space.blocks)), np.int64)
   width = np.full(count, space.ds_width)
   for k, (block, rated, table) in enumerate(zip(space.blocks, ratings.blocks, _row_tables(ratings))):
-    widths = ratings_lib.input_widths(space, k)
+    widths = space_lib.block_input_widths(space, k)
     rows[:, k] = table[rng.integers(0, block.num_paths, count), np.searchsorted(widths, width)]
     width = np.array([cell.width for cell in block.cells])[rated.cell[rows[:, k]]]
   return rows
@@ -155,12 +92,16 @@ def _architecture(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> space_li
 
 
 def pick_architectures(
-  ratings: ratings_lib.Ratings, num_archs: int, seed: int, search_choice: space_lib.Architecture | None = None
+  ratings: ratings_lib.Ratings,
+  num_archs: int,
+  seed: int,
+  search_choice: space_lib.Architecture | None = None,
+  sample_size: int = 20_000,
 ) -> list[dict[str, Any]]:
   """`num_archs` distinct architectures spread over the range of summed scores, sorted by score.
 
   Always the lowest-scoring architecture of the space (exact) and `search_choice` if given; the
-  others one per equal-count bin (a quantile bin) of the summed scores of SAMPLE_SIZE random
+  others one per equal-count bin (a quantile bin) of the summed scores of `sample_size` random
   architectures, drawn at random within the bin. Deterministic for a seed. Each entry:
   {'arch': Architecture, 'role': 'search' | 'lowest' | 'search,lowest' | 'sample', 'rows': (...)}.
   """
@@ -179,18 +120,18 @@ def pick_architectures(
   fixed[lowest] = 'search,lowest' if lowest in fixed else 'lowest'
   slots = num_archs - len(fixed)
   rng = np.random.default_rng(seed)
-  sample = np.unique(sample_architectures(ratings, SAMPLE_SIZE, rng), axis=0)
+  sample = np.unique(sample_architectures(ratings, sample_size, rng), axis=0)
   sample = sample[[tuple(int(r) for r in rows) not in fixed for rows in sample]]
   if len(sample) < slots:
     raise ValueError(
       f'fidelity.num_archs={num_archs} but only {len(sample) + len(fixed)} distinct architectures '
-      f'were found in {SAMPLE_SIZE:,} draws from a space of {ratings.space.num_architectures:,}: '
+      f'were found in {sample_size:,} draws from a space of {ratings.space.num_architectures:,}: '
       'lower fidelity.num_archs'
     )
   order = np.argsort(summed_scores(ratings, sample), kind='stable')
   bins = np.array_split(order, slots)  # equal-count bins of increasing score
   chosen = [members[rng.integers(len(members))] for members in bins]
-  picks = [(rows, role) for rows, role in fixed.items()]
+  picks = list(fixed.items())
   picks += [(tuple(int(r) for r in sample[i]), 'sample') for i in chosen]
   scores = summed_scores(ratings, np.array([rows for rows, _ in picks]))
   return [
@@ -213,19 +154,9 @@ def noise_indices(num_archs: int, noise_archs: int) -> list[int]:
 # ----------------------------------------------------------------------------- files
 
 
-def _write_text(path: epath.Path, text: str) -> None:
-  """Atomic write, process 0 only."""
-  if jax.process_index() == 0:
-    files.atomic_write_text(path, text)
-
-
-def _write_json(path: epath.Path, data: Any) -> None:
-  _write_text(path, json.dumps(data, indent=1) + '\n')
-
-
 def load_ratings(workdir: str) -> ratings_lib.Ratings:
   """WORKDIR/ratings, or an error naming the stage that makes them."""
-  directory = epath.Path(workdir) / 'ratings'
+  directory = workdir_lib.Workdir(workdir).ratings
   if not (directory / ratings_lib.META).exists():
     raise FileNotFoundError(
       f'no ratings in {directory}: the fidelity study needs them; run stages=rate first '
@@ -239,13 +170,8 @@ def load_ratings(workdir: str) -> ratings_lib.Ratings:
 
 def search_choice(workdir: str) -> space_lib.Architecture | None:
   """WORKDIR/search/arch_1.json if the search ran, else None."""
-  path = epath.Path(workdir) / 'search' / 'arch_1.json'
-  if not path.exists():
-    return None
-  try:
-    return space_lib.Architecture.from_json(path.read_text())
-  except ValueError as e:
-    raise ValueError(f'{path}: {e}') from None
+  path = workdir_lib.Workdir(workdir).arch(1)
+  return space_lib.load_architecture(os.fspath(path)) if path.exists() else None
 
 
 def _pick_record(ratings: ratings_lib.Ratings, pick: dict[str, Any], index: int) -> dict[str, Any]:
@@ -263,7 +189,7 @@ def _pick_record(ratings: ratings_lib.Ratings, pick: dict[str, Any], index: int)
 def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.Ratings) -> list[dict[str, Any]]:
   """The picks of WORKDIR/fidelity/picked.json, or a new pick written there; rated records sorted by score."""
   fc = config.fidelity
-  path = epath.Path(workdir) / 'fidelity' / 'picked.json'
+  path = workdir_lib.Workdir(workdir).fidelity / 'picked.json'
   if path.exists():
     saved = json.loads(path.read_text())
     if (saved['num_archs'], saved['seed']) != (fc.num_archs, config.seed):
@@ -285,18 +211,19 @@ def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratin
     return picks
   picks = [
     _pick_record(ratings, pick, i)
-    for i, pick in enumerate(pick_architectures(ratings, fc.num_archs, config.seed, search_choice(workdir)))
+    for i, pick in enumerate(
+      pick_architectures(ratings, fc.num_archs, config.seed, search_choice(workdir), fc.sample_size)
+    )
   ]
-  _write_json(
-    path,
-    {
-      'num_archs': fc.num_archs,
-      'seed': config.seed,
-      'sample_size': SAMPLE_SIZE,
-      'ratings': ratings.directory,
-      'archs': picks,
-    },
-  )
+  record = {
+    'num_archs': fc.num_archs,
+    'seed': config.seed,
+    'sample_size': fc.sample_size,
+    'ratings': ratings.directory,
+    'archs': picks,
+  }
+  if jax.process_index() == 0:
+    files.write_json(path, record)
   logging.info(
     'Picked %d architectures (summed scores %.4f..%.4f), written to %s.',
     len(picks),
@@ -326,23 +253,11 @@ def train_architecture(
 
   `accuracy` is the final test top-1 (a fraction) of the EMA weights, as the retrain stage reports it.
   """
-  from dna_jax import input_pipeline
-  from dna_jax import retrain
-
   tc = recipe(config)
   num_classes = input_pipeline.check_dataset(config.data)
-  model = retrain.child_model(config, arch, num_classes)
-  source, target = retrain.data_normalization(config.data), tc.normalization
-  _, results = retrain.train_and_evaluate(
-    model,
-    tc,
-    directory,
-    image_size=config.data.image_size,
-    steps_per_epoch=retrain.steps_per_epoch(tc, config.data),
-    seed=seed,
-    normalization=None if source == target else (source, target),
-    train_batches=lambda start: input_pipeline.create_split(config.data, 'train', tc.batch_size, start_step=start),
-    eval_batches=lambda: input_pipeline.create_split(config.data, 'eval', tc.batch_size),
+  model = child.child_for_training(arch, num_classes, config, parallel.AXIS)
+  _, results = trainer.train_and_evaluate(
+    model, tc, directory, trainer.dataset(config.data, tc), seed=seed, model_normalization=tc.normalization
   )
   final = results['final']
   return {
@@ -355,7 +270,7 @@ def train_architecture(
 
 
 def run_directory(workdir: str, index: int, seed: int) -> epath.Path:
-  return epath.Path(workdir) / 'fidelity' / 'runs' / f'{index}_seed{seed}'
+  return workdir_lib.study_run(workdir_lib.Workdir(workdir).fidelity, index, seed)
 
 
 def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -371,8 +286,8 @@ def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, 
   if result_path.exists():
     logging.info('Run %s finished before: %s.', directory.name, result_path)
     return json.loads(result_path.read_text())
-  if not arch_path.exists():
-    _write_json(arch_path, {'arch': pick['arch'], 'seed': seed})
+  if not arch_path.exists() and jax.process_index() == 0:
+    files.write_json(arch_path, {'arch': pick['arch'], 'seed': seed})
   logging.info('Fidelity run %s: %s (summed score %.4f).', directory.name, pick['arch'], pick['score'])
   result = {
     'index': pick['index'],
@@ -380,7 +295,8 @@ def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, 
     'seed': seed,
     **train_architecture(config, space_lib.from_string(pick['arch']), os.fspath(directory), seed),
   }
-  _write_json(result_path, result)
+  if jax.process_index() == 0:
+    files.write_json(result_path, result)
   return result
 
 
@@ -388,7 +304,12 @@ def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, 
 
 
 def study_report(
-  picks: Sequence[dict[str, Any]], accuracy: dict[tuple[int, int], float], seed: int, noise_seed: int, resamples: int
+  picks: Sequence[dict[str, Any]],
+  accuracy: dict[tuple[int, int], float],
+  seed: int,
+  noise_seed: int,
+  resamples: int,
+  level: float = 0.95,
 ) -> dict[str, Any]:
   """The fidelity.json record: correlations on the `seed` runs, noise from the repeated ones."""
   acc = [accuracy[p['index'], seed] for p in picks]
@@ -396,7 +317,7 @@ def study_report(
     'num_archs': len(picks),
     'seeds': [seed, noise_seed],
     'bootstrap': resamples,
-    'level': LEVEL,
+    'level': level,
   }
   proxies = (
     ('', [-p['score'] for p in picks]),
@@ -404,7 +325,7 @@ def study_report(
     ('params_', [p['params'] for p in picks]),
   )
   for prefix, quality in proxies:
-    for name, value in correlations(quality, acc, resamples, seed).items():
+    for name, value in rank_stats.correlations(quality, acc, resamples, seed, level).items():
       report[prefix + name] = value
   per_arch = [
     {
@@ -451,11 +372,7 @@ def plot_study(
   path_png: str,
 ) -> None:
   """Three panels: accuracy against summed score, FLOPs and params; a net's second-seed run linked by a line."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
+  plt = files.pyplot()
   colors = {'sample': 'tab:blue', 'lowest': 'tab:green', 'search': 'tab:red', 'search,lowest': 'tab:red'}
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
   panels = (
@@ -485,13 +402,11 @@ def plot_study(
   axes[0].set_ylabel('test top-1 (%)')
   noise = report['noise']['mean_abs_diff']
   fig.suptitle(
-    f'Ranking fidelity of {len(picks)} architectures (95% bootstrap intervals)'
+    f'Ranking fidelity of {len(picks)} architectures ({100 * report["level"]:.0f}% bootstrap intervals)'
     + (f'; two seeds differ by {100 * noise:.2f} points on average' if noise is not None else '')
   )
   fig.tight_layout()
-  with epath.Path(path_png).open('wb') as f:
-    fig.savefig(f, dpi=120, format='png')
-  plt.close(fig)
+  files.save_figure(fig, path_png)
 
 
 def write_outputs(
@@ -502,9 +417,10 @@ def write_outputs(
   seed: int,
 ) -> None:
   """fidelity.csv, fidelity.json, fidelity.png and TensorBoard scalars (process 0)."""
-  root = epath.Path(workdir) / 'fidelity'
-  _write_text(root / 'fidelity.csv', csv_text(picks, accuracy))
-  _write_json(root / 'fidelity.json', report)
+  root = workdir_lib.Workdir(workdir).fidelity
+  if jax.process_index() == 0:
+    files.atomic_write_text(root / 'fidelity.csv', csv_text(picks, accuracy))
+    files.write_json(root / 'fidelity.json', report)
   scalars = {
     f'fidelity/{key}': value['value'] for key, value in report.items() if isinstance(value, dict) and 'value' in value
   }
@@ -541,7 +457,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   accuracy = {}
   for pick, seed in plan:
     accuracy[pick['index'], seed] = float(train_once(config, workdir, pick, seed)['accuracy'])
-  report = study_report(picks, accuracy, config.seed, fc.noise_seed, fc.bootstrap)
+  report = study_report(picks, accuracy, config.seed, fc.noise_seed, fc.bootstrap, fc.level)
   report['epochs'] = epochs
   write_outputs(workdir, picks, accuracy, report, config.seed)
   tau, rho = report['kendall_tau'], report['spearman_rho']
@@ -575,9 +491,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the pipeline saved in WORKDIR/config.json, over the base config."""
-  from dna_jax import config_base
-
-  path = epath.Path(workdir) / 'config.json'
+  path = workdir_lib.Workdir(workdir).config_json
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist (no pipeline run in this workdir): pass --config')
   config = config_base.get_base_config()
@@ -585,32 +499,25 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import app
-  from absl import flags
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'Workdir holding ratings (WORKDIR/ratings).', flag_values=FLAGS)
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Config file (default: the config saved in WORKDIR/config.json).',
+  flag_values=FLAGS,
+  lock_config=True,
+)
+flags.mark_flag_as_required('workdir', flag_values=FLAGS)
 
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdir = flags.FLAGS.workdir
-  config = flags.FLAGS.config if flags.FLAGS.config is not None else saved_config(workdir)
-  print(json.dumps(run(config, workdir), indent=1))
-  print(f'Report: {epath.Path(workdir) / "fidelity" / "fidelity.json"}')
 
-
-def _define_flags() -> None:
-  """Only when run as a script: main.py defines flags of the same names."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  flags.DEFINE_string('workdir', None, 'Workdir holding ratings (WORKDIR/ratings).')
-  config_flags.DEFINE_config_file(
-    'config', None, 'Config file (default: the config saved in WORKDIR/config.json).', lock_config=True
-  )
-  flags.mark_flags_as_required(['workdir'])
+def main(argv: list[str]) -> None:
+  if argv:
+    raise ValueError(f'unexpected arguments: {" ".join(argv)}')
+  config = FLAGS.config if FLAGS.config is not None else saved_config(FLAGS.workdir)
+  print(json.dumps(run(config, FLAGS.workdir), indent=1))
+  print(f'Report: {workdir_lib.Workdir(FLAGS.workdir).fidelity / "fidelity.json"}')
 
 
 if __name__ == '__main__':
-  from absl import app
-
-  _define_flags()
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -24,18 +24,19 @@ import time
 from typing import Any
 
 from absl import logging
-from etils import epath
 import jax
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dna_jax import distill
 from dna_jax import input_pipeline
 from dna_jax import parallel
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax import teacher as teacher_lib
+from dna_jax import workdir as workdir_lib
 from dna_jax.models import layers
 from dna_jax.models import supernet
 
@@ -128,7 +129,7 @@ def compiled(kind: str, cell: supernet.SupernetCell, mode: str | None, *static: 
 
 def trailing_levels(num_layers: int, chunk_size: int) -> int:
   """How many last levels run as one vmapped call (6**d <= chunk_size, at least 1)."""
-  return max(1, min(num_layers, int(math.floor(math.log(max(chunk_size, NUM_OPS)) / math.log(NUM_OPS) + 1e-9))))
+  return max(1, min(num_layers, math.floor(math.log(max(chunk_size, NUM_OPS)) / math.log(NUM_OPS) + 1e-9)))
 
 
 def rate_cell(
@@ -236,11 +237,12 @@ def rate_blocks(
   calib_images = prepare(calib_batch['image'])
   calib_features = t_apply(teacher_variables, calib_images)
   acc = {
-    k: Accumulator(dict.fromkeys(range(len(cells[k])), 0.0), dict.fromkeys(range(len(cells[k])), 0.0)) for k in block_ids
+    k: Accumulator(dict.fromkeys(range(len(cells[k])), 0.0), dict.fromkeys(range(len(cells[k])), 0.0))
+    for k in block_ids
   }
   rating_cells = {k: [for_rating(cell, None) for cell in cells[k]] for k in block_ids}
-  start, done = time.time(), 0
-  for b, batch in enumerate(batches):
+  start = time.time()
+  for done, batch in enumerate(batches, start=1):
     images, mask = prepare(batch['image']), prepare(batch['mask'])
     features = t_apply(teacher_variables, images)
     mask_np = np.asarray(batch['mask'], np.float64).reshape(-1)
@@ -256,66 +258,46 @@ def rate_blocks(
         a, s = rate_cell(cell, variables[k][c], calib, inputs, target, mask, config.rate.chunk_size, mode)
         acc[k].abs_sums[c] = acc[k].abs_sums[c] + a
         acc[k].sq_sums[c] = acc[k].sq_sums[c] + s
-    done += 1
     elapsed = time.time() - start
     eta = f', ETA {elapsed / done * (num_batches - done):.0f} s' if num_batches else ''
     logging.info('rating batch %d%s done in %.1f s%s', done, f'/{num_batches}' if num_batches else '', elapsed, eta)
   return acc
 
 
-def load_block_variables(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  space: space_lib.SearchSpace,
-  cells: list[list[supernet.SupernetCell]],
-  block_ids: list[int],
-) -> dict[int, list[Any]]:
-  """Distilled variables of every cell of the given blocks, from WORKDIR/distill/block_K."""
-  sizes = distill.block_input_sizes(config.data.image_size, config.space.stem_stride, space)
-  out = {}
-  for k in block_ids:
-    directory = epath.Path(workdir) / 'distill' / f'block_{k + 1}'
-    if not directory.exists():
-      raise FileNotFoundError(f'no distilled checkpoint for block {k + 1} in {directory}: run the distill stage first')
-    tx = distill.create_optimizer(distill.create_learning_rate_fn(1.0, 1.0, 1), config.distill.weight_decay)
-    target = jax.eval_shape(lambda: distill.create_block_state(jax.random.PRNGKey(0), tuple(cells[k]), sizes[k], tx))
-    manager = distill.checkpoint_manager(directory, config.distill)
-    restored = distill.restore_latest(manager, target, f'block{k + 1}')
-    manager.close()
-    if restored is None:
-      raise FileNotFoundError(f'no readable distilled checkpoint for block {k + 1} in {directory}')
-    state = restored[0]
-    out[k] = [
-      {'params': state.params[f'cell{c}'], 'batch_stats': state.batch_stats[f'cell{c}']} for c in range(len(cells[k]))
-    ]
-  return out
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The rate stage: writes WORKDIR/ratings/block_K.csv for every block not rated yet."""
-  from dna_jax import teacher as teacher_lib
-
   space = space_lib.space_from_config(config.space)
-  ratings_dir = str(epath.Path(workdir) / 'ratings')
+  ratings_dir = str(workdir_lib.Workdir(workdir).ratings)
   block_ids = [
     k
-    for k in distill.parse_blocks(config.rate.blocks, len(space.blocks))
+    for k in space_lib.parse_block_numbers(config.rate.blocks, len(space.blocks), 'rate.blocks')
     if not ratings_lib.block_complete(ratings_dir, k)
   ]
   num_classes = input_pipeline.check_dataset(config.data)
   if not block_ids:
     logging.info('Every block is rated already in %s.', ratings_dir)
     return {}
-  teacher_model, teacher_variables = distill.load_teacher(config, workdir)
+  teacher_model, teacher_variables = teacher_lib.load_for_run(config, workdir)
   conventions = layers.conventions_from_config(config.model)
   cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=config.space.stem_stride)
-  variables = load_block_variables(config, workdir, space, cells, block_ids)
+  variables = {}
+  for k in block_ids:
+    stored = supernet_store.load_cells(workdir, k)
+    if sorted(stored) != list(range(len(cells[k]))):
+      raise ValueError(
+        f'the distilled block {k + 1} in {workdir} holds cells {sorted(stored)} but the space has '
+        f'{len(cells[k])}: distil it with this space'
+      )
+    variables[k] = [stored[c] for c in range(len(cells[k]))]
   mode = 'shard_map' if jax.device_count() > 1 else None
   if mode:
     parallel.check_global_batch(config.rate.batch_size, 'rate.batch_size')
     parallel.check_global_batch(config.rate.calib_batch_size, 'rate.calib_batch_size')
   teacher_apply = functools.partial(
-    teacher_lib.teacher_features, teacher_model, up_to=max(block_ids) + 1, train_mode_bn=config.teacher.train_mode_bn
+    teacher_lib.teacher_features,
+    teacher_model,
+    up_to=max(block_ids) + 1,
+    train_mode_bn=config.teacher.train_mode_bn,
   )
   calib_batch = next(input_pipeline.create_split(config.data, 'calib', config.rate.calib_batch_size))
   examples = input_pipeline.num_examples(config.data, 'rate')

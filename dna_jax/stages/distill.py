@@ -1,0 +1,368 @@
+"""The distill stage: every cell of every block trained against the teacher in one data-parallel run.
+
+One step runs the frozen teacher once on the batch and trains all selected cells of all blocks
+against its block outputs (student block k reads teacher block k-1; block 1 reads the image
+through its own stem). Each device samples its own path per cell; gradients and BatchNorm
+statistics are averaged over devices. Each block is checkpointed on its own (supernet_store.py),
+so blocks can be trained, resumed and rated independently.
+
+Writes WORKDIR/distill/block_K/ (Orbax), distill/tb/ (TensorBoard), distill/history.json and
+distill/loss_curves.png.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+import dataclasses
+import functools
+import json
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dna_jax import checkpoints
+from dna_jax import files
+from dna_jax import input_pipeline
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax import teacher as teacher_lib
+from dna_jax import workdir as workdir_lib
+from dna_jax.models import layers
+from dna_jax.models import supernet
+
+Array = jax.Array
+BlockState = supernet_store.BlockState
+
+
+def distill_losses(student: Array, target: Array) -> tuple[Array, Array]:
+  """MSE (the training loss) and DNA's relative L1: mean |S - T| / std(T)."""
+  student, target = student.astype(jnp.float32), target.astype(jnp.float32)
+  mse = jnp.mean(jnp.square(student - target))
+  rel_l1 = jnp.mean(jnp.abs(student - target)) / (jnp.std(target) + 1e-8)
+  return mse, rel_l1
+
+
+def create_learning_rate_fn(base_lr: float, decay: float, steps_per_epoch: int) -> optax.Schedule:
+  """DNA's schedule: base_lr * decay ** epoch (staircase)."""
+  return optax.exponential_decay(base_lr, steps_per_epoch, decay, staircase=True)
+
+
+def sample_path(rng: Array, step: Array, num_layers: int, sampling: str) -> Array:
+  if sampling == 'uniform':
+    return supernet.random_path(jax.random.fold_in(rng, step), num_layers)
+  return supernet.fair_path(rng, step, num_layers)
+
+
+def distill_step(
+  states: dict[str, BlockState],
+  batch: dict[str, Array],
+  teacher_variables: Any,
+  *,
+  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
+  teacher_apply: Callable[[Any, Array], dict[str, Array]],
+  optimizers: dict[str, optax.GradientTransformation],
+  sampling: str,
+  seed: int,
+) -> tuple[dict[str, BlockState], dict[str, Array]]:
+  """One per-device step over all selected blocks (`blocks`: (block index, cells) pairs)."""
+  images = batch['image']
+  features = lax.stop_gradient(teacher_apply(teacher_variables, images))
+  step = next(iter(states.values())).step
+  path_rng = jax.random.fold_in(jax.random.PRNGKey(seed), parallel.device_index())
+  # Varying like the statistics that the sampled branch computes from this device's batch.
+  batch_stats = parallel.varying({name: state.batch_stats for name, state in states.items()})
+
+  def loss_fn(params):
+    total, aux = 0.0, {}
+    for k, cells in blocks:
+      name = f'block{k + 1}'
+      inputs = images if k == 0 else features[f'block{k}']
+      target = features[name]
+      for c, cell in enumerate(cells):
+        cname = f'cell{c}'
+        path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell.layers, sampling)
+        output, new_stats = cell.apply(
+          {'params': params[name][cname], 'batch_stats': batch_stats[name][cname]}, inputs, path, True
+        )
+        mse, rel_l1 = distill_losses(output, target)
+        total = total + mse
+        aux[(name, cname)] = (new_stats, mse, rel_l1)
+    return total, aux
+
+  params = {name: state.params for name, state in states.items()}
+  grads, aux = jax.grad(loss_fn, has_aux=True)(parallel.varying(params))
+  grads = lax.pmean(grads, parallel.AXIS)
+  new_states, metrics = {}, {}
+  for name, state in states.items():
+    updates, opt_state = optimizers[name].update(grads[name], state.opt_state, state.params)
+    batch_stats = {cname: lax.pmean(aux[(name, cname)][0], parallel.AXIS) for cname in state.params}
+    new_states[name] = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+    metrics[f'{name}/grad_norm'] = optax.global_norm(grads[name])
+    for cname in state.params:
+      metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
+      metrics[f'{name}/{cname}/rel_l1'] = aux[(name, cname)][2]
+  return new_states, lax.pmean(metrics, parallel.AXIS)
+
+
+@functools.cache
+def parallel_distill_step(
+  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
+  teacher_model: Any,
+  train_mode_bn: bool,
+  learning_rates: tuple[tuple[str, float], ...],
+  lr_decay: float,
+  steps_per_epoch: int,
+  weight_decay: float,
+  sampling: str,
+  seed: int,
+  mode: str,
+) -> Callable[..., Any]:
+  """The device-parallel distillation step, built once per configuration (so compiled once)."""
+  teacher_apply = functools.partial(
+    teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
+  )
+  optimizers = {
+    name: supernet_store.block_optimizer(create_learning_rate_fn(lr, lr_decay, steps_per_epoch), weight_decay)
+    for name, lr in learning_rates
+  }
+  step_fn = functools.partial(
+    distill_step, blocks=blocks, teacher_apply=teacher_apply, optimizers=optimizers, sampling=sampling, seed=seed
+  )
+  return parallel.data_parallel(step_fn, mode, num_broadcast=1)
+
+
+def parse_learning_rates(text: str, num_blocks: int) -> list[float]:
+  """One learning rate per block from 'LR' or 'LR1,LR2,...'."""
+  rates = [float(r) for r in str(text).split(',') if r.strip()]
+  if len(rates) == 1:
+    rates = rates * num_blocks
+  if len(rates) != num_blocks:
+    raise ValueError(
+      f'distill.learning_rates has {len(rates)} values but the space has {num_blocks} blocks '
+      '(give one value, or one per block)'
+    )
+  return rates
+
+
+def check_finite(history: list[tuple[int, dict[str, Any]]]) -> None:
+  """Raises naming block, cell and step at the first non-finite loss."""
+  for step, metrics in history:
+    for key, value in metrics.items():
+      if key.endswith('/mse') and not np.isfinite(value):
+        block, cell = key.split('/')[:2]
+        raise FloatingPointError(
+          f'non-finite distillation loss in {block} {cell} at step {step}; '
+          'the last good checkpoint is kept. Lower distill.learning_rates or check the data.'
+        )
+
+
+# ----------------------------------------------------------------------------- the train loop
+
+
+@dataclasses.dataclass
+class _Training:
+  """What the loop's helpers share: settings, every block's manager, the log and the preemption flag."""
+
+  dcfg: ml_collections.ConfigDict
+  total_steps: int
+  steps_per_epoch: int
+  rates: list[float]
+  managers: dict[str, Any]
+  elapsed: dict[str, float]  # seconds trained before this run, per block
+  writer: Any
+  history: list[tuple[int, dict[str, float]]]
+  preemption: checkpoints.Preemption
+  started: float = dataclasses.field(default_factory=time.time)
+
+
+def _flush(training: _Training, pending: list[tuple[int, Any]], block_names: list[str], since: float) -> None:
+  """Fetches the pending metrics, checks them, logs the last step's and appends it to the history."""
+  fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+  pending.clear()
+  check_finite(fetched)
+  if not fetched:
+    return
+  step, last = fetched[-1]
+  epoch = (step - 1) // training.steps_per_epoch
+  scalars = {**last, 'images_per_second': training.dcfg.batch_size * len(fetched) / max(time.time() - since, 1e-9)}
+  for name in block_names:
+    scalars[f'{name}/learning_rate'] = training.rates[int(name[5:]) - 1] * training.dcfg.lr_decay**epoch
+  training.writer.write_scalars(step, scalars)
+  training.history.append((step, last))
+
+
+def _save(training: _Training, states: dict[str, BlockState], step: int) -> None:
+  for name, state in states.items():
+    meta = {
+      'step': step,
+      'elapsed_seconds': training.elapsed[name] + time.time() - training.started,
+      'total_steps': training.total_steps,
+    }
+    supernet_store.save_block(training.managers[name], state, meta)
+
+
+def _train_group(
+  training: _Training,
+  states: dict[str, BlockState],
+  p_step: Callable[..., Any],
+  batches: Iterator[dict[str, np.ndarray]],
+  teacher_variables: Any,
+  start: int,
+) -> dict[str, BlockState]:
+  """Trains blocks that stand at the same step `start` up to the last step (or a preemption)."""
+  dcfg = training.dcfg
+  hooks = [periodic_actions.ReportProgress(num_train_steps=training.total_steps, writer=training.writer)]
+  if dcfg.profile_steps and jax.process_index() == 0:
+    logdir = str(training.managers[next(iter(training.managers))].directory.parent)
+    hooks.append(periodic_actions.Profile(num_profile_steps=dcfg.profile_steps, logdir=logdir))
+  pending: list[tuple[int, Any]] = []
+  since = time.time()
+  saved = set()
+  states = parallel.replicate(parallel.host_copy(states), dcfg.parallel)
+  for step in range(start + 1, training.total_steps + 1):
+    batch = next(batches)
+    with jax.profiler.StepTraceAnnotation('distill', step_num=step):
+      states, metrics = p_step(states, parallel.shard_batch(batch, dcfg.parallel), teacher_variables)
+    pending.append((step, metrics))
+    for hook in hooks:
+      hook(step)
+    preempted = training.preemption.check(step, *training.managers.values())
+    last = step == training.total_steps or preempted
+    if step % dcfg.log_every_steps == 0 or step % dcfg.checkpoint_every_steps == 0 or last:
+      _flush(training, pending, list(states), since)
+      since = time.time()
+    if (step % dcfg.checkpoint_every_steps == 0 or last) and step not in saved:
+      saved.add(step)
+      _save(training, states, step)
+    if preempted:
+      logging.warning('Preemption at step %d: every block saved; stopping.', step)
+      break
+  return states
+
+
+def train_blocks(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  teacher_model: Any,
+  teacher_variables: Any,
+  space: space_lib.SearchSpace,
+  data: Callable[[int], Iterator[dict[str, np.ndarray]]],
+  steps_per_epoch: int,
+) -> dict[str, Any]:
+  """Trains (or resumes) the selected blocks; returns the final per-cell losses.
+
+  `data(start_step)` yields host batches (local_devices, per_device, ...) from that step on.
+  """
+  dcfg = config.distill
+  conventions = layers.conventions_from_config(config.model)
+  all_cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=config.space.stem_stride)
+  rates = parse_learning_rates(dcfg.learning_rates, len(space.blocks))
+  total_steps = dcfg.epochs * steps_per_epoch
+  sizes = space_lib.supernet_input_sizes(space, config.data.image_size, config.space.stem_stride)
+  paths = workdir_lib.Workdir(workdir)
+  managers, states, elapsed = {}, {}, {}
+  rng = jax.random.PRNGKey(config.seed)
+  for k in space_lib.parse_block_numbers(dcfg.blocks, len(space.blocks), 'distill.blocks'):
+    name = f'block{k + 1}'
+    optimizer = supernet_store.block_optimizer(
+      create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch), dcfg.weight_decay
+    )
+    managers[name] = supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints)
+    fresh = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
+    restored = supernet_store.restore_block(managers[name], fresh, k)
+    states[name], meta = restored if restored else (fresh, {})
+    elapsed[name] = float(meta.get('elapsed_seconds', 0.0))
+    if restored:
+      logging.info('%s resumed at step %d of %d.', name, int(states[name].step), total_steps)
+  active = {name: s for name, s in states.items() if int(s.step) < total_steps}
+  for name in sorted(set(states) - set(active)):
+    logging.info('%s already finished (%d steps); skipped.', name, total_steps)
+  writer = metric_writers.create_default_writer(str(paths.distill / 'tb'), just_logging=jax.process_index() > 0)
+  history = json.loads(paths.distill_history.read_text()) if paths.distill_history.exists() else []
+  with checkpoints.Preemption() as preemption:
+    training = _Training(dcfg, total_steps, steps_per_epoch, rates, managers, elapsed, writer, history, preemption)
+    try:
+      # Blocks restored at different steps train in separate groups, each from its own data position.
+      for start in sorted({int(s.step) for s in active.values()}):
+        group = {name: s for name, s in active.items() if int(s.step) == start}
+        block_ids = sorted(int(name[5:]) - 1 for name in group)
+        p_step = parallel_distill_step(
+          tuple((k, tuple(all_cells[k])) for k in block_ids),
+          teacher_model,
+          config.teacher.train_mode_bn,
+          tuple((f'block{k + 1}', rates[k]) for k in block_ids),
+          dcfg.lr_decay,
+          steps_per_epoch,
+          dcfg.weight_decay,
+          dcfg.sampling,
+          config.seed,
+          dcfg.parallel,
+        )
+        states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
+        if preemption.requested:
+          break
+    finally:
+      for manager in managers.values():
+        manager.wait_until_finished()
+        manager.close()
+      writer.flush()
+  if jax.process_index() == 0:
+    files.atomic_write_text(paths.distill_history, json.dumps(history))
+    plot_loss_curves(history, paths.loss_curves)
+  if preemption.requested:
+    raise SystemExit('Preempted (SIGTERM): checkpoints saved; rerun the same command to resume.')
+  return {'final': history[-1][1] if history else {}}
+
+
+def plot_loss_curves(history: list[tuple[int, dict[str, float]]], path: Any) -> None:
+  """PNG of every cell's relative L1 over steps, one panel per block."""
+  if not history:
+    return
+  plt = files.pyplot()
+  keys = sorted({k for _, m in history for k in m if k.endswith('/rel_l1')})
+  blocks = sorted({k.split('/')[0] for k in keys}, key=lambda b: int(b[5:]))
+  fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3), squeeze=False)
+  for ax, block in zip(axes[0], blocks):
+    for key in keys:
+      if key.startswith(block + '/'):
+        points = [(s, m[key]) for s, m in history if key in m]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key.split('/')[1])
+    ax.set_title(block)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel('relative L1 |S-T|/std(T)')
+  fig.tight_layout()
+  files.save_figure(fig, path, dpi=90)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The distill stage: trains every selected cell of every block to its step count."""
+  space = space_lib.space_from_config(config.space)
+  space_lib.parse_block_numbers(config.distill.blocks, len(space.blocks), 'distill.blocks')
+  parse_learning_rates(config.distill.learning_rates, len(space.blocks))
+  parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
+  input_pipeline.check_dataset(config.data)
+  teacher_model, teacher_variables = teacher_lib.load_for_run(config, workdir)
+  teacher_lib.check_space(space, teacher_model, config.space.stem_stride)
+  steps_per_epoch = config.distill.steps_per_epoch
+  if not steps_per_epoch:
+    examples = input_pipeline.num_examples(config.data, 'train')
+    if not examples:
+      raise ValueError('cannot tell the size of the training split: set distill.steps_per_epoch')
+    steps_per_epoch = max(1, examples // config.distill.batch_size)
+
+  def data(start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    return input_pipeline.create_split(config.data, 'train', config.distill.batch_size, start_step=start_step)
+
+  return train_blocks(config, workdir, teacher_model, teacher_variables, space, data, steps_per_epoch)

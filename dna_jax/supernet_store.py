@@ -1,0 +1,95 @@
+"""The distilled supernet on disk: block states, their optimizer, and reading the cells back.
+
+Distillation keeps one `BlockState` per block (every cell's parameters, BatchNorm statistics and
+Adam state) in its own Orbax manager, WORKDIR/distill/block_K, so that blocks train, resume and are
+rated independently. The distill stage writes them (`block_manager`, `restore_block`, `save_block`);
+the rate and retrain stages read the cells' variables with `load_cells`, without any optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+from flax import struct
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+
+from dna_jax import checkpoints
+from dna_jax import workdir as workdir_lib
+from dna_jax.models import supernet
+
+Array = jax.Array
+
+
+class BlockState(struct.PyTreeNode):
+  """Every cell of one block ('cell0', 'cell1', ...): parameters, BatchNorm statistics, optimizer state."""
+
+  step: Array
+  params: dict[str, Any]
+  batch_stats: dict[str, Any]
+  opt_state: Any
+
+
+def kernel_mask(params: Any) -> Any:
+  """True on conv/dense kernels: the only leaves that get weight decay."""
+  return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == 'kernel', params)
+
+
+def block_optimizer(learning_rate_fn: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+  """DNA's: Adam with L2 weight decay added to the gradient (as torch.optim.Adam does) on kernels only."""
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay, mask=kernel_mask),
+    optax.scale_by_adam(),
+    optax.scale_by_learning_rate(learning_rate_fn),
+  )
+
+
+def create_block_state(
+  rng: Array, cells: Sequence[supernet.SupernetCell], input_size: int, optimizer: optax.GradientTransformation
+) -> BlockState:
+  """Fresh variables for every cell of a block (shapes from a one-image example input)."""
+  params, stats = {}, {}
+  for c, cell in enumerate(cells):
+    variables = jax.jit(cell.init)(jax.random.fold_in(rng, c), supernet.zeros_like_input(cell, 1, input_size))
+    params[f'cell{c}'], stats[f'cell{c}'] = variables['params'], variables['batch_stats']
+  return BlockState(jnp.zeros((), jnp.int32), params, stats, optimizer.init(params))
+
+
+def block_manager(workdir: str, block_index: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """The Orbax manager of WORKDIR/distill/block_K (K = block_index + 1)."""
+  return checkpoints.manager(workdir_lib.Workdir(workdir).distill_block(block_index), max_to_keep)
+
+
+def restore_block(
+  manager: ocp.CheckpointManager, target: BlockState, block_index: int
+) -> tuple[BlockState, dict[str, Any]] | None:
+  """(state, meta) of the block's newest readable checkpoint, shaped like `target`; None if there is none."""
+  return checkpoints.restore_latest(manager, target, f'block{block_index + 1}')
+
+
+def save_block(manager: ocp.CheckpointManager, state: BlockState, meta: dict[str, Any]) -> None:
+  """Saves a block at its own step, on every process."""
+  checkpoints.save(manager, int(state.step), state, meta)
+
+
+def load_cells(workdir: str, block_index: int) -> dict[int, dict[str, Any]]:
+  """{cell index: {'params', 'batch_stats'}} of a distilled block, from its newest readable checkpoint."""
+  directory = workdir_lib.Workdir(workdir).distill_block(block_index)
+  if not directory.exists():
+    raise FileNotFoundError(
+      f'no distilled checkpoint for block {block_index + 1} in {directory}: run the distill stage first'
+    )
+  manager = checkpoints.manager(directory, max_to_keep=1_000_000)  # reading only: never deletes
+  restored = checkpoints.restore_latest(manager, None, f'block{block_index + 1}')
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f'no readable distilled checkpoint for block {block_index + 1} in {directory}')
+  state = restored[0]
+  return {
+    int(name.removeprefix('cell')): {'params': state['params'][name], 'batch_stats': state['batch_stats'][name]}
+    for name in state['params']
+  }
