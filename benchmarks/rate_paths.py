@@ -25,7 +25,7 @@ Measured, compile excluded (each compiled function is called once first; compile
          224 px (what rating block 5 needs), and up to block 6 (what rating every block needs). The
          naive loop re-runs it per path (the issue's "authors' way"); ours runs it once per batch for
          every cell of every block.
-Projection to the whole default space (23,010 paths) on --rating_images images: ceil(images/batch)
+Projection to the whole default space (23,005 paths, block 6 pinned) on --rating_images images: ceil(images/batch)
 batches x (sum over the 15 cells of rate_cell's time per batch + the teacher up to block 6). Cells not
 measured are scaled from the measured 4@192 time by their analytic multiply-accumulates over the
 prefix tree (sum over layers l of 6**l x the 6 ops' MACs, x (batch + calib_batch) images).
@@ -131,7 +131,7 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
     compile_s += sum(t for t, _ in first) - sum(steady)
     level_times.append(statistics.mean(steady))
     level_inputs.append(first[0][1])
-  sub = rate.compiled('subtree', cell, None, lead)
+  sub = rate.compiled('subtree', cell, None, lead, 1)
   c, x = level_inputs[-1]
   first, _ = timed(sub, variables, c, x, target, mask)
   times = [timed(sub, variables, c, x, target, mask)[0] for _ in range(subtrees)]
@@ -147,6 +147,20 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
   }
 
 
+def measure_adaptive(cell, variables, data, chunk: int, fractions: list[float], groups: int, seed: int):
+  """rate_cell on random survivor sets (the rest of the rating after adaptive pruning): s per cell per batch."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for fraction in fractions:
+    survivors = rng.random(cell.cell.num_paths) < fraction
+    run = functools.partial(
+      rate.rate_cell, cell, variables, *data, chunk_size=chunk, num_groups=groups, survivors=survivors
+    )
+    timed(run)  # compiles the per-op and per-leaf programs
+    out[fraction] = statistics.median(timed(run)[0] for _ in range(2))
+  return out
+
+
 def subtree_temp_bytes(cell, variables, data, chunk: int) -> int:
   """XLA's temp bytes of one vmapped subtree call of rate_cell at `chunk` (lowered and compiled, not run)."""
   calib, inputs, target, mask = data
@@ -155,7 +169,7 @@ def subtree_temp_bytes(cell, variables, data, chunk: int) -> int:
     x.shape[:1] + (x.shape[1] // 2, x.shape[2] // 2, cell.cell.width), x.dtype
   )
   c, x = (calib, inputs) if lead == 0 else (level_shape(calib), level_shape(inputs))
-  fn = jax.jit(functools.partial(rate.subtree_errors, cell, lead))
+  fn = jax.jit(functools.partial(rate.subtree_errors, cell, lead, 1))
   return fn.lower(variables, c, x, target, mask).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -170,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
   parser.add_argument('--rating_images', type=int, default=10000)
   parser.add_argument('--skip_teacher', action='store_true')
+  parser.add_argument(
+    '--survivors',
+    default='0.05,0.1,0.25',
+    help="adaptive rating: fractions of the 4@192 cell's paths left after pruning, timed ('' to skip)",
+  )
+  parser.add_argument('--adaptive_examples', type=int, default=1000, help='images every path is rated on first')
   parser.add_argument(
     '--memory_chunks',
     default='216',
@@ -226,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
       f'load {ours["load"]}',
       flush=True,
     )
+    if name == '4@192' and args.survivors:
+      fractions = [float(f) for f in args.survivors.split(',')]
+      adaptive = measure_adaptive(rcell, variables, data, args.chunk_size, fractions, 16, seed=3)
+      for fraction, seconds in adaptive.items():
+        print(f'  4@192 adaptive, {100 * fraction:.0f}% of paths left: {seconds:.2f} s/cell/batch', flush=True)
     results[name] = (cell, naive, ours)
     if name == '4@192' and args.memory_chunks is not None:
       chunks = sorted({args.chunk_size} | {int(c) for c in args.memory_chunks.split(',') if c.strip()}, reverse=True)
@@ -313,12 +338,25 @@ def main(argv: list[str] | None = None) -> int:
   for line in summary:
     print(f'- {line}')
   print(
-    f'- whole default space (23,010 paths, 15 cells) on {args.rating_images} images, projected: '
+    f'- whole default space ({sum(c.cell.num_paths for cs in all_cells for c in cs):,} paths, 15 cells) on {args.rating_images} images, projected: '
     f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
     f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
     f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
     f"({'teacher not measured' if not teacher else 'teacher included'}); the authors' code: about 446 h on this CPU"
   )
+  if args.survivors:
+    first = min(1.0, args.adaptive_examples / args.rating_images)
+    ref_s = ref['cell_s']
+    for fraction, seconds in adaptive.items():
+      ratio = first + (1 - first) * seconds / ref_s
+      naive_ms = 1e3 * results['4@192'][1]['path_s'] / b
+      ours_ms = 1e3 * ref_s * ratio / ref_cell.cell.num_paths / b
+      print(
+        f'- adaptive rating, {100 * fraction:.0f}% of paths left after the first {args.adaptive_examples} images: '
+        f'4@192 costs {ratio:.2f}x the exhaustive rating ({ours_ms:.3f} ms per path per image, '
+        f'{naive_ms / ours_ms:.1f}x the naive loop); whole space projected {total_s * ratio / 3600:.1f} h '
+        '(every cell assumed to keep that fraction)'
+      )
   for line in memory_lines:
     print(f'- {line}')
   print(

@@ -12,9 +12,13 @@ from collections.abc import Sequence
 import math
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
+from dna_jax import images as images_lib
+
 MAX_MAGNITUDE = 10  # RandAugment's magnitude scale
+ERASING_MODES = ('uniform', 'normal')
 
 
 def random_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -133,9 +137,14 @@ def rand_augment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.T
   return image
 
 
-def random_erasing(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
-  """With `probability`, fills a random box (2%-33% of the area, aspect ratio
-  0.3..3.3) with uniform noise, as timm's RandomErasing(mode='pixel')."""
+def random_erasing(image: tf.Tensor, probability: float, seed: tf.Tensor, mode: str = 'uniform') -> tf.Tensor:
+  """With `probability`, fills a random box (2%-33% of the area, aspect ratio 0.3..3.3) with per-pixel noise.
+
+  mode 'uniform': uniform over 0..255; 'normal': timm's RandomErasing(mode='pixel') as the authors ran
+  it, standard normal noise in ImageNet-normalised units (255 * (mean + std * z) in pixels, unclipped).
+  """
+  if mode not in ERASING_MODES:
+    raise ValueError(f'random erasing mode {mode!r}; valid: {", ".join(ERASING_MODES)}')
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
   height, width = image.shape[0], image.shape[1]
   area = tf.random.stateless_uniform((), seeds[0], 0.02, 1 / 3) * height * width
@@ -148,5 +157,11 @@ def random_erasing(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.
   cols = tf.range(width)[None, :, None]
   inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
   erase = tf.random.stateless_uniform((), seeds[4]) < probability
-  noise = tf.random.stateless_uniform(image.shape, seeds[5], 0.0, 255.0)
+  if mode == 'uniform':
+    noise = tf.random.stateless_uniform(image.shape, seeds[5], 0.0, 255.0)
+  else:
+    z = tf.random.stateless_normal(image.shape, seeds[5])
+    noise = 255.0 * (
+      np.asarray(images_lib.IMAGENET_MEAN, np.float32) + np.asarray(images_lib.IMAGENET_STD, np.float32) * z
+    )
   return tf.where(inside & erase, noise, image)

@@ -49,7 +49,7 @@ def _config_file(argv: Sequence[str], name: str) -> tuple[str, str | None] | Non
   return None
 
 
-def _load_config(path: str, arg: str | None) -> Any:
+def load_config(path: str, arg: str | None) -> Any:
   spec = importlib.util.spec_from_file_location('dna_jax_cli_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -71,7 +71,7 @@ def config_key_error(argv: Sequence[str], name: str = 'config') -> str | None:
   if located is None:
     return None
   try:
-    keys = set(_dotted_keys(_load_config(*located)))
+    keys = set(_dotted_keys(load_config(*located)))
   except Exception:
     return None
   for arg in argv:

@@ -8,6 +8,9 @@ distill, rate, search, retrain (a trainer section, see trainer.py), fidelity.
 
 from __future__ import annotations
 
+import json
+
+from etils import epath
 import ml_collections
 
 # Where Debian's dataset-fashion-mnist package puts the Fashion-MNIST files.
@@ -37,7 +40,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   config.randaugment_layers = 0  # 0: RandAugment off.
   config.randaugment_magnitude = 10  # 0..10.
   config.random_erasing = 0.0  # Probability per image.
+  config.random_erasing_mode = 'uniform'  # Noise 0..255, or 'normal' (timm's 'pixel', the authors').
   config.resize_method = 'bicubic'
+  config.train_resize_method = ''  # '': resize_method; 'random': bilinear or bicubic (timm's, the authors').
   config.crop_fraction = 0.875  # Eval center crop, of the shorter side.
   config.shuffle_buffer = 16384
   config.seed = 0
@@ -69,6 +74,8 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
       weight_decay=1e-5,
       label_smoothing=0.1,
       ema_decay=0.9998,
+      # TensorFlow's num_updates warm-up of the EMA decay (False: timm's constant decay).
+      ema_warmup=True,
       # RMSProp as TensorFlow's (eps inside the square root); momentum also serves 'sgd'.
       rms_decay=0.9,
       rms_epsilon=1e-3,
@@ -91,12 +98,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Comma-separated, run in pipeline order (stages/__init__.py); finished stages are skipped on rerun.
   config.stages = 'distill,rate,search'
+  # JAX's persistent compilation cache: a rerun, a resumed run or the next stage loads compiled programs
+  # instead of compiling again. 'auto': $XDG_CACHE_HOME/dna_jax/jax (~/.cache/...); '': off; or a path.
+  config.compilation_cache_dir = 'auto'
 
   config.data = get_data_config()
 
-  # Numerical conventions of the student/child nets (see models.layers.Conventions).
+  # Numerical conventions of the student/child nets (see models.layers.Conventions), and the input
+  # normalization they read (the supernet's block 1 and the child alike; converted on device from
+  # data.normalization, which is what the teacher reads). 'device' BatchNorm keeps statistics per device.
   config.model = ml_collections.ConfigDict(
-    dict(padding='tf_same', bn_epsilon=1e-3, bn_momentum=0.99, depthwise='auto', dtype='float32')
+    dict(
+      padding='tf_same',
+      bn_epsilon=1e-3,
+      bn_momentum=0.99,
+      depthwise='auto',
+      dtype='float32',
+      normalization='imagenet',
+      bn_sync='global',
+    )
   )
 
   # A named space ('imagenet') or blocks written as 'STRIDE TEACHER_WIDTH CELLS; ...',
@@ -110,8 +130,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       variant='b7',
       # Directory written by `python -m dna_jax.convert_teacher`, or by the teacher stage.
       checkpoint='',
-      # The authors ran the frozen teacher with BatchNorm in training mode (batch statistics).
+      # Distillation: the authors ran the frozen teacher with BatchNorm in training mode (batch statistics).
       train_mode_bn=False,
+      # Rating: 'running' (inference mode), 'batch' (statistics of each rating batch) or 'recalibrated'
+      # (the authors': statistics recomputed on the calibration batch, then inference mode).
+      rating_bn='running',
       # Only for stages=teacher (the demo): the teacher's stem stride and its training recipe.
       stem_stride=2,
       training=trainer_config(
@@ -133,9 +156,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # 0: one pass over the training split per epoch.
       steps_per_epoch=0,
       batch_size=512,
-      # One learning rate per block (DNA's), multiplied by lr_decay every epoch.
+      # One learning rate per block (DNA's), multiplied by lr_decay every epoch; lr_decay_offset 1 is the
+      # authors' StepLR, which steps once before the first epoch (epoch 1 runs at lr x 0.9).
       learning_rates='0.002,0.005,0.005,0.005,0.005,0.002',
       lr_decay=0.9,
+      lr_decay_offset=1,
       weight_decay=1e-4,
       # 'uniform' (DNA's: every layer's op drawn independently) or 'fair' (each op of a layer equally often).
       sampling='uniform',
@@ -157,18 +182,30 @@ def get_base_config() -> ml_collections.ConfigDict:
       chunk_size=216,
       calib_batch_size=64,
       blocks='',
+      # Adaptive rating (path_pruning.py): every path is rated on the first `adaptive_examples` images
+      # (whole batches); the paths that `keep` others beat clearly (paired differences over `groups`
+      # groups of those images, mean - `clear_z` standard errors > 0) at no higher FLOPs and params are
+      # in none of the search's top `keep` nets: their rating stops there (the CSV's `images` column).
+      # keep must be at least search.top_k. adaptive=False rates every path on every image.
+      adaptive=True,
+      adaptive_examples=1000,
+      groups=16,
+      keep=5,
+      clear_z=3.0,
     )
   )
 
-  config.search = ml_collections.ConfigDict(dict(max_flops=0, max_params=0, top_k=5))
+  # objective: how block scores combine, 'sum', 'norm_sum' or 'product' (ratings.with_objective);
+  # max_latency_ms needs latency_table, a directory written by `python -m dna_jax.latency`. 0: no budget.
+  config.search = ml_collections.ConfigDict(
+    dict(max_flops=0, max_params=0, top_k=5, objective='sum', max_latency_ms=0.0, latency_table='')
+  )
 
   config.retrain = trainer_config(
     # 'search' (the search stage's best), a named net (dna_a..dna_d, efficientnet_b0) or a JSON path.
     arch='search',
     dropout_rate=0.2,
     drop_connect_rate=0.2,
-    # Input normalization the child net is trained for (converted on device from data.normalization).
-    normalization='imagenet',
     init_from_supernet=False,
     # stages=evaluate: a child checkpoint directory (e.g. from dna_jax.convert_authors); '' evaluates
     # WORKDIR/retrain/final and best.
@@ -184,11 +221,39 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.fidelity = ml_collections.ConfigDict(
     dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0, bootstrap=2000, sample_size=20_000, level=0.95)
   )
+  # stages=versus_random (stages/versus_random.py): the search's top_k nets and num_random nets of the space
+  # within `tolerance` of the chosen net's FLOPs (uniform draws, `draws` per batch), each trained with
+  # `seeds` seeds (config.seed, +1, ...) for `epochs` (0: retrain.epochs); `bootstrap` resamples per interval.
+  config.versus_random = ml_collections.ConfigDict(
+    dict(num_random=10, seeds=3, tolerance=0.03, top_k=3, epochs=0.0, bootstrap=2000, level=0.95, draws=200_000)
+  )
   return config
 
 
+# What `:authors` changes in a retraining config: the DNA authors' released script (retraining/run_example.sh
+# on an early timm) instead of the EfficientNet TPU recipe.
+AUTHORS_RETRAIN = dict(
+  epochs=500.0,
+  batch_size=1024,  # 128 per GPU x 8; their lr 0.064 is base_learning_rate 0.016 per 256
+  base_learning_rate=0.016,
+  warmup_epochs=5.0,
+  schedule='exponential',
+  lr_decay=0.963,
+  lr_decay_epochs=3.0,
+  weight_decay=1e-4,
+  ema_decay=0.9998,
+  ema_warmup=False,  # timm's ModelEma
+)
+AUTHORS_MODEL = dict(padding='symmetric', bn_epsilon=1e-5, bn_momentum=0.9, bn_sync='device', dtype='float32')
+AUTHORS_DATA = dict(color_jitter=0.06, train_resize_method='random', resize_method='bicubic', dtype='float32')
+
+
 def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Retraining a named net on ImageNet (TPU pod slice, batch 4096); `arg='local'`: a CPU smoke run."""
+  """Retraining a named net on ImageNet (TPU pod slice, batch 4096).
+
+  `arg`: 'local' (a CPU smoke run on Fashion-MNIST) or 'authors' (the authors' released retraining
+  script: AUTHORS_RETRAIN, AUTHORS_MODEL, AUTHORS_DATA).
+  """
   config = get_base_config()
   config.stages = 'retrain,evaluate'
   config.retrain.arch = arch
@@ -200,7 +265,11 @@ def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.Conf
   config.data.rating_examples = 0  # No search here: train on the whole train split.
   config.model.dtype = 'bfloat16'
 
-  if arg == 'local':
+  if arg == 'authors':
+    config.retrain.update(AUTHORS_RETRAIN)
+    config.model.update(AUTHORS_MODEL)
+    config.data.update(AUTHORS_DATA)
+  elif arg == 'local':
     config.data.update(
       dict(
         dataset='fashion_mnist',
@@ -225,5 +294,15 @@ def get_retrain_config(arch: str, arg: str | None = None) -> ml_collections.Conf
       )
     )
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; valid: local')
+    raise ValueError(f'unknown config argument {arg!r}; valid: authors, local')
+  return config
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a pipeline run saved in WORKDIR/config.json, over the base config (for standalone commands)."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist (no pipeline run in this workdir): pass --config')
+  config = get_base_config()
+  config.update(json.loads(path.read_text())['config'])
   return config

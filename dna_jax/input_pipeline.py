@@ -9,10 +9,11 @@ One pipeline serves distillation, rating and retraining. Splits (names used by
   split is a random subset, and the same one on every process and run.
 * 'calib': `train_split[rating_examples:rating_examples + calib_examples]`, a
   small repeated stream of training images for BatchNorm recalibration,
-  eval-style or train-augmented (`calib_augment`).
+  eval-style or train-augmented (`calib_augment`), the same global stream
+  whatever the number of processes.
 * 'eval': `eval_split`, eval-style.
 
-Each process reads its own `tfds.even_splits` shard of a split. Batches are
+Each process reads its own `tfds.even_splits` shard of a split ('calib' aside). Batches are
 dicts of numpy arrays: 'image' (local_devices, per_device_batch, H, W, 3),
 'label' int32 and 'mask' float32 (local_devices, per_device_batch). Finite
 streams (rate and eval by default) pad their last batch with mask 0 and give
@@ -65,6 +66,8 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   c = data_config
   choices = {
+    'train_resize_method': ('', 'random', *_RESIZE_METHODS),
+    'random_erasing_mode': augment.ERASING_MODES,
     'normalization': images_lib.NORMALIZATIONS,
     'augment': _AUGMENTS,
     'dtype': tuple(_DTYPES),
@@ -234,6 +237,18 @@ def _preprocess_fn(
   def fit(image):
     return _fit(image, size, c.resize_method, c.small_image_fit)
 
+  def fit_train(image, seed):
+    method = c.train_resize_method or c.resize_method
+    if method != 'random':
+      return _fit(image, size, method, c.small_image_fit)
+    # timm's 'random' interpolation (the authors' training images): bilinear or bicubic, by coin.
+    bicubic = tf.random.stateless_uniform((), seed) < 0.5
+    return tf.cond(
+      bicubic,
+      lambda: _fit(image, size, 'bicubic', c.small_image_fit),
+      lambda: _fit(image, size, 'bilinear', c.small_image_fit),
+    )
+
   def center_window(shape):
     return _center_window(shape, c.crop_fraction)
 
@@ -246,9 +261,10 @@ def _preprocess_fn(
       seed = tf.random.experimental.stateless_fold_in(base, index)
       seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
       if c.augment == 'inception':
-        image = fit(_decode_window(image_bytes, lambda shape: augment.random_window(shape, seeds[0]), is_jpeg))
+        window = _decode_window(image_bytes, lambda shape: augment.random_window(shape, seeds[0]), is_jpeg)
+        image = fit_train(window, seeds[5])
       elif c.augment == 'simple':
-        image = fit(_decode_window(image_bytes, lambda s: tf.stack([0, 0, s[0], s[1]]), is_jpeg))
+        image = fit_train(_decode_window(image_bytes, lambda s: tf.stack([0, 0, s[0], s[1]]), is_jpeg), seeds[5])
         padding = ((c.simple_pad, c.simple_pad),) * 2 + ((0, 0),)
         image = tf.image.stateless_random_crop(tf.pad(image, padding), (size, size, 3), seeds[0])
       else:
@@ -260,7 +276,7 @@ def _preprocess_fn(
       if c.color_jitter:
         image = augment.color_jitter(image, c.color_jitter, seeds[3])
       if c.random_erasing:
-        image = augment.random_erasing(image, c.random_erasing, seeds[4])
+        image = augment.random_erasing(image, c.random_erasing, seeds[4], c.random_erasing_mode)
     return {
       'image': _normalize(image, c.normalization, c.dtype),
       'label': tf.cast(example[label_key], tf.int32),
@@ -330,18 +346,23 @@ def create_split(
   per_device = global_batch_size // device_count
   local_batch = per_device * local_devices
   process_index, process_count = jax.process_index(), jax.process_count()
+  # The calibration stream is one global stream whatever the number of hosts: every process reads the
+  # whole split with process 0's seeds and keeps its rows of each global batch, so that BatchNorm
+  # recalibration, and hence every rating, is the same on 1 host as on a pod slice.
+  global_stream = split == 'calib'
+  stream_process = 0 if global_stream else process_index
+  batch_size = global_batch_size if global_stream else local_batch
   shard = spec
-  if process_count > 1:
+  if process_count > 1 and not global_stream:
     shard = tfds.even_splits(spec, n=process_count, drop_remainder=False)[process_index]
   shard_size = _split_size(builder, shard)
   if shard_size == 0:
     raise ValueError(f'Split {split!r} ({spec}) has no examples for process {process_index} of {process_count}.')
   repeat = split in ('train', 'calib') if repeat is None else repeat
   augmented = split == 'train' or (split == 'calib' and data_config.calib_augment)
-  if split == 'calib' and shard_size is not None and shard_size < local_batch:
+  if split == 'calib' and shard_size is not None and shard_size < batch_size:
     raise ValueError(
-      f'data.calib_examples={data_config.calib_examples} gives {shard_size} '
-      f'examples to this process, less than its batch of {local_batch}.'
+      f'data.calib_examples={data_config.calib_examples} is less than the calibration batch of {batch_size}.'
     )
 
   records = builder.as_dataset(split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
@@ -352,12 +373,12 @@ def create_split(
     repeat=repeat,
     shuffle=split in ('train', 'calib'),
     buffer=data_config.shuffle_buffer,
-    seed=tf.constant(data_config.seed * 4099 + process_index, tf.int64),
+    seed=tf.constant(data_config.seed * 4099 + stream_process, tf.int64),
     epoch_size=shard_size,
-    start=start_step * local_batch,
+    start=start_step * batch_size,
   )
-  ds = examples.map(_preprocess_fn(data_config, info, augmented, process_index), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=repeat)
+  ds = examples.map(_preprocess_fn(data_config, info, augmented, stream_process), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=repeat)
   ds = ds.prefetch(data_config.prefetch)
   ds = ds.with_options(dataset_options(data_config))
 
@@ -372,6 +393,9 @@ def create_split(
       k: np.zeros((local_batch,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()
     }
     batches = _padded(batches, zeros, num_batches)
+  if global_stream:
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    batches = ({k: v[rows] for k, v in batch.items()} for batch in batches)
   shape = (local_devices, per_device)
   return ({k: v.reshape(shape + v.shape[1:]) for k, v in batch.items()} for batch in batches)
 

@@ -17,7 +17,6 @@ file names, the `block` column and meta.json are 1-based. Reading never imports 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from collections.abc import Sequence
 import csv
 import dataclasses
 import io
@@ -34,19 +33,12 @@ from dna_jax import space as space_lib
 
 COLUMNS = ('block', 'cell', 'ops', 'in_channels', 'score', 'mse', 'flops', 'params', 'macs')
 META = 'meta.json'
+IMAGES = 'images'  # optional last column: how many rating images the path's score rests on
 
 
 def block_file(ratings_dir: str, block_index: int) -> str:
   """Path of the table of 0-based block `block_index`."""
   return os.path.join(ratings_dir, f'block_{block_index + 1}.csv')
-
-
-def path_index(ops: Sequence[int]) -> int:
-  """Position of `ops` in `Cell.paths()` (itertools.product) order."""
-  index = 0
-  for op in ops:
-    index = index * space_lib.NUM_OPS + int(op)
-  return index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +54,24 @@ class BlockRatings:
   flops: np.ndarray  # int64, additive block cost
   params: np.ndarray  # int64
   macs: np.ndarray  # int64
+  latency: np.ndarray | None = None  # int64 ns, predicted from a latency table (latency_table.with_latency)
+  images: np.ndarray | None = None  # int64, rating images per row (None: files without the column)
 
   def __len__(self) -> int:
     return len(self.score)
 
-  def row(self, cell: int, ops: Sequence[int], in_channels: int) -> int:
-    """Row index of a (cell, path, in_channels); ValueError if absent."""
-    found = np.flatnonzero((self.cell == cell) & (self.path == path_index(ops)) & (self.in_channels == in_channels))
+  @property
+  def pruned(self) -> np.ndarray:
+    """Rows whose rating adaptive rating stopped early (fewer images than the block's others)."""
+    if self.images is None or not len(self.images):
+      return np.zeros(len(self), bool)
+    return self.images < self.images.max()
+
+  def row(self, cell: int, path: int, in_channels: int) -> int:
+    """Row index of a (cell, path index, in_channels); ValueError if absent."""
+    found = np.flatnonzero((self.cell == cell) & (self.path == path) & (self.in_channels == in_channels))
     if not len(found):
-      raise ValueError(f'no rating for cell {cell} ops {space_lib.ops_string(ops)} in_channels {in_channels}')
+      raise ValueError(f'no rating for cell {cell} path {path} in_channels {in_channels}')
     return int(found[0])
 
 
@@ -87,6 +88,8 @@ class Ratings:
   fixed_params: int
   fixed_macs: int
   directory: str = ''
+  fixed_latency: int = 0  # ns, with a latency table
+  pruned_for_top_k: int = 0  # adaptive rating: pruned rows are in none of the best this-many nets (0: none pruned)
 
 
 def architecture_rows(ratings: Ratings, arch: space_lib.Architecture) -> tuple[int, ...] | None:
@@ -96,8 +99,8 @@ def architecture_rows(ratings: Ratings, arch: space_lib.Architecture) -> tuple[i
     return None
   rows = []
   width = ratings.space.ds_width
-  for block, cell, choice in zip(ratings.blocks, cells, arch.blocks):
-    rows.append(block.row(cell, choice.ops, width))
+  for block, space_block, cell, choice in zip(ratings.blocks, ratings.space.blocks, cells, arch.blocks):
+    rows.append(block.row(cell, space_block.cells[cell].path_index(choice.ops), width))
     width = choice.cell.width
   return tuple(rows)
 
@@ -114,6 +117,41 @@ def architecture_rating(ratings: Ratings, arch: space_lib.Architecture) -> dict[
     'params': ratings.fixed_params + sum(int(b.params[r]) for b, r in pick),
     'macs': ratings.fixed_macs + sum(int(b.macs[r]) for b, r in pick),
   }
+
+
+OBJECTIVES = ('sum', 'norm_sum', 'product')
+OBJECTIVE_LABELS = {
+  'sum': 'summed block score (relative L1)',
+  'norm_sum': 'summed per-block normalised score',
+  'product': 'summed log block score (log of the product)',
+}
+
+
+def with_objective(ratings: Ratings, objective: str) -> Ratings:
+  """`ratings` whose block scores are the search's per-block terms for `objective`.
+
+  'sum' (the default): the relative L1 scores, summed over blocks. The authors' process_potential.py
+  offers two more: 'norm_sum' (their norm_mse) z-normalises each block's scores over all its paths
+  (unbiased std, as torch) and maps them to (z + 2) / 4 before summing; 'product' multiplies the scores,
+  which the exact search does as a sum of their logarithms. A block with one path gets a constant term.
+  """
+  if objective not in OBJECTIVES:
+    raise ValueError(f'search objective {objective!r}; valid: {", ".join(OBJECTIVES)}')
+  if objective == 'sum':
+    return ratings
+  blocks = []
+  for table in ratings.blocks:
+    if objective == 'product':
+      if np.any(table.score <= 0):
+        raise ValueError("the 'product' objective needs positive scores")
+      score = np.log(table.score)
+    else:
+      per_path = table.score[table.in_channels == table.in_channels.min()]  # each path once
+      std = float(np.std(per_path, ddof=1)) if len(per_path) > 1 else 0.0
+      z = (table.score - float(np.mean(per_path))) / std if std > 0 else np.zeros_like(table.score)
+      score = (z + 2.0) / 4.0
+    blocks.append(dataclasses.replace(table, score=score))
+  return dataclasses.replace(ratings, blocks=tuple(blocks))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -164,6 +202,8 @@ def write_meta(
         'use a fresh ratings directory or delete the old one'
       )
     record['complete_blocks'] = sorted(int(k) for k in old.get('complete_blocks', []))
+    if old.get('pruned_for_top_k'):
+      record['pruned_for_top_k'] = old['pruned_for_top_k']
   files.write_json(path, record)
 
 
@@ -203,11 +243,15 @@ def write_block_ratings(
   resolution: int,
   num_classes: int,
   stem_stride: int = 2,
+  images: Mapping[int, np.ndarray] | None = None,
+  pruned_for_top_k: int = 0,
 ) -> str:
   """Writes `block_{block_index+1}.csv` atomically and marks the block complete in meta.json.
 
-  `scores[c]` / `mses[c]`: one value per path of cell `c`, in `cell.paths()` order. Costs are
-  computed here for every possible input width. Returns the path written.
+  `scores[c]` / `mses[c]` (and `images[c]`, the rating images each score rests on): one value per
+  path of cell `c`, in `cell.paths()` order. Costs are computed here for every possible input width.
+  `pruned_for_top_k`: adaptive rating stopped the paths with fewer images because they are in none of
+  the best this-many nets. Returns the path written.
   """
 
   if not 0 <= block_index < len(space.blocks):
@@ -215,10 +259,13 @@ def write_block_ratings(
   block = space.blocks[block_index]
   scores = _check_values('scores', scores, block, block_index)
   mses = _check_values('mses', mses, block, block_index)
+  if images is None:
+    images = {c: np.zeros(cell.num_paths) for c, cell in enumerate(block.cells)}
+  images = _check_values('images', images, block, block_index)
   write_meta(ratings_dir, space, resolution, num_classes, stem_stride)
   size = space_lib.block_sizes(space, resolution, stem_stride)[block_index]
   head = space.head_width if block_index == len(space.blocks) - 1 else None
-  lines = [','.join(COLUMNS)]
+  lines = [','.join(COLUMNS + (IMAGES,))]
   for c, cell in enumerate(block.cells):
     for p, ops in enumerate(cell.paths()):
       text = space_lib.ops_string(ops)
@@ -226,13 +273,19 @@ def write_block_ratings(
         cost = costs.cell_cost(cell, ops, width, size, head)
         lines.append(
           f'{block_index + 1},{cell.name},{text},{width},{float(scores[c][p])!r},'
-          f'{float(mses[c][p])!r},{cost.flops},{cost.params},{cost.macs}'
+          f'{float(mses[c][p])!r},{cost.flops},{cost.params},{cost.macs},{round(float(images[c][p]))}'
         )
   path = block_file(ratings_dir, block_index)
   files.atomic_write_text(path, '\n'.join(lines) + '\n')
   meta_path = os.path.join(ratings_dir, META)
   meta = _read_json(meta_path)
   meta['complete_blocks'] = sorted(set(meta.get('complete_blocks', [])) | {block_index + 1})
+  counts = np.concatenate([np.asarray(images[c]) for c in sorted(images)])
+  pruned = meta.get('pruned_for_top_k', {})
+  pruned.pop(str(block_index + 1), None)
+  if pruned_for_top_k and counts.min() < counts.max():
+    pruned[str(block_index + 1)] = int(pruned_for_top_k)
+  meta['pruned_for_top_k'] = pruned
   files.write_json(meta_path, meta)
   return path
 
@@ -262,6 +315,7 @@ def _read_meta(ratings_dir: str) -> tuple[dict[str, Any], space_lib.SearchSpace]
       meta[key] = int(meta[key])
     meta['fixed'] = {k: int(meta['fixed'][k]) for k in ('flops', 'params', 'macs')}
     meta['complete_blocks'] = [int(k) for k in meta.get('complete_blocks', [])]
+    meta['pruned_for_top_k'] = {int(k): int(v) for k, v in meta.get('pruned_for_top_k', {}).items()}
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(
       f'{path}: malformed ratings meta ({type(e).__name__}: {e}); expected keys space, '
@@ -287,19 +341,23 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
     ) from None
   reader = csv.reader(io.StringIO(text, newline=''))
   header = next(reader, None)
-  if header is None or tuple(h.strip() for h in header) != COLUMNS:
-    raise ValueError(f'{path}, line 1: expected header {",".join(COLUMNS)}, got {",".join(header or [])!r}')
+  columns = tuple(h.strip() for h in header or [])
+  if columns not in (COLUMNS, COLUMNS + (IMAGES,)):
+    raise ValueError(f'{path}, line 1: expected header {",".join(COLUMNS)}[,{IMAGES}], got {",".join(header or [])!r}')
+  images: list[int] = []
   for line, row in enumerate(reader, start=2):
     if not row:
       continue
     where = f'{path}, line {line}'
-    if len(row) != len(COLUMNS):
-      raise ValueError(f'{where}: expected {len(COLUMNS)} fields ({",".join(COLUMNS)}), got {len(row)}')
+    if len(row) != len(columns):
+      raise ValueError(f'{where}: expected {len(columns)} fields ({",".join(columns)}), got {len(row)}')
     try:
       number = int(row[0])
       width = int(row[3])
       score, mse = float(row[4]), float(row[5])
       flops, params, macs = int(row[6]), int(row[7]), int(row[8])
+      if len(columns) > len(COLUMNS):
+        images.append(int(row[9]))
     except ValueError as e:
       raise ValueError(f'{where}: {e}') from None
     if number != block_index + 1:
@@ -315,7 +373,9 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
         raise ValueError(f'{where}: {e}') from None
       if len(ops) != block.cells[cell].layers:
         raise ValueError(f'{where}: ops {row[2]!r} has {len(ops)} layers, cell {row[1]} has {block.cells[cell].layers}')
-      ops_cache[key] = (ops, path_index(ops))
+      if not block.cells[cell].allows(ops):
+        raise ValueError(f'{where}: ops {row[2]!r} are not a path of cell {row[1]} (a layer is pinned)')
+      ops_cache[key] = (ops, block.cells[cell].path_index(ops))
     ops, index = ops_cache[key]
     if width not in widths:
       raise ValueError(
@@ -358,6 +418,7 @@ def _read_block(path: str, space: space_lib.SearchSpace, block_index: int) -> Bl
     flops=ints('flops'),
     params=ints('params'),
     macs=ints('macs'),
+    images=np.asarray(images, np.int64) if len(columns) > len(COLUMNS) else None,
   )
 
 
@@ -382,4 +443,5 @@ def read_ratings(ratings_dir: str) -> Ratings:
     fixed['params'],
     fixed['macs'],
     ratings_dir,
+    pruned_for_top_k=min(meta['pruned_for_top_k'].values(), default=0),
   )

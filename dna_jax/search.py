@@ -1,19 +1,20 @@
-"""Exact constrained search: the k nets with the lowest summed block score under FLOPs/params budgets.
+"""Exact constrained search: the k nets with the lowest summed block score under FLOPs/params/latency budgets.
 
 Problem: pick one rated (cell, path) per block, minimising the sum of block scores subject to
-total FLOPs <= max_flops and total params <= max_params (fixed stem/DS/head cost included).
+total FLOPs <= max_flops, total params <= max_params and, with a latency table
+(latency_table.with_latency), predicted latency <= max_latency_ms (fixed stem/DS/head cost included).
 Block costs are additive given the previous block's width (a block's first layer reads it), so
 the width of the previous block is the only state passed between blocks.
 
 Algorithm (exact, not a heuristic):
-1. Per block and per (input width, output width), candidates with identical (flops, params)
-   keep their k best; then every candidate dominated by >= k others of its group (no worse in
-   score, flops and params, better in the ranking order below) is dropped: each net using it
-   would have k strictly better feasible nets, so it cannot be among the top k.
+1. Per block and per (input width, output width), candidates with identical costs (flops, params
+   and, under a latency budget, latency) keep their k best; then every candidate dominated by >= k
+   others of its group (no worse in score and every cost, better in the ranking order below) is
+   dropped: each net using it would have k strictly better feasible nets, so it is not in the top k.
 2. Lower bounds on the best score of the remaining blocks for a remaining budget, per position
    and input width: the exact Pareto front (cost, best score) of the remaining blocks for each
-   budget alone, and with both budgets a knapsack table over a 256x256 grid of budget buckets
-   (costs rounded down, so it never overestimates).
+   budget alone, and with FLOPs and params budgets a knapsack table over a 256x256 grid of budget
+   buckets (costs rounded down, so it never overestimates).
 3. An upper bound: the k-th best score of the nets a small beam search (width 32) finds.
 4. Best-first search over blocks (A*), expanding nodes in vectorised batches and dropping every
    child whose score bound exceeds the upper bound. A node's priority (score + bound, flops +
@@ -42,10 +43,12 @@ from typing import Any
 import numpy as np
 
 from dna_jax import ratings as ratings_lib
+from dna_jax import search_bounds
 from dna_jax import space as space_lib
 
-GRID_2D = 256  # buckets per budget of the joint table, used when both budgets are set
-_CHUNK = 1 << 21  # elements per temporary array in pairwise steps
+GRID_2D = 256  # buckets per budget of the joint table, used when FLOPs and params budgets are set
+COSTS = ('flops', 'params', 'latency')  # latency in integer nanoseconds (latency_table.with_latency)
+_CHUNK = search_bounds.CHUNK
 BEAM = 32  # width of the beam search that finds an upper bound first
 
 
@@ -61,9 +64,10 @@ class Result:
   choices: tuple[tuple[int, tuple[int, ...]], ...]  # (cell index, ops) per block
   block_scores: tuple[float, ...]
   rows: tuple[int, ...]  # row of each block in `Ratings.blocks[k]`
+  latency_ms: float | None = None  # predicted, when the ratings carry a latency table
 
   def to_dict(self) -> dict[str, Any]:
-    return {
+    record = {
       **self.architecture.to_dict(),
       'score': self.score,
       'flops': self.flops,
@@ -71,6 +75,9 @@ class Result:
       'macs': self.macs,
       'block_scores': list(self.block_scores),
     }
+    if self.latency_ms is not None:
+      record['latency_ms'] = self.latency_ms
+    return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,7 @@ class _Candidates:
   score: np.ndarray  # float64 holding fixed-point integers
   flops: np.ndarray
   params: np.ndarray
+  latency: np.ndarray  # zeros without a latency table
   nxt: np.ndarray  # index of the output width in the next position's width list
   cell: np.ndarray
   path: np.ndarray
@@ -105,11 +113,11 @@ def _widths(space: space_lib.SearchSpace) -> list[list[int]]:
   return widths + [sorted({c.width for c in space.blocks[-1].cells})]
 
 
-def _dominance_keep(score, flops, params, cell, path, top_k: int) -> np.ndarray:
-  """Indices of the rows of one group that are dominated by fewer than `top_k` others."""
-  order = np.lexsort((path, cell, score, params, flops))
-  f, p, s = flops[order], params[order], score[order]
-  new = np.r_[True, (f[1:] != f[:-1]) | (p[1:] != p[:-1])]
+def _dominance_keep(score, costs: Sequence[np.ndarray], cell, path, top_k: int) -> np.ndarray:
+  """Indices of the rows of one group that are dominated by fewer than `top_k` others (in score and every cost)."""
+  order = np.lexsort((path, cell, score, *costs[::-1]))
+  cs, s = [c[order] for c in costs], score[order]
+  new = np.r_[True, np.any([c[1:] != c[:-1] for c in cs], axis=0)]
   cls = np.cumsum(new) - 1
   start = np.flatnonzero(new)
   rank = np.arange(len(order)) - start[cls]
@@ -118,12 +126,12 @@ def _dominance_keep(score, flops, params, cell, path, top_k: int) -> np.ndarray:
   num = len(start)
   table = np.full((num, top_k), np.inf)
   table[cls, rank] = s
-  cf, cp = f[start], p[start]
+  class_costs = [c[start] for c in cs]
   kth = np.empty((num, top_k))
   step = max(1, _CHUNK // (num * top_k))
   for lo in range(0, num, step):
     hi = min(num, lo + step)
-    dom = (cf[None, :] <= cf[lo:hi, None]) & (cp[None, :] <= cp[lo:hi, None])
+    dom = np.all([c[None, :] <= c[lo:hi, None] for c in class_costs], axis=0)
     dom[np.arange(hi - lo), np.arange(lo, hi)] = False
     values = np.where(dom[:, :, None], table[None], np.inf).reshape(hi - lo, num * top_k)
     part = np.partition(values, top_k - 1, axis=1)[:, :top_k]
@@ -134,31 +142,36 @@ def _dominance_keep(score, flops, params, cell, path, top_k: int) -> np.ndarray:
   return order[~dominated]
 
 
-def _candidates(ratings: ratings_lib.Ratings, scale: float, top_k: int) -> list[dict[int, _Candidates]]:
+def _latency(table: ratings_lib.BlockRatings) -> np.ndarray:
+  return table.latency if table.latency is not None else np.zeros(len(table), np.int64)
+
+
+def _candidates(
+  ratings: ratings_lib.Ratings, scale: float, top_k: int, fields: Sequence[str] = ('flops', 'params')
+) -> list[dict[int, _Candidates]]:
+  """Per block and input width, the rows that can be in the top k when `fields` are the constrained costs."""
   widths = _widths(ratings.space)
   out = []
   for m, (block, table) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
     cell_width = np.array([c.width for c in block.cells])[table.cell]
     score = np.rint(table.score * scale)
+    costs = {'flops': table.flops, 'params': table.params, 'latency': _latency(table)}
+    pruned = table.pruned  # adaptive rating's dominated paths: in none of the best ratings.pruned_for_top_k
     per_width = {}
     for w_in in widths[m]:
       kept = []
       for w_out in widths[m + 1]:
-        rows = np.flatnonzero((table.in_channels == w_in) & (cell_width == w_out))
+        rows = np.flatnonzero((table.in_channels == w_in) & (cell_width == w_out) & ~pruned)
         if len(rows):
-          kept.append(
-            rows[
-              _dominance_keep(
-                score[rows], table.flops[rows], table.params[rows], table.cell[rows], table.path[rows], top_k
-              )
-            ]
-          )
+          dominance_costs = [costs[f][rows] for f in fields]
+          kept.append(rows[_dominance_keep(score[rows], dominance_costs, table.cell[rows], table.path[rows], top_k)])
       rows = np.concatenate(kept)  # by output width, then score (see _Candidates.groups)
       rows = rows[np.lexsort((table.path[rows], table.cell[rows], score[rows], cell_width[rows]))]
       per_width[w_in] = _Candidates(
         score[rows],
         table.flops[rows],
         table.params[rows],
+        costs['latency'][rows],
         np.searchsorted(widths[m + 1], cell_width[rows]),
         table.cell[rows],
         table.path[rows],
@@ -168,118 +181,13 @@ def _candidates(ratings: ratings_lib.Ratings, scale: float, top_k: int) -> list[
   return out
 
 
-def _suffix_min(cands: list[dict[int, _Candidates]], widths: list[list[int]], field: str) -> list[np.ndarray]:
-  """Per position m and input width: the smallest sum of `field` over blocks m..N-1."""
-  best = [np.zeros(len(widths[-1]))]
-  for m in range(len(cands) - 1, -1, -1):
-    nxt = best[0]
-    best.insert(0, np.array([(getattr(c, field) + nxt[c.nxt]).min() for c in cands[m].values()], dtype=np.float64))
-  return best
-
-
-def _prefix_min(cands: list[dict[int, _Candidates]], widths: list[list[int]], field: str) -> list[dict[int, int]]:
-  """Per position m and input width: the smallest sum of `field` over blocks 0..m-1 reaching it."""
-  best = [{widths[0][0]: 0}]
-  for m, per_width in enumerate(cands):
-    reach: dict[int, int] = {}
-    for w_in, c in per_width.items():
-      if w_in not in best[-1]:
-        continue
-      for o, at in c.groups:
-        value = best[-1][w_in] + int(getattr(c, field)[at].min())
-        w = widths[m + 1][o]
-        reach[w] = min(reach.get(w, value), value)
-    best.append(reach)
-  return best
-
-
-def _skyline(cost: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Points not dominated in (cost, score): increasing cost, strictly decreasing score."""
-  order = np.argsort(cost, kind='stable')
-  cost, score = cost[order], score[order]
-  starts = np.flatnonzero(np.r_[True, cost[1:] != cost[:-1]])
-  cost, score = cost[starts], np.minimum.reduceat(score, starts)
-  keep = score < np.r_[np.inf, np.minimum.accumulate(score)[:-1]]
-  return cost[keep], score[keep]
-
-
-def _merge(fronts: dict[int, tuple], groups: Sequence[tuple], limit: dict[int, int] | None = None) -> dict[int, tuple]:
-  """Fronts one block further: `fronts[w]` reaches width w; `groups` are (w_from, w_to, cost, score)
-  fronts of the block's rows. Sums are exact; `limit[w_to]` drops costs above it."""
-  parts: dict[int, list] = {}
-  for w_from, w_to, cost, score in groups:
-    if w_from not in fronts or (limit is not None and w_to not in limit):
-      continue
-    acc_cost, acc_score = fronts[w_from]
-    if limit is not None:
-      n = np.searchsorted(acc_cost, limit[w_to] - cost[0], 'right')
-      acc_cost, acc_score = acc_cost[:n], acc_score[:n]
-    step = max(1, _CHUNK // len(cost))
-    for lo in range(0, len(acc_cost), step):
-      sum_cost = (acc_cost[lo : lo + step, None] + cost[None]).ravel()
-      sum_score = (acc_score[lo : lo + step, None] + score[None]).ravel()
-      if limit is not None:
-        keep = sum_cost <= limit[w_to]
-        sum_cost, sum_score = sum_cost[keep], sum_score[keep]
-      if len(sum_cost):
-        parts.setdefault(w_to, []).append(_skyline(sum_cost, sum_score))
-  return {w: _skyline(np.concatenate([c for c, _ in p]), np.concatenate([s for _, s in p])) for w, p in parts.items()}
-
-
-def _suffix_fronts(
-  cands: list[dict[int, _Candidates]], widths: list[list[int]], field: str, budget: int
-) -> list[dict[int, tuple]]:
-  """fronts[m][w] (m >= 1): exact (cost, best score) staircase of blocks m..N-1 entered at width w,
-  costs limited to what `budget` (fixed part excluded) leaves after the cheapest way to reach m."""
-  reach = _prefix_min(cands, widths, field)
-  fronts = [{w: (np.zeros(1, np.int64), np.zeros(1)) for w in widths[-1]}]
-  for m in range(len(cands) - 1, 0, -1):  # position 0 is never queried
-    groups = []
-    for w_in, c in cands[m].items():
-      values = getattr(c, field)
-      for o, at in c.groups:
-        groups.append((widths[m + 1][o], w_in, *_skyline(values[at], c.score[at])))
-    limit = {w: budget - reach[m][w] for w in widths[m] if w in reach[m]}
-    fronts.insert(0, _merge(fronts[0], groups, limit))
-  return [{}] + fronts
-
-
-def _bucket(values: np.ndarray, slack: int, grid: int) -> np.ndarray:
-  """Cost above the block minimum in grid units, rounded down (budgets rounded down too: a relaxation)."""
-  return np.minimum(values * grid // max(slack, 1), grid + 1)
-
-
-def _joint_table(cands: list[dict[int, _Candidates]], widths: list[list[int]], budgets: Sequence[int], grid: int):
-  """tables[m][w, bf, bp]: lowest score of blocks m.. whose bucketed FLOPs and params sum to at most (bf, bp)."""
-  fields = ('flops', 'params')
-  lows = [[min(int(getattr(c, f).min()) for c in cands_m.values()) for f in fields] for cands_m in cands]
-  slack = [budget - sum(low[i] for low in lows) for i, budget in enumerate(budgets)]
-  tables = [np.zeros((len(widths[-1]), grid + 1, grid + 1))]
-  for m in range(len(cands) - 1, -1, -1):
-    nxt = tables[0]
-    table = np.full((len(widths[m]), grid + 1, grid + 1), np.inf)
-    for wi, c in enumerate(cands[m].values()):
-      bf, bp = (_bucket(getattr(c, f) - lows[m][i], slack[i], grid) for i, f in enumerate(fields))
-      fits = (bf <= grid) & (bp <= grid)
-      # one item per (output width, buckets): the lowest score
-      items, inverse = np.unique(np.stack([c.nxt[fits], bf[fits], bp[fits]]), axis=1, return_inverse=True)
-      scores = np.full(items.shape[1], np.inf)
-      np.minimum.at(scores, inverse.reshape(-1), c.score[fits])
-      for (o, f, p), s in zip(items.T, scores):
-        target = table[wi, f:, p:]
-        np.minimum(target, nxt[o, : grid + 1 - f, : grid + 1 - p] + s, out=target)
-    tables.insert(0, table)
-  rest_low = [np.r_[np.cumsum([low[i] for low in lows][::-1])[::-1], 0] for i in range(2)]
-  return tables, slack, rest_low
-
-
 def _raw_minimum(ratings: ratings_lib.Ratings, field: str) -> int:
   """Smallest total of `field` over the whole space, fixed part included."""
   widths = _widths(ratings.space)
   best = dict.fromkeys(widths[0], 0)
   for m, (block, table) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
     cell_width = np.array([c.width for c in block.cells])[table.cell]
-    values = getattr(table, field)
+    values = _latency(table) if field == 'latency' else getattr(table, field)
     best = {
       w_out: min(
         best[w_in] + int(values[(table.in_channels == w_in) & (cell_width == w_out)].min())
@@ -291,14 +199,21 @@ def _raw_minimum(ratings: ratings_lib.Ratings, field: str) -> int:
   return min(best.values()) + getattr(ratings, f'fixed_{field}')
 
 
-def _check_budget(ratings: ratings_lib.Ratings, budget: int | None, field: str, name: str) -> None:
+def _check_budget(ratings: ratings_lib.Ratings, budget: int | None, field: str) -> None:
   if budget is None:
     return
+  if field == 'latency' and ratings.blocks[0].latency is None:
+    raise ValueError('a latency budget needs a latency table (latency_table.with_latency)')
   lowest = _raw_minimum(ratings, field)
   if budget < lowest:
+    if field == 'latency':
+      raise ValueError(
+        f'max_latency_ms={budget / 1e6:g} is below the fastest architecture of the space: the minimum '
+        f'predicted latency is {lowest / 1e6:.3f} ms'
+      )
     label = 'FLOPs' if field == 'flops' else 'params'
     raise ValueError(
-      f'{name}={budget:,} is below the cheapest architecture of the space: the minimum '
+      f'max_{field}={budget:,} is below the cheapest architecture of the space: the minimum '
       f'achievable {label} is {lowest:,} ({lowest / 1e6:.2f}M)'
     )
 
@@ -309,7 +224,7 @@ class _Problem:
 
   cands: list[dict[int, _Candidates]]
   widths: list[list[int]]
-  budgets: dict[str, int | None]  # what the budgets leave after the fixed cost
+  budgets: dict[str, int | None]  # what the budgets leave after the fixed cost, per COSTS field
   min_score: list[np.ndarray]  # per position and input width: cheapest rest, unconstrained
   min_flops: list[np.ndarray]
   min_params: list[np.ndarray]
@@ -318,38 +233,45 @@ class _Problem:
 
   @property
   def active(self) -> list[str]:
-    return [f for f in ('flops', 'params') if self.budgets[f] is not None]
+    return [f for f in COSTS if self.budgets[f] is not None]
 
 
-def _problem(ratings: ratings_lib.Ratings, max_flops: int | None, max_params: int | None, top_k: int) -> _Problem:
-  cands = _candidates(ratings, _score_scale(ratings), top_k)
+def _problem(ratings: ratings_lib.Ratings, budgets: dict[str, int | None], top_k: int) -> _Problem:
+  budgets = {f: None if budgets.get(f) is None else budgets[f] - getattr(ratings, f'fixed_{f}') for f in COSTS}
+  active = [f for f in COSTS if budgets[f] is not None]
+  cands = _candidates(
+    ratings, _score_scale(ratings), top_k, ['flops', 'params'] + (['latency'] * ('latency' in active))
+  )
   widths = _widths(ratings.space)
-  budgets = {
-    'flops': None if max_flops is None else max_flops - ratings.fixed_flops,
-    'params': None if max_params is None else max_params - ratings.fixed_params,
-  }
-  active = [f for f in ('flops', 'params') if budgets[f] is not None]
-  fronts = {f: _suffix_fronts(cands, widths, f, budgets[f]) for f in active}
-  joint = _joint_table(cands, widths, [budgets[f] for f in active], GRID_2D) if len(active) == 2 else None
+  fronts = {f: search_bounds.suffix_fronts(cands, widths, f, budgets[f]) for f in active}
+  both = budgets['flops'] is not None and budgets['params'] is not None
+  joint = search_bounds.joint_table(cands, widths, [budgets['flops'], budgets['params']], GRID_2D) if both else None
   return _Problem(
     cands,
     widths,
     budgets,
-    _suffix_min(cands, widths, 'score'),
-    _suffix_min(cands, widths, 'flops'),
-    _suffix_min(cands, widths, 'params'),
+    search_bounds.suffix_min(cands, widths, 'score'),
+    search_bounds.suffix_min(cands, widths, 'flops'),
+    search_bounds.suffix_min(cands, widths, 'params'),
     fronts,
     joint,
   )
 
 
 def _children(
-  problem: _Problem, m: int, wi: int, score: np.ndarray, flops: np.ndarray, params: np.ndarray, upper: float = np.inf
+  problem: _Problem,
+  m: int,
+  wi: int,
+  score: np.ndarray,
+  flops: np.ndarray,
+  params: np.ndarray,
+  latency: np.ndarray,
+  upper: float = np.inf,
 ):
   """The children in block m of nodes entering it at width index wi (costs exclude the fixed part).
 
-  Returns (node, lb_score, lb_flops, lb_params, score, flops, params, nxt, cell, path, row): the
-  children of each node contiguous and sorted by priority, leaving out those that cannot fit the
+  Returns (node, lb_score, lb_flops, lb_params, score, flops, params, latency, nxt, cell, path, row):
+  the children of each node contiguous and sorted by priority, leaving out those that cannot fit the
   budgets or whose score bound exceeds `upper`.
   """
   c = problem.cands[m][problem.widths[m][wi]]
@@ -361,10 +283,11 @@ def _children(
     picks.append(rows.start + np.arange(len(node)) - np.repeat(np.cumsum(count) - count, count))
   node, pick = np.concatenate(nodes), np.concatenate(picks)
   s2, f2, p2 = score[node] + c.score[pick], flops[node] + c.flops[pick], params[node] + c.params[pick]
+  l2 = latency[node] + c.latency[pick]
   nxt = c.nxt[pick]
   lb_s = s2 + problem.min_score[m + 1][nxt]
   for field in problem.active:
-    left = problem.budgets[field] - (f2 if field == 'flops' else p2)
+    left = problem.budgets[field] - {'flops': f2, 'params': p2, 'latency': l2}[field]
     bound = np.full(len(s2), np.inf)
     for o, _ in c.groups:
       front = problem.fronts[field][m + 1].get(problem.widths[m + 1][o])
@@ -374,16 +297,16 @@ def _children(
         bound[at] = np.where(index >= 0, front[1][np.maximum(index, 0)], np.inf)
     lb_s = np.maximum(lb_s, s2 + bound)
     keep = np.flatnonzero(np.isfinite(lb_s) & (lb_s <= upper))  # inf: the rest cannot fit the budget
-    node, pick, s2, f2, p2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, nxt, lb_s))
+    node, pick, s2, f2, p2, l2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, l2, nxt, lb_s))
   if problem.joint is not None:
     tables, slack, rest_low = problem.joint
     index = [nxt]
-    for i, field in enumerate(problem.active):
-      rest = problem.budgets[field] - (f2 if field == 'flops' else p2) - rest_low[i][m + 1]
+    for i, spent in enumerate((f2, p2)):
+      rest = problem.budgets[('flops', 'params')[i]] - spent - rest_low[i][m + 1]
       index.append(np.clip(rest * GRID_2D // max(slack[i], 1), 0, GRID_2D))
     lb_s = np.maximum(lb_s, s2 + tables[m + 1][tuple(index)])
   keep = np.flatnonzero(lb_s <= upper)
-  node, pick, s2, f2, p2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, nxt, lb_s))
+  node, pick, s2, f2, p2, l2, nxt, lb_s = (a[keep] for a in (node, pick, s2, f2, p2, l2, nxt, lb_s))
   lb_f = f2 + problem.min_flops[m + 1][nxt]
   lb_p = p2 + problem.min_params[m + 1][nxt]
   order = np.lexsort((c.path[pick], c.cell[pick], lb_p, lb_f, lb_s, node))
@@ -396,6 +319,7 @@ def _children(
     s2[order],
     f2[order],
     p2[order],
+    l2[order],
     nxt[order],
     c.cell[pick],
     c.path[pick],
@@ -405,24 +329,54 @@ def _children(
 
 def _upper_bound(problem: _Problem, top_k: int, width: int = BEAM) -> float:
   """Score of the k-th best of some k distinct feasible nets (a beam search), or inf if it finds fewer."""
-  nodes = (np.zeros(1), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+  nodes = (np.zeros(1), *(np.zeros(1, np.int64) for _ in range(4)))  # score, flops, params, latency, width
   for m in range(len(problem.cands)):
-    parts = [_children(problem, m, wi, *(a[nodes[3] == wi] for a in nodes[:3])) for wi in np.unique(nodes[3])]
-    lb_s, lb_f, lb_p, s, f, p, nxt = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3, 4, 5, 6, 7))
+    parts = [_children(problem, m, wi, *(a[nodes[4] == wi] for a in nodes[:4])) for wi in np.unique(nodes[4])]
+    lb_s, lb_f, lb_p, s, f, p, lat, nxt = (np.concatenate([part[j] for part in parts]) for j in range(1, 9))
     best = np.lexsort((lb_p, lb_f, lb_s))[: width if m < len(problem.cands) - 1 else top_k]
-    nodes = (s[best], f[best], p[best], nxt[best])
+    nodes = (s[best], f[best], p[best], lat[best], nxt[best])
   return float(nodes[0][-1]) if len(nodes[0]) == top_k else np.inf
 
 
+def _check_pruning(ratings: ratings_lib.Ratings, top_k: int, latency: bool) -> None:
+  """Adaptively rated tables answer exactly only within what their pruning assumed."""
+  if not ratings.pruned_for_top_k:
+    return
+  where = ratings.directory or 'these ratings'
+  if top_k > ratings.pruned_for_top_k:
+    raise ValueError(
+      f'{where} were rated adaptively for the top {ratings.pruned_for_top_k} nets; top_k={top_k} needs paths '
+      'it stopped rating early: ask for fewer, or rate again with --config.rate.keep (or rate.adaptive=False)'
+    )
+  if latency:
+    raise ValueError(
+      f'{where} were rated adaptively, pruning on FLOPs and params: a latency budget needs exhaustive '
+      'ratings (--config.rate.adaptive=False)'
+    )
+
+
 def search(
-  ratings: ratings_lib.Ratings, max_flops: int | None = None, max_params: int | None = None, top_k: int = 1
+  ratings: ratings_lib.Ratings,
+  max_flops: int | None = None,
+  max_params: int | None = None,
+  top_k: int = 1,
+  max_latency_ms: float | None = None,
 ) -> list[Result]:
-  """The `top_k` nets of lowest summed score within the budgets, best first (exact; see module doc)."""
+  """The `top_k` nets of lowest summed score within the budgets, best first (exact; see module doc).
+
+  `max_latency_ms` needs ratings with a latency table (latency_table.with_latency).
+  """
   if top_k < 1:
     raise ValueError(f'top_k must be >= 1, got {top_k}')
-  _check_budget(ratings, max_flops, 'flops', 'max_flops')
-  _check_budget(ratings, max_params, 'params', 'max_params')
-  problem = _problem(ratings, max_flops, max_params, top_k)
+  budgets = {
+    'flops': max_flops,
+    'params': max_params,
+    'latency': None if max_latency_ms is None else round(max_latency_ms * 1e6),
+  }
+  for field, budget in budgets.items():
+    _check_budget(ratings, budget, field)
+  _check_pruning(ratings, top_k, budgets['latency'] is not None)
+  problem = _problem(ratings, budgets, top_k)
   upper = _upper_bound(problem, top_k)
   last = len(problem.cands) - 1
   # Best-first search. An expansion holds the sorted children of one node; the heap holds, per
@@ -438,19 +392,19 @@ def search(
     heapq.heappush(heap, (lb_s[i].item(), lb_f[i].item(), lb_p[i].item(), key + (cell[i].item(), path[i].item()), e, i))
 
   def expand(m: int, nodes: list[tuple]) -> None:
-    """nodes: (score, flops, params, width index, key, rows) entering block m."""
-    for wi in sorted({node[3] for node in nodes}):
-      same = [node for node in nodes if node[3] == wi]
+    """nodes: (score, flops, params, latency, width index, key, rows) entering block m."""
+    for wi in sorted({node[4] for node in nodes}):
+      same = [node for node in nodes if node[4] == wi]
       step = max(1, _CHUNK // len(problem.cands[m][problem.widths[m][wi]].score))
       for group in (same[lo : lo + step] for lo in range(0, len(same), step)):
-        arrays = _children(problem, m, wi, *(np.array([node[j] for node in group]) for j in range(3)), upper)
+        arrays = _children(problem, m, wi, *(np.array([node[j] for node in group]) for j in range(4)), upper)
         bounds = np.searchsorted(arrays[0], np.arange(len(group) + 1))
         for j, node in enumerate(group):
           if bounds[j] < bounds[j + 1]:
-            expansions.append((tuple(a[bounds[j] : bounds[j + 1]] for a in arrays), m, node[5]))
-            push(len(expansions) - 1, 0, node[4])
+            expansions.append((tuple(a[bounds[j] : bounds[j + 1]] for a in arrays), m, node[6]))
+            push(len(expansions) - 1, 0, node[5])
 
-  expand(0, [(0.0, 0, 0, 0, (), ())])
+  expand(0, [(0.0, 0, 0, 0, 0, (), ())])
   batch_size = 1
   while heap and len(found) < top_k:
     pending: dict[int, list] = {}
@@ -461,24 +415,21 @@ def search(
       _, _, _, key, e, i = heapq.heappop(heap)
       if i + 1 < len(children[0]):
         push(e, i + 1, key[:-2])
-      chosen = rows + (int(children[10][i]),)
+      chosen = rows + (int(children[11][i]),)
       if m == last:
         found.append(chosen)
         if len(found) == top_k:
           break
       else:
         pending.setdefault(m + 1, []).append(
-          (children[4][i], children[5][i], children[6][i], int(children[7][i]), key, chosen)
+          (*(children[j][i] for j in (4, 5, 6, 7)), int(children[8][i]), key, chosen)
         )
     for m, nodes in pending.items():
       expand(m, nodes)
     batch_size = min(2 * batch_size, 512)
-  if not found:  # only possible with both budgets: each alone was checked above
-    raise ValueError(
-      f'no architecture of the space meets both max_flops={max_flops} and max_params={max_params} '
-      f'(each alone is achievable: minimum FLOPs {_raw_minimum(ratings, "flops"):,}, minimum '
-      f'params {_raw_minimum(ratings, "params"):,})'
-    )
+  if not found:  # only possible with several budgets: each alone was checked above
+    given = ', '.join(f'max_{f}={b}' for f, b in budgets.items() if b is not None)
+    raise ValueError(f'no architecture of the space meets every budget at once ({given}); each alone is achievable')
   return [_result(ratings, rows) for rows in found]
 
 
@@ -489,6 +440,7 @@ def _result(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> Result:
   total = lambda field: (
     getattr(ratings, f'fixed_{field}') + sum(int(getattr(b, field)[r]) for b, r in zip(ratings.blocks, rows))
   )
+  latency = total('latency') / 1e6 if ratings.blocks[0].latency is not None else None
   return Result(
     arch,
     float(sum(block_scores)),
@@ -498,6 +450,7 @@ def _result(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> Result:
     choices,
     block_scores,
     tuple(int(r) for r in rows),
+    latency,
   )
 
 
@@ -505,24 +458,26 @@ def _result(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> Result:
 
 
 def pareto_front(ratings: ratings_lib.Ratings, cost: str = 'flops') -> tuple[np.ndarray, np.ndarray]:
-  """Exact front of summed score against total `cost` ('flops' or 'params') over the whole space.
+  """Exact front of summed score against total `cost` ('flops', 'params' or, with a latency table,
+  'latency' in ns) over the whole space.
 
   Returns (costs, scores): every total cost at which the best achievable score improves, costs
   increasing (fixed part included), scores strictly decreasing.
   """
-  if cost not in ('flops', 'params'):
-    raise ValueError(f"cost must be 'flops' or 'params', got {cost!r}")
+  if cost not in COSTS or (cost == 'latency' and ratings.blocks[0].latency is None):
+    raise ValueError(f"cost must be 'flops', 'params' or (with a latency table) 'latency', got {cost!r}")
+  _check_pruning(ratings, 1, cost == 'latency')
   scale = _score_scale(ratings)
   widths = _widths(ratings.space)
-  cands = _candidates(ratings, scale, 1)  # keeps every (cost, score) value of each group's front
+  cands = _candidates(ratings, scale, 1, (cost,))  # keeps every (cost, score) value of each group's front
   front = {widths[0][0]: (np.array([getattr(ratings, f'fixed_{cost}')], np.int64), np.zeros(1))}
   for m, per_width in enumerate(cands):
     groups = []
     for w_in, c in per_width.items():
       for o, at in c.groups:
-        groups.append((w_in, widths[m + 1][o], *_skyline(getattr(c, cost)[at], c.score[at])))
-    front = _merge(front, groups)
-  costs, scores = _skyline(
+        groups.append((w_in, widths[m + 1][o], *search_bounds.skyline(getattr(c, cost)[at], c.score[at])))
+    front = search_bounds.merge(front, groups)
+  costs, scores = search_bounds.skyline(
     np.concatenate([c for c, _ in front.values()]), np.concatenate([s for _, s in front.values()])
   )
   return costs, scores / scale

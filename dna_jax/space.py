@@ -87,27 +87,62 @@ class Cell:
 
   The first layer carries `stride`. In the child net every layer outputs `width`;
   in the distillation supernet the last layer outputs the teacher's width instead.
+  `pinned` fixes the op of some layers (one op index or None per layer; () pins none):
+  a pinned layer is trained, rated and searched with its one op only (the authors fixed
+  block 6 to k3e6 so).
   """
 
   layers: int
   width: int
   stride: int
+  pinned: tuple[int | None, ...] = ()
 
   def __post_init__(self):
     if self.layers < 1 or self.width < 1 or self.stride not in (1, 2):
       raise ValueError(f'invalid cell {self}: need layers >= 1, width >= 1, stride 1 or 2')
+    if self.pinned and (
+      len(self.pinned) != self.layers or any(op is not None and not 0 <= op < NUM_OPS for op in self.pinned)
+    ):
+      raise ValueError(f'cell {self.layers}@{self.width}: pinned must give one op index or None per layer')
+    if self.pinned and all(op is None for op in self.pinned):
+      object.__setattr__(self, 'pinned', ())
 
   @property
   def name(self) -> str:
-    return f'{self.layers}@{self.width}'
+    if not self.pinned:
+      return f'{self.layers}@{self.width}'
+    return f'{self.layers}@{self.width}=' + '-'.join('*' if op is None else OP_NAMES[op] for op in self.pinned)
+
+  def layer_ops(self, l: int) -> tuple[int, ...]:
+    """The op indices layer l may take."""
+    if self.pinned and self.pinned[l] is not None:
+      return (self.pinned[l],)
+    return tuple(range(NUM_OPS))
 
   @property
   def num_paths(self) -> int:
-    return NUM_OPS**self.layers
+    return math.prod(len(self.layer_ops(l)) for l in range(self.layers))
 
   def paths(self) -> Iterator[tuple[int, ...]]:
     """Every path of this cell in lexicographic order of op indices."""
-    return itertools.product(range(NUM_OPS), repeat=self.layers)
+    return itertools.product(*(self.layer_ops(l) for l in range(self.layers)))
+
+  def allows(self, ops: Sequence[int]) -> bool:
+    """True when `ops` is a path of this cell."""
+    return len(ops) == self.layers and all(op in self.layer_ops(l) for l, op in enumerate(ops))
+
+  def path_index(self, ops: Sequence[int]) -> int:
+    """Position of `ops` in `paths()` order."""
+    index = 0
+    for l, op in enumerate(ops):
+      allowed = self.layer_ops(l)
+      index = index * len(allowed) + allowed.index(int(op))
+    return index
+
+  @property
+  def shape(self) -> Cell:
+    """The cell without pinned ops: what an architecture's block is."""
+    return Cell(self.layers, self.width, self.stride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +182,17 @@ class SearchSpace:
     return math.prod(block.num_paths for block in self.blocks)
 
   def to_dict(self) -> dict[str, Any]:
+    def cell(c: Cell) -> dict[str, Any]:
+      record = {'layers': c.layers, 'width': c.width, 'stride': c.stride}
+      if c.pinned:  # only then: spaces without pins keep the record they always had
+        record['pinned'] = [None if op is None else OP_NAMES[op] for op in c.pinned]
+      return record
+
     return {
       'stem_width': self.stem_width,
       'ds_width': self.ds_width,
       'head_width': self.head_width,
-      'blocks': [
-        {'teacher_width': b.teacher_width, 'cells': [dataclasses.asdict(c) for c in b.cells]} for b in self.blocks
-      ],
+      'blocks': [{'teacher_width': b.teacher_width, 'cells': [cell(c) for c in b.cells]} for b in self.blocks],
     }
 
   @classmethod
@@ -162,7 +201,15 @@ class SearchSpace:
     try:
       blocks = []
       for block in data['blocks']:
-        cells = tuple(Cell(int(c['layers']), int(c['width']), int(c['stride'])) for c in block['cells'])
+        cells = tuple(
+          Cell(
+            int(c['layers']),
+            int(c['width']),
+            int(c['stride']),
+            tuple(None if op is None else op_index(op) for op in c.get('pinned', ())),
+          )
+          for c in block['cells']
+        )
         blocks.append(Block(cells, int(block['teacher_width'])))
     except (KeyError, TypeError) as e:
       raise ValueError(
@@ -177,13 +224,28 @@ class SearchSpace:
     )
 
 
+def _cell(spec: str, stride: int) -> Cell:
+  """'3@24' (every op free), '1@320=k3e6' (every layer pinned to k3e6) or '3@24=*-*-k3e6' (per layer)."""
+  shape, _, pins = spec.partition('=')
+  layers, width = shape.split('@')
+  pinned: tuple[int | None, ...] = ()
+  if pins:
+    names = pins.split('-')
+    if len(names) == 1:
+      names = names * int(layers)
+    if len(names) != int(layers):
+      raise ValueError(f'cell {spec!r}: give one op for every layer or {layers} ops (* for a free layer)')
+    pinned = tuple(None if name == '*' else op_index(name) for name in names)
+  return Cell(int(layers), int(width), stride, pinned)
+
+
 def _cells(spec: str, stride: int) -> tuple[Cell, ...]:
-  """'2@24,3@24' -> cells."""
-  return tuple(Cell(int(l), int(w), stride) for l, w in (c.split('@') for c in spec.split(',')))
+  """'2@24,3@24,1@32=k3e6' -> cells."""
+  return tuple(_cell(c.strip(), stride) for c in spec.split(','))
 
 
-def default_imagenet_space() -> SearchSpace:
-  """DNA's ImageNet space, cut at EfficientNet-B7 stages 2..7."""
+def default_imagenet_space(block6: str = '1@320=k3e6') -> SearchSpace:
+  """DNA's ImageNet space, cut at EfficientNet-B7 stages 2..7; block 6 pinned to k3e6 as the authors did."""
   return SearchSpace(
     (
       Block(_cells('2@24,3@24', 2), 48),
@@ -191,7 +253,7 @@ def default_imagenet_space() -> SearchSpace:
       Block(_cells('2@80,3@80,4@80', 2), 160),
       Block(_cells('3@112,4@96,4@112', 1), 224),
       Block(_cells('4@192,5@160,5@192', 2), 384),
-      Block(_cells('1@320', 1), 640),
+      Block(_cells(block6, 1), 640),
     )
   )
 
@@ -308,9 +370,10 @@ def locate(space: SearchSpace, arch: Architecture) -> tuple[int, ...] | None:
     return None
   found = []
   for choice, block in zip(arch.blocks, space.blocks):
-    if choice.cell not in block.cells:
+    matches = [c for c, cell in enumerate(block.cells) if cell.shape == choice.cell.shape and cell.allows(choice.ops)]
+    if not matches:
       return None
-    found.append(block.cells.index(choice.cell))
+    found.append(matches[0])
   return tuple(found)
 
 
@@ -318,7 +381,7 @@ def make_architecture(space: SearchSpace, choices: Sequence[tuple[int, Sequence[
   """Architecture from (cell index, ops) per block of `space`."""
   if len(choices) != len(space.blocks):
     raise ValueError(f'space has {len(space.blocks)} blocks, got {len(choices)} choices')
-  blocks = tuple(BlockChoice(block.cells[c], tuple(ops)) for block, (c, ops) in zip(space.blocks, choices))
+  blocks = tuple(BlockChoice(block.cells[c].shape, tuple(ops)) for block, (c, ops) in zip(space.blocks, choices))
   return Architecture(blocks, space.stem_width, space.ds_width, space.head_width)
 
 
@@ -400,7 +463,11 @@ def load_architecture(name_or_path: str) -> Architecture:
   )
 
 
-NAMED_SPACES = {'imagenet': default_imagenet_space}
+NAMED_SPACES = {
+  'imagenet': default_imagenet_space,
+  # Block 6 searched too (the published nets' budgets assume it fixed to k3e6).
+  'imagenet_free6': lambda: default_imagenet_space(block6='1@320'),
+}
 
 
 def parse_space(blocks: str, stem_width: int = 32, ds_width: int = 16, head_width: int = 1280) -> SearchSpace:
@@ -408,6 +475,7 @@ def parse_space(blocks: str, stem_width: int = 32, ds_width: int = 16, head_widt
 
   '2 48 2@24,3@24; 2 80 2@40' is two blocks: stride 2 cut at a 48-wide teacher stage with
   cells of 2 and 3 layers at 24 channels, then stride 2, teacher 80, one 2-layer cell at 40.
+  A cell may pin ops: '1@320=k3e6' (every layer), '3@24=*-*-k3e6' (the last layer only).
   """
   if blocks in NAMED_SPACES:
     named = NAMED_SPACES[blocks]()

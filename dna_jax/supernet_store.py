@@ -19,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from dna_jax import checkpoints
+from dna_jax import images as images_lib
 from dna_jax import workdir as workdir_lib
 from dna_jax.models import supernet
 
@@ -32,6 +33,17 @@ class BlockState(struct.PyTreeNode):
   params: dict[str, Any]
   batch_stats: dict[str, Any]
   opt_state: Any
+
+
+def student_normalization(config: Any) -> tuple[str, str] | None:
+  """(data's, model's) normalization when block 1 of the supernet must convert its images, else None.
+
+  The teacher reads images as the data holds them (data.normalization); the student, like the child
+  net it becomes, reads model.normalization.
+  """
+  source = images_lib.check_normalization(config.data.normalization, 'data.normalization')
+  target = images_lib.check_normalization(config.model.normalization, 'model.normalization')
+  return None if source == target else (source, target)
 
 
 def kernel_mask(params: Any) -> Any:

@@ -16,6 +16,7 @@ normalise inside, as Keras does (the input pipeline's normalization='raw' feeds 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import json
 import os
 from typing import Any
@@ -164,21 +165,39 @@ def teacher_features(
   images: Array,
   up_to: int | None = None,
   train_mode_bn: bool = False,
+  mask: Array | None = None,
 ) -> dict[str, Array]:
   """Teacher features of `images` without gradients; pure, usable inside jit/pmap/shard_map.
 
   Inference mode by default (BN running statistics, no dropout or drop-connect). `train_mode_bn`
-  reproduces the authors' choice: BatchNorm normalises with the batch's own statistics (per device),
-  running statistics are not updated, still no dropout or drop-connect. `up_to=k` stops after DNA
-  block k (no wasted compute).
+  reproduces the authors' distillation: BatchNorm normalises with the batch's own statistics (per
+  device inside pmap/shard_map), counting only the examples `mask` (N,) marks, so that padding never
+  changes a statistic; running statistics are not updated. `up_to=k` stops after DNA block k.
   """
   model = model.clone(up_to=up_to, dropout_rate=0.0, drop_connect_rate=0.0)
   variables = jax.lax.stop_gradient(variables)
   if train_mode_bn:
-    (_, features), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    (_, features), _ = model.apply(variables, images, train=True, mask=mask, mutable=['batch_stats'])
   else:
     _, features = model.apply(variables, images, train=False)
   return jax.lax.stop_gradient(features)
+
+
+def recalibrated(
+  model: efficientnet.EfficientNet, variables: Mapping[str, Any], images: Array, up_to: int | None = None
+) -> dict[str, Any]:
+  """`variables` with every BatchNorm's running statistics replaced by those of `images`.
+
+  The authors' rating teacher: its BatchNorm recalibrated on the calibration batch (their `reset_bn_eval`),
+  then run in inference mode. Statistics are over the whole batch as jit sees it (every device).
+  """
+  conventions = dataclasses.replace(model.conventions, bn_momentum=0.0)
+  model = model.clone(up_to=up_to, dropout_rate=0.0, drop_connect_rate=0.0, conventions=conventions)
+  _, updates = model.apply(jax.lax.stop_gradient(variables), images, train=True, mutable=['batch_stats'])
+  stats = flax.core.unfreeze(variables['batch_stats'])
+  merged = flax.traverse_util.flatten_dict(stats)
+  merged.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(updates['batch_stats'])))
+  return {**variables, 'batch_stats': flax.traverse_util.unflatten_dict(merged)}
 
 
 def load_for_run(config: Any, workdir: str) -> tuple[efficientnet.EfficientNet, dict[str, Any]]:

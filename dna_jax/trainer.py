@@ -115,9 +115,10 @@ def create_optimizer(tc: ml_collections.ConfigDict, learning_rate_fn: optax.Sche
   raise ValueError(f"optimizer must be 'rmsprop', 'sgd' or 'adam', got {tc.optimizer!r}")
 
 
-def ema_decay_at(step: Array, decay: float) -> Array:
-  """TF ExponentialMovingAverage with num_updates: min(decay, (1 + step) / (10 + step))."""
-  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+def ema_decay_at(step: Array, decay: float, warmup: bool = True) -> Array:
+  """TF ExponentialMovingAverage with num_updates: min(decay, (1 + step) / (10 + step)); `warmup=False`:
+  the constant decay of timm's ModelEma (the authors' retraining script)."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else jnp.asarray(decay, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- per-device steps
@@ -146,10 +147,14 @@ def train_step(
   label_smoothing: float,
   ema_decay: float,
   normalization: tuple[str, str] | None = None,
+  ema_warmup: bool = True,
+  per_device_batch_stats: bool = False,
 ) -> tuple[TrainState, dict[str, Array]]:
   """One per-device step (named axis `parallel.AXIS`); state in and out identical on every device.
 
   `normalization` (source, target) converts the images first (see `images.normalize`).
+  `per_device_batch_stats`: the model's BatchNorm normalises each device's examples alone (PyTorch
+  DDP's); the running statistics are then averaged over devices after the step.
   """
   rng = jax.random.fold_in(jax.random.fold_in(state.dropout_rng, state.step), parallel.device_index())
   batch_images = _convert(batch['image'], normalization)
@@ -166,8 +171,10 @@ def train_step(
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(parallel.varying(state.params))
   grads = lax.pmean(grads, parallel.AXIS)
+  if per_device_batch_stats:
+    batch_stats = lax.pmean(batch_stats, parallel.AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  decay = ema_decay_at(state.step, ema_decay)
+  decay = ema_decay_at(state.step, ema_decay, ema_warmup)
   average = lambda ema, new: jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, ema, new)
   new_state = new_state.replace(
     ema_params=average(state.ema_params, new_state.params),
@@ -439,6 +446,8 @@ def train_and_evaluate(
       label_smoothing=tc.label_smoothing,
       ema_decay=tc.ema_decay,
       normalization=normalization,
+      ema_warmup=tc.ema_warmup,
+      per_device_batch_stats=getattr(model, 'bn_axis_name', parallel.AXIS) is None,
     ),
     mode,
     donate_state=mode == 'shard_map',

@@ -11,6 +11,7 @@
   search/arch_K.json, pareto.png
   retrain/checkpoints/, best/, final/, tb/, results.json, evaluation.json
   fidelity/picked.json, runs/I_seedS/, fidelity.{csv,json,png}, tb/
+  versus_random/picked.json, runs/I_seedS/, runs.csv, summary.json, versus_random.png, tb/
   export/model.tflite, export/saved_model/
 
 Block numbers in names are 1-based; the functions take 0-based block indices. Works for gs:// too.
@@ -125,11 +126,15 @@ class Workdir:
   def fidelity(self) -> epath.Path:
     return self.root / 'fidelity'
 
+  @property
+  def versus_random(self) -> epath.Path:
+    return self.root / 'versus_random'
+
   # export stage
   def export(self, format: str) -> epath.Path:
     return self.root / 'export' / ('model.tflite' if format == 'tflite' else 'saved_model')
 
 
 def study_run(study: epath.Path, index: int, seed: int) -> epath.Path:
-  """One training run of a study (fidelity): runs/INDEX_seedSEED."""
+  """One training run of a study (fidelity, versus_random): runs/INDEX_seedSEED."""
   return study / 'runs' / f'{index}_seed{seed}'

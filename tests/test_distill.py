@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dna_jax import config_base
+from dna_jax import images as images_lib
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -76,7 +77,7 @@ def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher, monkeypatch):
   # (seed=1 gives this run its own compiled step, traced with the fixed path.)
   config = make_config(learning_rates='0.05')
   config.seed = 1
-  monkeypatch.setattr(distill, 'sample_path', lambda rng, step, n, sampling: jnp.zeros((n,), jnp.int32))
+  monkeypatch.setattr(distill, 'sample_path', lambda rng, step, cell, sampling: jnp.zeros((cell.layers,), jnp.int32))
   image = np.random.default_rng(0).uniform(0, 255, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
   train(config, tmp_path, tiny_teacher, 12, functools.partial(fixed_batches, images=image))
   history = json.loads((tmp_path / 'distill' / 'history.json').read_text())
@@ -94,7 +95,7 @@ def test_one_compilation_serves_every_path_and_devices_differ():
   def sampled_paths(state, batch):
     traces.append(1)
     rng = jax.random.fold_in(jax.random.PRNGKey(0), parallel.device_index())
-    path = distill.sample_path(rng, state, 3, 'uniform')
+    path = distill.sample_path(rng, state, space_lib.Cell(3, 8, 1), 'uniform')
     return state, jax.lax.all_gather(path, parallel.AXIS)
 
   step = parallel.data_parallel(sampled_paths, 'pmap')
@@ -104,6 +105,16 @@ def test_one_compilation_serves_every_path_and_devices_differ():
     seen.update(tuple(map(tuple, np.asarray(paths))))
   assert len(traces) == 1
   assert len(seen) > 8  # devices and steps draw different paths
+
+
+def test_pinned_layers_always_draw_their_op():
+  cell = space_lib.parse_space('2 16 3@8=k5e6-*-k3e3').blocks[0].cells[0]
+  for sampling in ('uniform', 'fair'):
+    paths = np.stack(
+      [np.asarray(distill.sample_path(jax.random.PRNGKey(s), jnp.int32(s), cell, sampling)) for s in range(24)]
+    )
+    assert set(paths[:, 0]) == {space_lib.op_index('k5e6')} and set(paths[:, 2]) == {space_lib.op_index('k3e3')}
+    assert set(paths[:, 1]) == set(range(6))  # the free layer still draws every op
 
 
 def test_fair_sampling_draws_every_op_once_per_cycle():
@@ -227,7 +238,7 @@ def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
 
 def _with_fixed_path(step, states, batch, teacher_variables):
   original = distill.sample_path
-  distill.sample_path = lambda rng, s, n, sampling: jnp.zeros((n,), jnp.int32)
+  distill.sample_path = lambda rng, s, cell, sampling: jnp.zeros((cell.layers,), jnp.int32)
   try:
     return step(states, batch, teacher_variables)
   finally:
@@ -245,3 +256,43 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
   state, meta = restore_block(config, tmp_path, 3, tiny_teacher)
   assert int(state.step) == 2 and meta['step'] == 2
   assert 'unreadable' in caplog.text
+
+
+def test_learning_rate_steps_before_the_first_epoch_as_the_authors_step_lr():
+  authors = distill.create_learning_rate_fn(0.01, 0.9, 10)  # offset 1: epoch 1 already at lr x 0.9
+  np.testing.assert_allclose([float(authors(s)) for s in (0, 9, 10, 25)], [0.009, 0.009, 0.0081, 0.00729], rtol=1e-6)
+  plain = distill.create_learning_rate_fn(0.01, 0.9, 10, offset=0)
+  np.testing.assert_allclose([float(plain(s)) for s in (0, 10)], [0.01, 0.009], rtol=1e-6)
+
+
+def test_block_one_reads_the_model_normalization():
+  """The teacher reads the data's images; the student's block 1 reads them converted (model.normalization)."""
+  space = space_lib.space_from_config(make_config().space)
+  cells = supernet.supernet_cells(space, stem_stride=1)
+  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  states = {'block1': supernet_store.create_block_state(jax.random.PRNGKey(1), tuple(cells[0]), IMAGE, tx)}
+  # A teacher whose targets do not depend on its input: only the student's input differs below.
+  teacher_apply = lambda variables, x: {'block1': jnp.zeros((x.shape[0], IMAGE // 2, IMAGE // 2, 16))}
+  unit = np.random.default_rng(0).uniform(0, 1, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
+
+  def step(images, normalization):
+    fn = functools.partial(
+      distill.distill_step,
+      blocks=((0, tuple(cells[0])),),
+      teacher_apply=teacher_apply,
+      optimizers={'block1': tx},
+      sampling='uniform',
+      seed=0,
+      student_normalization=normalization,
+    )
+    new, _ = parallel.data_parallel(fn, 'pmap', num_broadcast=1)(states, {'image': images}, {})
+    return jax.tree.leaves(new['block1'].params)
+
+  converted = step(unit, ('unit', 'imagenet'))
+  given = step(np.asarray(images_lib.normalize(unit, 'unit', 'imagenet')), None)
+  unconverted = step(unit, None)
+  # Adam's first step moves a parameter by about lr = 0.01 whatever its gradient; on near-zero gradients
+  # float32 rounding alone can flip that, so compare the bulk of the parameters.
+  differs = lambda xs, ys: np.mean(np.concatenate([np.abs(x - y).ravel() for x, y in zip(xs, ys)]) > 1e-3)
+  assert differs(converted, given) < 0.01
+  assert differs(converted, unconverted) > 0.05  # (only the sampled ops move at all)

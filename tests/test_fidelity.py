@@ -15,6 +15,7 @@ from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
 from dna_jax import stages
+from dna_jax import studies
 from dna_jax.stages import fidelity
 
 # 42 x 6 x 12 = 3,024 architectures; block 2 reads two input widths.
@@ -119,16 +120,16 @@ def test_study_resumes_after_kill_without_retraining(rated, tmp_path, monkeypatc
   config = study_config()
   calls = []
 
-  def fake_train(config, arch, directory, seed, kill_at=None):
+  def fake_train(config, arch, directory, seed, epochs, kill_at=None):
     """Accuracy falls with the summed score; the second seed adds 0.5 points."""
     calls.append((str(arch), seed, os.path.basename(directory)))
     if len(calls) == kill_at:
       raise Killed
-    assert fidelity.recipe(config).epochs == 2
+    assert studies.recipe(config, epochs).epochs == 2
     score = ratings_lib.architecture_rating(ratings, arch)['score']
     return {'accuracy': 90.0 - 10 * score + (0.5 if seed == 8 else 0.0)}
 
-  monkeypatch.setattr(fidelity, 'train_architecture', lambda *a: fake_train(*a, kill_at=3))
+  monkeypatch.setattr(studies, 'train_architecture', lambda *a: fake_train(*a, kill_at=3))
   with pytest.raises(Killed):
     fidelity.run(config, str(workdir))
   picked = (workdir / 'fidelity' / 'picked.json').read_text()
@@ -138,7 +139,7 @@ def test_study_resumes_after_kill_without_retraining(rated, tmp_path, monkeypatc
   (workdir / 'search').mkdir()
   (workdir / 'search' / 'arch_1.json').write_text(fidelity.pick_architectures(ratings, 3, 99)[1]['arch'].to_json())
   calls.clear()
-  monkeypatch.setattr(fidelity, 'train_architecture', fake_train)
+  monkeypatch.setattr(studies, 'train_architecture', fake_train)
   summary = fidelity.run(config, str(workdir))
   assert (workdir / 'fidelity' / 'picked.json').read_text() == picked
   archs = [record['arch'] for record in json.loads(picked)['archs']]
@@ -196,6 +197,6 @@ def test_configs_fit_the_workdir_of_their_search(name, base):
 def test_command_line_reads_the_config_the_pipeline_saved(tmp_path):
   config = load_config('demo_fidelity')
   stages.check_workdir(config, str(tmp_path))
-  assert fidelity.saved_config(str(tmp_path)).to_dict() == config.to_dict()
+  assert config_base.saved_config(str(tmp_path)).to_dict() == config.to_dict()
   with pytest.raises(FileNotFoundError, match='pass --config'):
-    fidelity.saved_config(str(tmp_path / 'other'))
+    config_base.saved_config(str(tmp_path / 'other'))

@@ -4,10 +4,8 @@ Written for any number of local devices (tests/conftest.py simulates 8).
 """
 
 import gzip
-import io
 import os
 import shutil
-import tarfile
 
 import jax
 import numpy as np
@@ -22,41 +20,15 @@ from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import prepare_data
 
-_CLASSES = ('n01440764', 'n01443537', 'n01484850')  # imagenet2012 labels 0-2.
+from helpers import tiny_imagenet
+
 _PER_CLASS, _VAL = 8, 6
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
-def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
-  pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-  return tf.io.encode_jpeg(pixels).numpy()
 
 
 @pytest.fixture(scope='module')
 def imagenet_dir(tmp_path_factory) -> str:
   """A real imagenet2012 prepared by tfds from tiny hand-made tars."""
-  root = tmp_path_factory.mktemp('imagenet')
-  manual = root / 'manual'
-  manual.mkdir()
-  rng = np.random.default_rng(0)
-  with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as outer:
-    for name in _CLASSES:
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode='w') as tar:
-        for i in range(_PER_CLASS):
-          _add(tar, f'{name}_{i}.JPEG', _jpeg(rng, 30, 40))
-      _add(outer, f'{name}.tar', inner.getvalue())
-  with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as tar:
-    for i in range(_VAL):
-      _add(tar, f'ILSVRC2012_val_{i + 1:08d}.JPEG', _jpeg(rng, 40, 30))
-  data_dir = str(root / 'data')
-  prepare_data.prepare('imagenet2012', data_dir, manual_dir=str(manual))
-  return data_dir
+  return tiny_imagenet.make(str(tmp_path_factory.mktemp('imagenet')), _PER_CLASS, _VAL)
 
 
 def _config(data_dir=None, **overrides):
@@ -178,7 +150,7 @@ def test_rate_split_is_held_out(imagenet_dir):
   calib = input_pipeline.create_split(_config(imagenet_dir, calib_examples=8), 'calib', 8)
   calib_ids = _ids([next(calib), next(calib)])
   assert set(calib_ids) <= train_ids and len(set(calib_ids)) == 8
-  with pytest.raises(ValueError, match='calib_examples=4 gives 4 examples'):
+  with pytest.raises(ValueError, match='calib_examples=4 is less than the calibration batch of 8'):
     input_pipeline.create_split(config, 'calib', 8)
   labels = np.concatenate(
     [_flat(rate, 'label')[_flat(rate, 'mask') > 0], _flat(train, 'label')[_flat(train, 'mask') > 0]]
@@ -236,6 +208,34 @@ def test_random_erasing_fills_one_box(imagenet_dir):
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert 0.02 * 256 - 1 <= box <= 256 / 3 + 32  # Rounded sides.
     assert mask.sum() >= 0.9 * box  # A filled rectangle.
+
+
+def test_random_erasing_with_the_authors_normal_noise(imagenet_dir):
+  plain = _flat([next(input_pipeline.create_split(_config(imagenet_dir), 'train', 8))], 'image')
+  config = _config(imagenet_dir, random_erasing=1.0, random_erasing_mode='normal', normalization='imagenet')
+  erased = _flat([next(input_pipeline.create_split(config, 'train', 8))], 'image')
+  plain = images_lib.normalize(plain, 'raw', 'imagenet')
+  noise = erased[(erased != plain).any(-1)]  # erased pixels, in ImageNet-normalised units: N(0, 1)
+  assert len(noise) > 50 and abs(noise.mean()) < 0.3 and 0.8 < noise.std() < 1.2
+  assert noise.min() < 0 and noise.max() > 2.0  # unclipped, unlike 0..255 uniform noise
+
+
+def test_random_interpolation_uses_bilinear_and_bicubic(imagenet_dir):
+  def batch(**overrides):
+    return _flat([next(input_pipeline.create_split(_config(imagenet_dir, **overrides), 'train', 16))], 'image')
+
+  bilinear, bicubic = batch(train_resize_method='bilinear'), batch(train_resize_method='bicubic')
+  mixed = batch(train_resize_method='random')
+  same_as = [(m == b).all() for m, b in zip(mixed, bilinear)], [(m == c).all() for m, c in zip(mixed, bicubic)]
+  assert all(x or y for x, y in zip(*same_as)) and any(same_as[0]) and any(same_as[1])
+  assert not np.array_equal(bilinear, bicubic)
+
+
+def test_calibration_batch_is_eval_style_or_augmented(imagenet_dir):
+  plain = next(input_pipeline.create_split(_config(imagenet_dir, calib_examples=8), 'calib', 8))
+  augmented = next(input_pipeline.create_split(_config(imagenet_dir, calib_examples=8, calib_augment=True), 'calib', 8))
+  np.testing.assert_array_equal(plain['label'], augmented['label'])  # the same images...
+  assert not np.allclose(plain['image'], augmented['image'])  # ...cropped and flipped as training images are
 
 
 def test_rand_augment_ops_on_constant_image():

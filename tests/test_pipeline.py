@@ -34,8 +34,30 @@ def test_config_files_load_and_validate(name):
   config = load_config(name)
   assert stages.validate(config)
   assert stages.validate(load_config(name, 'local'))
+  if name != 'demo':
+    assert stages.validate(load_config(name, 'authors'))
   with pytest.raises(ValueError, match='unknown config argument'):
     load_config(name, 'bogus')
+
+
+def test_authors_variants_change_what_their_docstrings_list():
+  search, authors = load_config('imagenet_b7'), load_config('imagenet_b7', 'authors')
+  assert (search.model.dtype, authors.model.dtype) == ('bfloat16', 'float32')
+  assert (search.teacher.train_mode_bn, authors.teacher.train_mode_bn) == (False, True)
+  assert (search.teacher.rating_bn, authors.teacher.rating_bn) == ('running', 'recalibrated')
+  assert (search.data.calib_augment, authors.data.calib_augment) == (False, True)
+  assert (search.rate.adaptive, authors.rate.adaptive) == (True, False)
+  for config in (search, authors):  # the authors' distillation augmentation and input, in both
+    assert (config.data.random_erasing, config.data.random_erasing_mode) == (0.5, 'normal')
+    assert config.data.train_resize_method == 'random' and config.model.normalization == 'imagenet'
+    assert config.distill.lr_decay_offset == 1 and config.space.blocks == 'imagenet'
+  for name in ('dna_a', 'dna_b', 'dna_c', 'dna_d'):
+    paper, script = load_config(name), load_config(name, 'authors')
+    assert (paper.retrain.epochs, script.retrain.epochs) == (350, 500)
+    assert (paper.retrain.weight_decay, script.retrain.weight_decay) == (1e-5, 1e-4)
+    assert (paper.model.bn_sync, script.model.bn_sync) == ('global', 'device')
+    assert script.retrain.batch_size // 8 == 128 and script.data.color_jitter == 0.06
+    assert (script.model.padding, script.model.bn_epsilon) == ('symmetric', 1e-5)
 
 
 def test_workdir_from_a_different_experiment_is_refused(tmp_path):
@@ -120,3 +142,24 @@ def test_library_info_records_are_hidden_but_warnings_and_our_own_kept():
   assert not quiet.filter(record(f'{site}/tensorflow_datasets/core/reader.py', std_logging.INFO))
   assert quiet.filter(record(f'{site}/orbax/checkpoint/checkpoint_manager.py', std_logging.WARNING))
   assert quiet.filter(record('/src/dna_jax/distill.py', std_logging.INFO))
+
+
+def test_compilation_cache_is_on_by_default_and_persists_programs(tmp_path, monkeypatch):
+  from dna_jax import main
+
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert load_config('demo').compilation_cache_dir == 'auto'
+  assert main.compilation_cache_dir('auto') == str(tmp_path / 'xdg' / 'dna_jax' / 'jax')
+  assert main.compilation_cache_dir('') is None
+  assert main.compilation_cache_dir('gs://bucket/cache') == 'gs://bucket/cache'
+  cache = tmp_path / 'cache'
+  program = (
+    'import jax; from dna_jax import main; '
+    f'main.enable_compilation_cache({str(cache)!r}); '
+    "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); "
+    'print(float(jax.jit(lambda x: x * 2 + 1)(1.0)))'
+  )
+  for _ in range(2):  # the second process finds the program in the cache
+    out = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == '3.0', out.stderr[-2000:]
+  assert any(cache.iterdir())

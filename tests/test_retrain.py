@@ -168,6 +168,43 @@ def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
   assert not np.allclose(jax.tree.leaves(second.ema_params)[0], jax.tree.leaves(second.params)[0])
 
 
+def test_per_device_batchnorm_averages_each_devices_statistics():
+  """model.bn_sync='device' (the authors' DDP retraining): each device normalises its own examples."""
+  tc = make_config().retrain
+  lr_fn = trainer.create_learning_rate_fn(tc, 4)
+  model = make_model(axis=None)
+  state = trainer.create_train_state(jax.random.PRNGKey(2), model, IMAGE, trainer.create_optimizer(tc, lr_fn))
+  step = functools.partial(
+    trainer.train_step, learning_rate_fn=lr_fn, label_smoothing=0.1, ema_decay=0.5, per_device_batch_stats=True
+  )
+  batch = next(fixed_batches(0))
+  new, _ = parallel.data_parallel(step, 'pmap')(parallel.replicate(state, 'pmap'), batch)
+  # Running statistics: the mean over devices of what each device's 2 examples alone give.
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  per_device = [
+    model.apply(variables, batch['image'][d], train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})[
+      1
+    ]
+    for d in range(8)
+  ]
+  expected = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *[p['batch_stats'] for p in per_device])
+  assert_trees_equal(parallel.host_copy(new.batch_stats), expected, rtol=1e-4, atol=1e-5)
+  synced, _ = parallel.data_parallel(functools.partial(step, per_device_batch_stats=False), 'pmap')(
+    parallel.replicate(trainer.create_train_state(jax.random.PRNGKey(2), make_model(), IMAGE, state.tx), 'pmap'),
+    batch,
+  )
+  assert not np.allclose(jax.tree.leaves(synced.batch_stats)[1], jax.tree.leaves(new.batch_stats)[1], atol=1e-4)
+  config = make_config()
+  config.model.bn_sync = 'device'
+  assert child.child_for_training(ARCH, CLASSES, config, parallel.AXIS).bn_axis_name is None
+
+
+def test_ema_decay_with_and_without_warm_up():
+  steps = jnp.arange(4)
+  np.testing.assert_allclose(trainer.ema_decay_at(steps, 0.9998), [0.1, 2 / 11, 3 / 12, 4 / 13], rtol=1e-6)
+  np.testing.assert_allclose(trainer.ema_decay_at(steps, 0.9998, warmup=False), [0.9998] * 4, rtol=1e-7)
+
+
 def test_learning_rate_schedule_matches_efficientnet():
   tc = make_config(batch_size=512, base_learning_rate=0.016, warmup_epochs=5, lr_decay_epochs=2.4).retrain
   lr_fn = trainer.create_learning_rate_fn(tc, 10)  # peak 0.032, warm-up 50 steps, decay every 24 steps

@@ -16,16 +16,21 @@ from dna_jax.stages import search as search_stage
 RESOLUTION, NUM_CLASSES = 32, 10
 
 
+def random_cell(rng: np.random.Generator, stride: int) -> space_lib.Cell:
+  """1-2 layers; a layer pinned to one op now and then (the search must honour pins)."""
+  layers = int(rng.integers(1, 3))
+  pinned = tuple(int(rng.integers(6)) if rng.random() < 0.2 else None for _ in range(layers))
+  return space_lib.Cell(layers, int(rng.choice([8, 12, 16])), stride, pinned)
+
+
 def random_space(rng: np.random.Generator, max_archs: int = 150_000) -> space_lib.SearchSpace:
   """2-4 blocks of 1-3 cells (1-2 layers) with different widths, so the width dependency matters."""
   while True:
     blocks = []
     for _ in range(rng.integers(2, 5)):
       stride = int(rng.integers(1, 3))
-      cells = {
-        space_lib.Cell(int(rng.integers(1, 3)), int(rng.choice([8, 12, 16])), stride) for _ in range(rng.integers(1, 4))
-      }
-      blocks.append(space_lib.Block(tuple(sorted(cells, key=lambda c: (c.layers, c.width))), 16))
+      cells = {random_cell(rng, stride) for _ in range(rng.integers(1, 4))}
+      blocks.append(space_lib.Block(tuple(sorted(cells, key=lambda c: (c.layers, c.width, c.name))), 16))
     space = space_lib.SearchSpace(tuple(blocks), stem_width=8, ds_width=8, head_width=32)
     if space.num_architectures <= max_archs:
       return space
@@ -198,7 +203,7 @@ def test_incomplete_ratings_say_which_blocks(tmp_path):
   [
     (4, lambda f: f[:4] + ['oops'] + f[5:], "block_1.csv, line 4: could not convert string to float: 'oops'"),
     (3, lambda f: f[:2] + ['k9e6'] + f[3:], "block_1.csv, line 3: unknown op 'k9e6'"),
-    (5, lambda f: f[:8], 'block_1.csv, line 5: expected 9 fields'),
+    (5, lambda f: f[:8], 'block_1.csv, line 5: expected 10 fields'),
     (2, lambda f: f[:3] + ['999'] + f[4:], 'block_1.csv, line 2: in_channels 999 is not a possible input width'),
     (6, lambda f: f[:1] + ['7@7'] + f[2:], "block_1.csv, line 6: cell '7@7' is not in block 1"),
   ],
@@ -293,9 +298,56 @@ def test_stage_run_reads_config_budgets(tmp_path):
   rng = np.random.default_rng(9)
   ratings = write_random_ratings(str(tmp_path / 'ratings'), random_space(rng), rng, ties=False)
   _, _, params, _ = brute_force(ratings)
-  config = ml_collections.ConfigDict({'search': {'max_flops': 0, 'max_params': int(np.median(params)), 'top_k': 2}})
+  config = ml_collections.ConfigDict(
+    {
+      'search': {
+        'max_flops': 0,
+        'max_params': int(np.median(params)),
+        'top_k': 2,
+        'objective': 'sum',
+        'max_latency_ms': 0.0,
+        'latency_table': '',
+      }
+    }
+  )
   for _ in range(2):  # a rerun replaces its own files
     summary = search_stage.run(config, str(tmp_path))
   expected = search_lib.search(ratings, None, int(np.median(params)), 2)
   assert summary['architecture'] == str(expected[0].architecture) and summary['nets'] == 2
   assert json.loads((tmp_path / 'search' / 'arch_2.json').read_text())['string'] == str(expected[1].architecture)
+
+
+def test_the_authors_objectives_match_brute_force(tmp_path):
+  """'norm_sum' (per-block z-scores, their norm_mse) and 'product' rank every net as computed by hand."""
+  rng = np.random.default_rng(11)
+  ratings = write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
+  _, flops, _, rows = brute_force(ratings)
+  budget = int(np.median(flops))
+  feasible = flops <= budget
+  per_block_norm = []
+  for table in ratings.blocks:
+    values = table.score[table.in_channels == table.in_channels.min()]
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    per_block_norm.append(((table.score - values.mean()) / std + 2) / 4 if std else np.full(len(table.score), 0.5))
+  norm = sum(per_block_norm[k][rows[:, k]] for k in range(len(ratings.blocks)))
+  product = np.prod([ratings.blocks[k].score[rows[:, k]] for k in range(len(ratings.blocks))], axis=0)
+  for objective, value in (('norm_sum', norm), ('product', product)):
+    best = search_lib.search(ratings_lib.with_objective(ratings, objective), budget, None, top_k=3)
+    expected = np.flatnonzero(feasible)[np.argsort(value[feasible], kind='stable')[:3]]
+    np.testing.assert_allclose([value[np.flatnonzero((rows == r.rows).all(1))[0]] for r in best], value[expected])
+  assert search_lib.search(ratings_lib.with_objective(ratings, 'sum'), budget)[0].rows == tuple(rows[feasible][0])
+  with pytest.raises(ValueError, match='valid: sum, norm_sum, product'):
+    ratings_lib.with_objective(ratings, 'mean')
+
+
+def test_files_without_the_images_column_still_read(tmp_path):
+  """Ratings written before adaptive rating (9 columns) read as every path rated on every image."""
+  rng = np.random.default_rng(12)
+  write_random_ratings(str(tmp_path), random_space(rng), rng, ties=False)
+  new = ratings_lib.read_ratings(str(tmp_path))
+  for path in tmp_path.glob('block_*.csv'):
+    lines = path.read_text().splitlines()
+    path.write_text('\n'.join(line.rsplit(',', 1)[0] for line in lines) + '\n')
+  old = ratings_lib.read_ratings(str(tmp_path))
+  assert all(b.images is None and not b.pruned.any() for b in old.blocks)
+  np.testing.assert_array_equal(old.blocks[0].score, new.blocks[0].score)

@@ -43,12 +43,13 @@ def test_default_space_size_and_paths():
   space = space_lib.default_imagenet_space()
   assert [len(b.cells) for b in space.blocks] == [2, 3, 3, 3, 3, 1]
   assert [b.teacher_width for b in space.blocks] == [48, 80, 160, 224, 384, 640]
-  assert sum(b.num_paths for b in space.blocks) == 23010
-  assert (
-    space.num_architectures
-    == (36 + 216) * (36 + 216 + 1296) * (36 + 216 + 1296) * (216 + 2 * 1296) * (1296 + 2 * 7776) * 6
-    == 171411186526175232
-  )
+  # Block 6 pinned to k3e6 (the authors' search): one path.
+  assert space.blocks[-1].cells[0].name == '1@320=k3e6' and space.blocks[-1].num_paths == 1
+  assert sum(b.num_paths for b in space.blocks) == 23005
+  blocks_1_to_5 = (36 + 216) * (36 + 216 + 1296) * (36 + 216 + 1296) * (216 + 2 * 1296) * (1296 + 2 * 7776)
+  assert space.num_architectures == blocks_1_to_5 == 28568531087695872
+  free = space_lib.parse_space('imagenet_free6')
+  assert sum(b.num_paths for b in free.blocks) == 23010 and free.num_architectures == 6 * blocks_1_to_5
   paths = list(space.blocks[0].cells[0].paths())
   assert len(paths) == 36 and paths[0] == (0, 0) and paths[7] == (1, 1) and paths[-1] == (5, 5)
 
@@ -58,6 +59,26 @@ def test_named_architectures_lie_in_the_default_space():
   for name, arch in space_lib.NAMED_ARCHITECTURES.items():
     assert space_lib.locate(space, arch) is not None, name
   assert space_lib.locate(space, space_lib.NAMED_ARCHITECTURES['dna_a']) == (1, 2, 2, 1, 1, 0)
+  # block 6 with another op lies only in the space that searches block 6
+  other = space_lib.from_string(str(space_lib.NAMED_ARCHITECTURES['dna_a']).replace('320s1:k3e6', '320s1:k5e6'))
+  assert space_lib.locate(space, other) is None
+  assert space_lib.locate(space_lib.parse_space('imagenet_free6'), other) == (1, 2, 2, 1, 1, 0)
+
+
+def test_pinned_ops_parse_round_trip_and_restrict_the_paths():
+  space = space_lib.parse_space('2 16 3@8=*-k5e3-*,1@12=k3e6; 1 24 2@12')
+  cell, fixed = space.blocks[0].cells
+  assert cell.name == '3@8=*-k5e3-*' and cell.num_paths == 36 and fixed.num_paths == 1
+  assert all(ops[1] == space_lib.op_index('k5e3') for ops in cell.paths())
+  assert [cell.path_index(ops) for ops in cell.paths()] == list(range(36))
+  assert space_lib.SearchSpace.from_dict(space.to_dict()) == space
+  arch = space_lib.make_architecture(space, [(0, (2, 4, 5)), (0, (0, 1))])
+  assert arch.blocks[0].cell == space_lib.Cell(3, 8, 2) and space_lib.locate(space, arch) == (0, 0)
+  assert space_lib.locate(space, space_lib.make_architecture(space, [(0, (2, 3, 5)), (0, (0, 1))])) is None
+  # a space without pins keeps the record it always had (ratings meta.json, workdir identity)
+  assert 'pinned' not in space_lib.parse_space('2 16 1@8').to_dict()['blocks'][0]['cells'][0]
+  with pytest.raises(ValueError, match='one op for every layer'):
+    space_lib.parse_space('2 16 3@8=k3e6-k5e6')
 
 
 def test_architecture_round_trips_through_json_and_string():

@@ -115,7 +115,10 @@ def child_for_training(
   arch: space_lib.Architecture, num_classes: int, config: Any, bn_axis_name: str | None
 ) -> ChildNet:
   """The child net as a run's config trains it: conventions from config.model, dropout and drop-connect
-  from config.retrain, stem stride from config.space, BatchNorm statistics over `bn_axis_name`."""
+  from config.retrain, stem stride from config.space; BatchNorm statistics over `bn_axis_name`, or per
+  device with config.model.bn_sync='device'."""
+  if config.model.bn_sync not in ('global', 'device'):
+    raise ValueError(f"model.bn_sync={config.model.bn_sync!r}; valid: 'global', 'device'")
   rc = config.retrain
   return ChildNet(
     arch,
@@ -124,5 +127,5 @@ def child_for_training(
     rc.drop_connect_rate,
     config.space.stem_stride,
     layers.conventions_from_config(config.model),
-    bn_axis_name=bn_axis_name,
+    bn_axis_name=bn_axis_name if config.model.bn_sync == 'global' else None,
   )

@@ -107,14 +107,17 @@ class EfficientNet(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, images: Array, train: bool = False) -> tuple[Array | None, dict[str, Array]]:
+  def __call__(
+    self, images: Array, train: bool = False, mask: Array | None = None
+  ) -> tuple[Array | None, dict[str, Array]]:
+    """`mask` (N,): in training mode, only these examples count in BatchNorm statistics (padding does not)."""
     validate(self, images.shape)
     conv, axis = self.conventions, self.bn_axis_name
     x = images
     if self.keras_input:
       x = self._normalize(x)
     features = {}
-    x = layers.Stem(self.scaled_width(self.stem_width), self.stem_stride, conv, axis, name='stem')(x, train)
+    x = layers.Stem(self.scaled_width(self.stem_width), self.stem_stride, conv, axis, name='stem')(x, train, mask)
     features['stem'] = x
     last_stage = len(self.stages) if self.up_to is None else self.up_to + 1
     total_layers = sum(stage.repeats for stage in scaled_stages(self))
@@ -132,7 +135,7 @@ class EfficientNet(nn.Module):
           conventions=conv,
           bn_axis_name=axis,
           name=f'stage{i}_layer{j}',
-        )(x, train)
+        )(x, train, mask)
         index += 1
       features['stage1' if i == 1 else f'block{i - 1}'] = x
     if self.up_to is not None:

@@ -128,6 +128,11 @@ def batch_norm(conventions: Conventions, train: bool, name: str, axis_name: str 
   )
 
 
+def example_mask(mask: Array | None, x: Array) -> Array | None:
+  """A per-example mask (N,) as BatchNorm's statistics mask for NHWC `x`: padded examples leave the statistics alone."""
+  return None if mask is None else (mask.reshape((-1,) + (1,) * (x.ndim - 1)) > 0)
+
+
 def pointwise(features: int, name: str, conventions: Conventions, use_bias: bool = False) -> nn.Dense:
   """A 1x1 convolution as a Dense layer over channels; kernel (in, out)."""
   return nn.Dense(
@@ -180,20 +185,21 @@ class MBConv(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """`mask` (N,): examples whose BatchNorm statistics count in training mode (default: all)."""
     conv = self.conventions
     in_channels = x.shape[-1]
     hidden = in_channels * self.expansion
     y = x.astype(conv.dtype)
     if self.expansion != 1:
       y = pointwise(hidden, 'expand_conv', conv)(y)
-      y = nn.swish(batch_norm(conv, train, 'expand_bn', self.bn_axis_name)(y))
+      y = nn.swish(batch_norm(conv, train, 'expand_bn', self.bn_axis_name)(y, mask=example_mask(mask, y)))
     y = DepthwiseConv(self.kernel_size, self.stride, conv, name='dwconv')(y)
-    y = nn.swish(batch_norm(conv, train, 'dw_bn', self.bn_axis_name)(y))
+    y = nn.swish(batch_norm(conv, train, 'dw_bn', self.bn_axis_name)(y, mask=example_mask(mask, y)))
     if self.se_ratio:
       y = SqueezeExcite(space_lib.se_width(in_channels, self.se_ratio), conv, name='se')(y)
     y = pointwise(self.out_channels, 'project_conv', conv)(y)
-    y = batch_norm(conv, train, 'project_bn', self.bn_axis_name)(y)
+    y = batch_norm(conv, train, 'project_bn', self.bn_axis_name)(y, mask=example_mask(mask, y))
     if self.stride == 1 and in_channels == self.out_channels:
       y = drop_connect(y, self.drop_connect_rate, not train, self) + x.astype(y.dtype)
     return y
@@ -208,7 +214,7 @@ class Stem(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
     conv = self.conventions
     pads = [
       space_lib.conv_padding(x.shape[1], 3, self.stride, conv.padding),
@@ -224,7 +230,7 @@ class Stem(nn.Module):
       name='conv',
       kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
     )(x.astype(conv.dtype))
-    return nn.swish(batch_norm(conv, train, 'bn', self.bn_axis_name)(y))
+    return nn.swish(batch_norm(conv, train, 'bn', self.bn_axis_name)(y, mask=example_mask(mask, y)))
 
 
 class Head(nn.Module):

@@ -148,6 +148,14 @@ def supernet_cells(
   return blocks
 
 
+def with_pins(path: Array, cell: space_lib.Cell) -> Array:
+  """`path` with the cell's pinned layers set to their op (the other layers unchanged)."""
+  if not cell.pinned:
+    return path
+  pinned = jnp.array([-1 if op is None else op for op in cell.pinned], jnp.int32)
+  return jnp.where(pinned >= 0, pinned, path)
+
+
 def random_path(rng: Any, num_layers: int) -> Array:
   """DNA's sampling: each layer's op drawn uniformly and independently."""
   return jax.random.randint(rng, (num_layers,), 0, space_lib.NUM_OPS)

@@ -21,7 +21,7 @@ from dna_jax import files
 from dna_jax import space as space_lib
 from dna_jax import workdir as workdir_lib
 
-STAGES = ('teacher', 'distill', 'rate', 'search', 'retrain', 'evaluate', 'export', 'fidelity')
+STAGES = ('teacher', 'distill', 'rate', 'search', 'retrain', 'evaluate', 'export', 'fidelity', 'versus_random')
 
 # Fields that define what a workdir holds: a rerun with other values would mix results.
 IDENTITY_KEYS = ('space', 'teacher.variant', 'teacher.checkpoint', 'data.dataset', 'data.image_size', 'model')
@@ -45,6 +45,8 @@ def stage_runner(name: str) -> Callable[[ml_collections.ConfigDict, str], dict[s
     from dna_jax.stages import export as stage
   elif name == 'fidelity':
     from dna_jax.stages import fidelity as stage
+  elif name == 'versus_random':
+    from dna_jax.stages import versus_random as stage
   else:
     raise ValueError(f'unknown stage {name!r}; valid: {", ".join(STAGES)}')
   return stage.run

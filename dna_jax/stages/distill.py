@@ -32,6 +32,7 @@ import optax
 
 from dna_jax import checkpoints
 from dna_jax import files
+from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -53,15 +54,22 @@ def distill_losses(student: Array, target: Array) -> tuple[Array, Array]:
   return mse, rel_l1
 
 
-def create_learning_rate_fn(base_lr: float, decay: float, steps_per_epoch: int) -> optax.Schedule:
-  """DNA's schedule: base_lr * decay ** epoch (staircase)."""
-  return optax.exponential_decay(base_lr, steps_per_epoch, decay, staircase=True)
+def create_learning_rate_fn(base_lr: float, decay: float, steps_per_epoch: int, offset: int = 1) -> optax.Schedule:
+  """DNA's schedule: base_lr * decay ** (epoch + offset), staircase, epochs counted from 0.
+
+  offset 1 is the authors': their StepLR steps once before the first epoch trains, so epoch 1 already
+  runs at base_lr * decay.
+  """
+  return optax.exponential_decay(base_lr * decay**offset, steps_per_epoch, decay, staircase=True)
 
 
-def sample_path(rng: Array, step: Array, num_layers: int, sampling: str) -> Array:
+def sample_path(rng: Array, step: Array, cell: space_lib.Cell, sampling: str) -> Array:
+  """One op per layer of `cell` ('uniform' or 'fair' sampling); pinned layers keep their op."""
   if sampling == 'uniform':
-    return supernet.random_path(jax.random.fold_in(rng, step), num_layers)
-  return supernet.fair_path(rng, step, num_layers)
+    path = supernet.random_path(jax.random.fold_in(rng, step), cell.layers)
+  else:
+    path = supernet.fair_path(rng, step, cell.layers)
+  return supernet.with_pins(path, cell)
 
 
 def distill_step(
@@ -74,10 +82,17 @@ def distill_step(
   optimizers: dict[str, optax.GradientTransformation],
   sampling: str,
   seed: int,
+  student_normalization: tuple[str, str] | None = None,
 ) -> tuple[dict[str, BlockState], dict[str, Array]]:
-  """One per-device step over all selected blocks (`blocks`: (block index, cells) pairs)."""
+  """One per-device step over all selected blocks (`blocks`: (block index, cells) pairs).
+
+  The teacher reads the images as the data holds them; block 1 of the student reads them converted by
+  `student_normalization` (data's, model's), as the child net will.
+  """
   images = batch['image']
   features = lax.stop_gradient(teacher_apply(teacher_variables, images))
+  if student_normalization is not None:
+    images = images_lib.normalize(images.astype(jnp.float32), *student_normalization)
   step = next(iter(states.values())).step
   path_rng = jax.random.fold_in(jax.random.PRNGKey(seed), parallel.device_index())
   # Varying like the statistics that the sampled branch computes from this device's batch.
@@ -91,7 +106,7 @@ def distill_step(
       target = features[name]
       for c, cell in enumerate(cells):
         cname = f'cell{c}'
-        path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell.layers, sampling)
+        path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell, sampling)
         output, new_stats = cell.apply(
           {'params': params[name][cname], 'batch_stats': batch_stats[name][cname]}, inputs, path, True
         )
@@ -122,22 +137,32 @@ def parallel_distill_step(
   train_mode_bn: bool,
   learning_rates: tuple[tuple[str, float], ...],
   lr_decay: float,
+  lr_decay_offset: int,
   steps_per_epoch: int,
   weight_decay: float,
   sampling: str,
   seed: int,
   mode: str,
+  student_normalization: tuple[str, str] | None = None,
 ) -> Callable[..., Any]:
   """The device-parallel distillation step, built once per configuration (so compiled once)."""
   teacher_apply = functools.partial(
     teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
   )
   optimizers = {
-    name: supernet_store.block_optimizer(create_learning_rate_fn(lr, lr_decay, steps_per_epoch), weight_decay)
+    name: supernet_store.block_optimizer(
+      create_learning_rate_fn(lr, lr_decay, steps_per_epoch, lr_decay_offset), weight_decay
+    )
     for name, lr in learning_rates
   }
   step_fn = functools.partial(
-    distill_step, blocks=blocks, teacher_apply=teacher_apply, optimizers=optimizers, sampling=sampling, seed=seed
+    distill_step,
+    blocks=blocks,
+    teacher_apply=teacher_apply,
+    optimizers=optimizers,
+    sampling=sampling,
+    seed=seed,
+    student_normalization=student_normalization,
   )
   return parallel.data_parallel(step_fn, mode, num_broadcast=1)
 
@@ -197,7 +222,8 @@ def _flush(training: _Training, pending: list[tuple[int, Any]], block_names: lis
   epoch = (step - 1) // training.steps_per_epoch
   scalars = {**last, 'images_per_second': training.dcfg.batch_size * len(fetched) / max(time.time() - since, 1e-9)}
   for name in block_names:
-    scalars[f'{name}/learning_rate'] = training.rates[int(name[5:]) - 1] * training.dcfg.lr_decay**epoch
+    decays = epoch + training.dcfg.lr_decay_offset
+    scalars[f'{name}/learning_rate'] = training.rates[int(name[5:]) - 1] * training.dcfg.lr_decay**decays
   training.writer.write_scalars(step, scalars)
   training.history.append((step, last))
 
@@ -276,7 +302,7 @@ def train_blocks(
   for k in space_lib.parse_block_numbers(dcfg.blocks, len(space.blocks), 'distill.blocks'):
     name = f'block{k + 1}'
     optimizer = supernet_store.block_optimizer(
-      create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch), dcfg.weight_decay
+      create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch, dcfg.lr_decay_offset), dcfg.weight_decay
     )
     managers[name] = supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints)
     fresh = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
@@ -303,11 +329,13 @@ def train_blocks(
           config.teacher.train_mode_bn,
           tuple((f'block{k + 1}', rates[k]) for k in block_ids),
           dcfg.lr_decay,
+          dcfg.lr_decay_offset,
           steps_per_epoch,
           dcfg.weight_decay,
           dcfg.sampling,
           config.seed,
           dcfg.parallel,
+          supernet_store.student_normalization(config),
         )
         states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
         if preemption.requested:

@@ -107,10 +107,28 @@ def export(
   if format == 'saved_model':
     tf.saved_model.save(module, path, signatures={'serving_default': module.serve.get_concrete_function()})
     return path
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(converter.convert())
+  epath.Path(path).write_bytes(_to_tflite(module))
   return path
+
+
+def _to_tflite(module: Any) -> bytes:
+  import tensorflow as tf
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+  return converter.convert()
+
+
+def tflite_bytes(predict: Callable[[jax.Array], jax.Array], input_shape: tuple[int, ...]) -> bytes:
+  """A TFLite flatbuffer of any float32 function of one float32 input (latency tables time pieces of nets)."""
+  from jax.experimental import jax2tf
+  import tensorflow as tf
+
+  converted = jax2tf.convert(predict, with_gradient=False)
+  module = tf.Module()
+  spec = [tf.TensorSpec(input_shape, tf.float32, name='x')]
+  module.serve = tf.function(lambda x: {'y': converted(x)}, autograph=False, input_signature=spec)
+  return _to_tflite(module)
 
 
 def default_checkpoint(workdir: str) -> str:

@@ -32,7 +32,6 @@ from typing import Any
 from absl import flags
 from absl import logging
 from clu import metric_writers
-from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -41,54 +40,15 @@ import numpy as np
 from dna_jax import cli
 from dna_jax import config_base
 from dna_jax import files
-from dna_jax import input_pipeline
-from dna_jax import parallel
+from dna_jax import random_nets
 from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import space as space_lib
-from dna_jax import trainer
+from dna_jax import studies
 from dna_jax import workdir as workdir_lib
-from dna_jax.models import child
 
 # ----------------------------------------------------------------------------- picking architectures
-
-
-def _row_tables(ratings: ratings_lib.Ratings) -> list[np.ndarray]:
-  """Per block: table[offset of cell + path index, input width index] = row of the block's ratings."""
-  tables = []
-  for k, (block, rated) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
-    widths = space_lib.block_input_widths(ratings.space, k)
-    offsets = np.cumsum([0] + [cell.num_paths for cell in block.cells])[:-1]
-    table = np.full((block.num_paths, len(widths)), -1, np.int64)
-    table[offsets[rated.cell] + rated.path, np.searchsorted(widths, rated.in_channels)] = np.arange(len(rated))
-    tables.append(table)
-  return tables
-
-
-def sample_architectures(ratings: ratings_lib.Ratings, count: int, rng: np.random.Generator) -> np.ndarray:
-  """Rows [count, blocks] of architectures drawn uniformly from the space (with replacement)."""
-  space = ratings.space
-  rows = np.zeros((count, len(space.blocks)), np.int64)
-  width = np.full(count, space.ds_width)
-  for k, (block, rated, table) in enumerate(zip(space.blocks, ratings.blocks, _row_tables(ratings))):
-    widths = space_lib.block_input_widths(space, k)
-    rows[:, k] = table[rng.integers(0, block.num_paths, count), np.searchsorted(widths, width)]
-    width = np.array([cell.width for cell in block.cells])[rated.cell[rows[:, k]]]
-  return rows
-
-
-def summed_scores(ratings: ratings_lib.Ratings, rows: np.ndarray) -> np.ndarray:
-  """Summed block score of each architecture given by its rows (block order, as `architecture_rating`)."""
-  total = np.zeros(len(rows))
-  for k, rated in enumerate(ratings.blocks):
-    total = total + rated.score[rows[:, k]]
-  return total
-
-
-def _architecture(ratings: ratings_lib.Ratings, rows: Sequence[int]) -> space_lib.Architecture:
-  choices = [(int(b.cell[r]), b.ops[r]) for b, r in zip(ratings.blocks, rows)]
-  return space_lib.make_architecture(ratings.space, choices)
 
 
 def pick_architectures(
@@ -120,7 +80,7 @@ def pick_architectures(
   fixed[lowest] = 'search,lowest' if lowest in fixed else 'lowest'
   slots = num_archs - len(fixed)
   rng = np.random.default_rng(seed)
-  sample = np.unique(sample_architectures(ratings, sample_size, rng), axis=0)
+  sample = np.unique(random_nets.sample_architectures(ratings, sample_size, rng), axis=0)
   sample = sample[[tuple(int(r) for r in rows) not in fixed for rows in sample]]
   if len(sample) < slots:
     raise ValueError(
@@ -128,14 +88,14 @@ def pick_architectures(
       f'were found in {sample_size:,} draws from a space of {ratings.space.num_architectures:,}: '
       'lower fidelity.num_archs'
     )
-  order = np.argsort(summed_scores(ratings, sample), kind='stable')
+  order = np.argsort(random_nets.summed_scores(ratings, sample), kind='stable')
   bins = np.array_split(order, slots)  # equal-count bins of increasing score
   chosen = [members[rng.integers(len(members))] for members in bins]
   picks = list(fixed.items())
   picks += [(tuple(int(r) for r in sample[i]), 'sample') for i in chosen]
-  scores = summed_scores(ratings, np.array([rows for rows, _ in picks]))
+  scores = random_nets.summed_scores(ratings, np.array([rows for rows, _ in picks]))
   return [
-    {'arch': _architecture(ratings, picks[i][0]), 'role': picks[i][1], 'rows': picks[i][0]}
+    {'arch': random_nets.architecture(ratings, picks[i][0]), 'role': picks[i][1], 'rows': picks[i][0]}
     for i in np.argsort(scores, kind='stable')
   ]
 
@@ -237,67 +197,10 @@ def load_or_pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratin
 # ----------------------------------------------------------------------------- training
 
 
-def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.retrain with fidelity.epochs (when > 0) and a single evaluation, at the end."""
-  tc = config.retrain.copy_and_resolve_references()
-  if config.fidelity.epochs > 0:
-    tc.epochs = config.fidelity.epochs
-  tc.eval_every_epochs = tc.epochs
-  return tc
-
-
-def train_architecture(
-  config: ml_collections.ConfigDict, arch: space_lib.Architecture, directory: str, seed: int
-) -> dict[str, Any]:
-  """Trains `arch` from scratch with `recipe(config)` in `directory` (resumed); returns eval-split results.
-
-  `accuracy` is the final test top-1 (a fraction) of the EMA weights, as the retrain stage reports it.
-  """
-  tc = recipe(config)
-  num_classes = input_pipeline.check_dataset(config.data)
-  model = child.child_for_training(arch, num_classes, config, parallel.AXIS)
-  _, results = trainer.train_and_evaluate(
-    model, tc, directory, trainer.dataset(config.data, tc), seed=seed, model_normalization=tc.normalization
-  )
-  final = results['final']
-  return {
-    'accuracy': final['ema']['top1'],
-    'top5': final['ema']['top5'],
-    'raw_accuracy': final['raw']['top1'],
-    'steps': results['steps'],
-    'elapsed_seconds': results['elapsed_seconds'],
-  }
-
-
-def run_directory(workdir: str, index: int, seed: int) -> epath.Path:
-  return workdir_lib.study_run(workdir_lib.Workdir(workdir).fidelity, index, seed)
-
-
 def train_once(config: ml_collections.ConfigDict, workdir: str, pick: dict[str, Any], seed: int) -> dict[str, Any]:
-  """One run's result: read from its result.json if it finished, else trained (resuming) and written there."""
-  directory = run_directory(workdir, pick['index'], seed)
-  result_path, arch_path = directory / 'result.json', directory / 'arch.json'
-  for path in (result_path, arch_path):
-    if path.exists() and json.loads(path.read_text())['arch'] != pick['arch']:
-      raise ValueError(
-        f'{path} belongs to another architecture than {pick["arch"]} (picked.json was replaced?); '
-        f'delete {directory} to train it again'
-      )
-  if result_path.exists():
-    logging.info('Run %s finished before: %s.', directory.name, result_path)
-    return json.loads(result_path.read_text())
-  if not arch_path.exists() and jax.process_index() == 0:
-    files.write_json(arch_path, {'arch': pick['arch'], 'seed': seed})
-  logging.info('Fidelity run %s: %s (summed score %.4f).', directory.name, pick['arch'], pick['score'])
-  result = {
-    'index': pick['index'],
-    'arch': pick['arch'],
-    'seed': seed,
-    **train_architecture(config, space_lib.from_string(pick['arch']), os.fspath(directory), seed),
-  }
-  if jax.process_index() == 0:
-    files.write_json(result_path, result)
-  return result
+  """One run of the study (studies.train_once: resumed, never trained twice)."""
+  study = workdir_lib.Workdir(workdir).fidelity
+  return studies.train_once(config, study, pick['index'], pick['arch'], seed, config.fidelity.epochs)
 
 
 # ----------------------------------------------------------------------------- report
@@ -452,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   plan = [(p, config.seed) for p in picks] + [
     (picks[i], fc.noise_seed) for i in noise_indices(len(picks), fc.noise_archs)
   ]
-  epochs = recipe(config).epochs
+  epochs = studies.recipe(config, fc.epochs).epochs
   logging.info('Fidelity study: %d training runs of %s epochs each.', len(plan), epochs)
   accuracy = {}
   for pick, seed in plan:
@@ -489,16 +392,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- command line
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the pipeline saved in WORKDIR/config.json, over the base config."""
-  path = workdir_lib.Workdir(workdir).config_json
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist (no pipeline run in this workdir): pass --config')
-  config = config_base.get_base_config()
-  config.update(json.loads(path.read_text())['config'])
-  return config
-
-
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('workdir', None, 'Workdir holding ratings (WORKDIR/ratings).', flag_values=FLAGS)
 config_flags.DEFINE_config_file(
@@ -514,7 +407,7 @@ flags.mark_flag_as_required('workdir', flag_values=FLAGS)
 def main(argv: list[str]) -> None:
   if argv:
     raise ValueError(f'unexpected arguments: {" ".join(argv)}')
-  config = FLAGS.config if FLAGS.config is not None else saved_config(FLAGS.workdir)
+  config = FLAGS.config if FLAGS.config is not None else config_base.saved_config(FLAGS.workdir)
   print(json.dumps(run(config, FLAGS.workdir), indent=1))
   print(f'Report: {workdir_lib.Workdir(FLAGS.workdir).fidelity / "fidelity.json"}')
 

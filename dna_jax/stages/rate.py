@@ -16,6 +16,8 @@ their activations cached. The teacher runs once per batch for all cells.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from collections.abc import Iterable
 import dataclasses
 import functools
@@ -30,8 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import parallel
+from dna_jax import path_pruning
 from dna_jax import ratings as ratings_lib
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -66,9 +70,9 @@ def _op_pair(cell, variables, l, op_id, calib, inputs):
 def expand_level(
   cell: supernet.SupernetCell, variables: Any, l: int, calib: Array, inputs: Array
 ) -> tuple[Array, Array]:
-  """Every op of layer l applied to every prefix: (P, ...) -> (P * 6, ...), path-major order."""
+  """Every op layer l may take applied to every prefix: (P, ...) -> (P * ops, ...), path-major order."""
   outs_c, outs_e = [], []
-  for op_id in range(NUM_OPS):
+  for op_id in cell.cell.layer_ops(l):
     c, e = jax.vmap(functools.partial(_op_pair, cell, variables, l, op_id))(calib, inputs)
     outs_c.append(c)
     outs_e.append(e)
@@ -76,23 +80,67 @@ def expand_level(
   return stack(outs_c), stack(outs_e)
 
 
-def path_errors(outputs: Array, target: Array, mask: Array) -> tuple[Array, Array]:
-  """Per path sums over the batch of |S - T| and (S - T)^2 (masked examples excluded)."""
+def group_onehot(batch: int, num_groups: int, first_index: Array | int = 0) -> Array:
+  """(batch, num_groups) one-hot of each example's group: its index in the global batch modulo num_groups."""
+  group = (first_index + jnp.arange(batch)) % num_groups
+  return (group[:, None] == jnp.arange(num_groups)[None]).astype(jnp.float32)
+
+
+def path_errors(
+  outputs: Array, target: Array, mask: Array, num_groups: int = 1, first_index: Array | int = 0
+) -> tuple[Array, Array]:
+  """Per path and group of examples, sums of |S - T| and (S - T)^2: (paths, num_groups) each.
+
+  Example i of the global batch (`first_index` is this shard's first) is in group i % num_groups; the
+  groups give adaptive rating paired differences on the same images. Padded examples (mask 0) never count.
+  """
   diff = outputs.astype(jnp.float32) - target.astype(jnp.float32)[None]
-  weight = mask.astype(jnp.float32).reshape((1, -1) + (1,) * (diff.ndim - 2))
-  axes = tuple(range(1, diff.ndim))
-  return jnp.sum(jnp.abs(diff) * weight, axes), jnp.sum(jnp.square(diff) * weight, axes)
+  real = mask.reshape((1, -1) + (1,) * (diff.ndim - 2)) > 0
+  diff = jnp.where(real, diff, 0.0)  # not a product: whatever a padded example holds (even NaN) is dropped
+  axes = tuple(range(2, diff.ndim))
+  onehot = group_onehot(diff.shape[1], num_groups, first_index)
+  return jnp.sum(jnp.abs(diff), axes) @ onehot, jnp.sum(jnp.square(diff), axes) @ onehot
+
+
+def _shard_errors(cell: supernet.SupernetCell, outputs: Array, target: Array, mask: Array, num_groups: int):
+  """path_errors of this shard, summed over every device when the cell runs under shard_map."""
+  if not cell.bn_axis_name:
+    return path_errors(outputs, target, mask, num_groups)
+  first = lax.axis_index(parallel.AXIS) * target.shape[0]
+  return tuple(lax.psum(s, parallel.AXIS) for s in path_errors(outputs, target, mask, num_groups, first))
 
 
 def subtree_errors(
-  cell: supernet.SupernetCell, first_level: int, variables: Any, calib: Array, inputs: Array, target: Array, mask: Array
+  cell: supernet.SupernetCell,
+  first_level: int,
+  num_groups: int,
+  variables: Any,
+  calib: Array,
+  inputs: Array,
+  target: Array,
+  mask: Array,
 ) -> tuple[Array, Array]:
   """All 6**(L - first_level) completions of one prefix, vmapped level by level."""
   calib, inputs = calib[None], inputs[None]
   for l in range(first_level, cell.cell.layers):
     calib, inputs = expand_level(cell, variables, l, calib, inputs)
-  sums = path_errors(inputs, target, mask)
-  return tuple(lax.psum(s, parallel.AXIS) for s in sums) if cell.bn_axis_name else sums
+  return _shard_errors(cell, inputs, target, mask, num_groups)
+
+
+def leaf_errors(
+  cell: supernet.SupernetCell,
+  l: int,
+  op_id: int,
+  num_groups: int,
+  variables: Any,
+  calib: Array,
+  inputs: Array,
+  target: Array,
+  mask: Array,
+) -> tuple[Array, Array]:
+  """One path: its last layer's op `op_id` applied to one prefix's activations, then its errors (1, groups)."""
+  _, out = _op_pair(cell, variables, l, op_id, calib, inputs)
+  return _shard_errors(cell, out[None], target, mask, num_groups)
 
 
 def single_op(
@@ -115,15 +163,16 @@ def compiled(kind: str, cell: supernet.SupernetCell, mode: str | None, *static: 
   """Jitted (and, with a mode, device-parallel) building blocks, cached per cell shape."""
   fns = {
     'subtree': lambda: functools.partial(subtree_errors, cell, *static),
+    'leaf': lambda: functools.partial(leaf_errors, cell, *static),
     'op': lambda: functools.partial(single_op, cell, *static),
     'stem': lambda: functools.partial(stem_pair, cell),
   }
   fn = fns[kind]()
   if mode is None:
     return jax.jit(fn)
-  num_args = 5 if kind == 'subtree' else 3
-  in_specs = (jax.P(),) + (jax.P(parallel.AXIS),) * (num_args - 1)
-  out_specs = (jax.P(), jax.P()) if kind == 'subtree' else (jax.P(parallel.AXIS), jax.P(parallel.AXIS))
+  errors = kind in ('subtree', 'leaf')
+  in_specs = (jax.P(),) + (jax.P(parallel.AXIS),) * (4 if errors else 2)
+  out_specs = (jax.P(), jax.P()) if errors else (jax.P(parallel.AXIS), jax.P(parallel.AXIS))
   return jax.jit(jax.shard_map(fn, mesh=parallel.make_mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False))
 
 
@@ -141,34 +190,54 @@ def rate_cell(
   mask: Array,
   chunk_size: int = 216,
   mode: str | None = None,
+  num_groups: int = 1,
+  survivors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Per-path sums of |S - T| and (S - T)^2 over one rating batch, every path of the cell.
+  """Per path and group, sums of |S - T| and (S - T)^2 over one rating batch: (num_paths, num_groups) each.
 
   `calib`: the cell's input for the recalibration batch; `inputs`/`target`/`mask`: the
-  rating batch (cell input, teacher output, 1 for real examples). Returns float64 arrays
-  of length 6**layers in `cell.paths()` order. With `mode='shard_map'` the batches are
-  sharded over all devices and BatchNorm recalibration uses the whole calibration batch.
+  rating batch (cell input, teacher output, 1 for real examples). Rows follow `cell.paths()`
+  order. With `mode='shard_map'` the batches are sharded over all devices and BatchNorm
+  recalibration uses the whole calibration batch. `survivors` (a boolean per path): only those
+  paths are evaluated (the others' rows are 0); the prefix tree then holds only their prefixes,
+  and a trailing subtree runs vmapped whole only when at least a quarter of its paths survive.
   """
   if mode is not None and cell.bn_axis_name is None:
     cell = dataclasses.replace(cell, bn_axis_name=parallel.AXIS)
   layers_ = cell.cell.layers
   d = trailing_levels(layers_, chunk_size)
   lead = layers_ - d
-  abs_sums, sq_sums = [], []
+  subtree_paths = math.prod(len(cell.cell.layer_ops(l)) for l in range(lead, layers_))
+  paths = list(cell.cell.paths())
+  abs_sums = np.zeros((len(paths), num_groups))
+  sq_sums = np.zeros((len(paths), num_groups))
+  if survivors is not None:
+    kept = [paths[i] for i in np.flatnonzero(survivors)]
+    under = collections.Counter(p[:i] for p in kept for i in range(layers_ + 1))
   if cell.stem is not None:
     calib, inputs = compiled('stem', cell, mode)(variables, calib, inputs)
 
-  def walk(level: int, calib: Array, inputs: Array) -> None:
-    if level == lead:
-      a, s = compiled('subtree', cell, mode, lead)(variables, calib, inputs, target, mask)
-      abs_sums.append(np.asarray(a, np.float64))
-      sq_sums.append(np.asarray(s, np.float64))
-      return
-    for op_id in range(NUM_OPS):
-      walk(level + 1, *compiled('op', cell, mode, level, op_id)(variables, calib, inputs))
+  def store(prefix: tuple[int, ...], sums: tuple[Array, Array]) -> None:
+    first = cell.cell.path_index(prefix + tuple(cell.cell.layer_ops(l)[0] for l in range(len(prefix), layers_)))
+    a, s = (np.asarray(x, np.float64) for x in sums)
+    abs_sums[first : first + len(a)] = a
+    sq_sums[first : first + len(s)] = s
 
-  walk(0, calib, inputs)
-  return np.concatenate(abs_sums), np.concatenate(sq_sums)
+  def walk(level: int, prefix: tuple[int, ...], calib: Array, inputs: Array) -> None:
+    if level == lead and (survivors is None or 4 * under[prefix] >= subtree_paths):
+      store(prefix, compiled('subtree', cell, mode, lead, num_groups)(variables, calib, inputs, target, mask))
+      return
+    for op_id in cell.cell.layer_ops(level):
+      path = prefix + (op_id,)
+      if survivors is not None and not under[path]:
+        continue
+      if level == layers_ - 1:
+        store(path, compiled('leaf', cell, mode, level, op_id, num_groups)(variables, calib, inputs, target, mask))
+      else:
+        walk(level + 1, path, *compiled('op', cell, mode, level, op_id)(variables, calib, inputs))
+
+  walk(0, (), calib, inputs)
+  return abs_sums, sq_sums
 
 
 def naive_path_errors(
@@ -186,38 +255,101 @@ def naive_path_errors(
   for l, op_id in enumerate(path):
     calib, inputs = _op_pair(cell, variables, l, op_id, calib, inputs)
   a, s = path_errors(inputs[None], target, mask)
-  return float(a[0]), float(s[0])
+  return float(a.sum()), float(s.sum())
 
 
 @dataclasses.dataclass
 class Accumulator:
-  """Running sums for one block: per-path error sums and the teacher's moments."""
+  """Running sums for one block: per path and group of images, the error sums; per path, the target
+  elements and images those sums hold (fewer for a path that adaptive rating stopped); the teacher's
+  moments over the whole split and its elements per group."""
 
-  abs_sums: dict[int, np.ndarray]
+  abs_sums: dict[int, np.ndarray]  # (paths, groups)
   sq_sums: dict[int, np.ndarray]
+  elements: dict[int, np.ndarray]  # (paths,)
+  images: dict[int, np.ndarray]  # (paths,)
+  group_elements: np.ndarray  # (groups,)
   target_sum: float = 0.0
   target_sq_sum: float = 0.0
   count: float = 0.0  # target elements seen
 
+  @classmethod
+  def empty(cls, paths_per_cell: list[int], num_groups: int) -> Accumulator:
+    zeros = lambda shape: {c: np.zeros(shape(n)) for c, n in enumerate(paths_per_cell)}
+    return cls(
+      zeros(lambda n: (n, num_groups)),
+      zeros(lambda n: (n, num_groups)),
+      zeros(lambda n: n),
+      zeros(lambda n: n),
+      np.zeros(num_groups),
+    )
+
+  def add_target(self, total: float, total_sq: float, group_elements: np.ndarray) -> None:
+    self.target_sum += total
+    self.target_sq_sum += total_sq
+    self.group_elements = self.group_elements + group_elements
+    self.count += float(np.sum(group_elements))
+
+  def add(
+    self, c: int, abs_sums: np.ndarray, sq_sums: np.ndarray, rated: np.ndarray | None, elements: float, images: float
+  ) -> None:
+    """One batch's sums of cell c; `rated`: the paths the batch was rated on (None: all)."""
+    self.abs_sums[c] = self.abs_sums[c] + abs_sums
+    self.sq_sums[c] = self.sq_sums[c] + sq_sums
+    weight = 1.0 if rated is None else rated.astype(np.float64)
+    self.elements[c] = self.elements[c] + weight * elements
+    self.images[c] = self.images[c] + weight * images
+
+  def group_errors(self, c: int) -> np.ndarray:
+    """Mean |S - T| per path and group of images so far (paths, groups)."""
+    return self.abs_sums[c] / np.maximum(self.group_elements, 1.0)
+
   def scores(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     mean = self.target_sum / self.count
     std = math.sqrt(max(self.target_sq_sum / self.count - mean * mean, 0.0)) + 1e-12
-    score = {c: (a / self.count) / std for c, a in self.abs_sums.items()}
-    mse = {c: s / self.count for c, s in self.sq_sums.items()}
+    score = {c: (a.sum(-1) / self.elements[c]) / std for c, a in self.abs_sums.items()}
+    mse = {c: s.sum(-1) / self.elements[c] for c, s in self.sq_sums.items()}
     return score, mse
 
 
-@jax.jit
-def target_moments(target: Array, mask: Array) -> tuple[Array, Array]:
-  """Masked sum and sum of squares of the teacher features (global over devices)."""
+@functools.partial(jax.jit, static_argnums=2)
+def target_moments(target: Array, mask: Array, num_groups: int = 1) -> tuple[Array, Array, Array]:
+  """Sum and sum of squares of the teacher feature elements of the real examples, and their count per
+  group of examples (path_errors' groups). Global arrays: over every device of every process, so
+  that every host divides by the same count."""
   t = target.astype(jnp.float32).reshape(target.shape[0], -1)
-  m = mask.astype(jnp.float32)
-  return jnp.sum(t.sum(1) * m), jnp.sum(jnp.square(t).sum(1) * m)
+  real = (mask > 0)[:, None]
+  t = jnp.where(real, t, 0.0)
+  per_group = (real[:, 0].astype(jnp.float32) * t.shape[1]) @ group_onehot(t.shape[0], num_groups)
+  return jnp.sum(t), jnp.sum(jnp.square(t)), per_group
+
+
+TEACHER_RATING_BN = ('running', 'batch', 'recalibrated')
+
+
+def teacher_for_rating(
+  teacher_model: Any, teacher_variables: Any, calib_images: Array, up_to: int, rating_bn: str
+) -> tuple[Callable[..., dict[str, Array]], Any]:
+  """(features(variables, images, mask), variables) of the teacher as `teacher.rating_bn` runs it.
+
+  'running': inference mode with the teacher's own statistics; 'batch': BatchNorm over each rating
+  batch (padding excluded); 'recalibrated' (the authors'): statistics recomputed on the calibration
+  batch, then inference mode.
+  """
+  if rating_bn not in TEACHER_RATING_BN:
+    raise ValueError(f'teacher.rating_bn={rating_bn!r}; valid: {", ".join(TEACHER_RATING_BN)}')
+  if rating_bn == 'recalibrated':
+    recalibrate = jax.jit(functools.partial(teacher_lib.recalibrated, teacher_model, up_to=up_to))
+    teacher_variables = recalibrate(teacher_variables, calib_images)
+  features = jax.jit(
+    functools.partial(teacher_lib.teacher_features, teacher_model, up_to=up_to, train_mode_bn=rating_bn == 'batch')
+  )
+  return features, teacher_variables
 
 
 def rate_blocks(
   config: ml_collections.ConfigDict,
-  teacher_apply: Any,
+  teacher_model: Any,
   teacher_variables: Any,
   cells: list[list[supernet.SupernetCell]],
   variables: dict[int, list[Any]],
@@ -225,43 +357,94 @@ def rate_blocks(
   batches: Iterable[dict[str, np.ndarray]],
   num_batches: int | None,
   mode: str | None,
+  path_costs: dict[int, list[np.ndarray]] | None = None,
 ) -> dict[int, Accumulator]:
-  """Accumulates every path of every cell of the given blocks over the rating batches."""
+  """Accumulates every path of every cell of the given blocks over the rating batches.
+
+  With `path_costs` (per block and cell, path_pruning.block_path_costs) the rating is adaptive: once
+  `config.rate.adaptive_examples` images are rated, each block's dominated paths stop (path_pruning).
+  """
   block_ids = sorted(variables)
-  t_apply = jax.jit(teacher_apply)
+  num_groups = config.rate.groups if path_costs is not None else 1
+  survivors: dict[int, list[np.ndarray | None]] = {k: [None] * len(cells[k]) for k in block_ids}
+  pruned = path_costs is None
+  seen = 0.0
   prepare = (
     (lambda x: jnp.asarray(np.reshape(x, (-1,) + x.shape[2:])))
     if mode is None
     else (lambda x: parallel.shard_batch({'x': x}, 'shard_map')['x'])
   )
   calib_images = prepare(calib_batch['image'])
+  t_apply, teacher_variables = teacher_for_rating(
+    teacher_model, teacher_variables, calib_images, max(block_ids) + 1, config.teacher.rating_bn
+  )
   calib_features = t_apply(teacher_variables, calib_images)
-  acc = {
-    k: Accumulator(dict.fromkeys(range(len(cells[k])), 0.0), dict.fromkeys(range(len(cells[k])), 0.0))
-    for k in block_ids
-  }
+  to_student = supernet_store.student_normalization(config)
+  student = (
+    (lambda x: x) if to_student is None else (lambda x: images_lib.normalize(x.astype(jnp.float32), *to_student))
+  )
+  calib_student = student(calib_images)
+  acc = {k: Accumulator.empty([cell.cell.num_paths for cell in cells[k]], num_groups) for k in block_ids}
   rating_cells = {k: [for_rating(cell, None) for cell in cells[k]] for k in block_ids}
   start = time.time()
   for done, batch in enumerate(batches, start=1):
     images, mask = prepare(batch['image']), prepare(batch['mask'])
-    features = t_apply(teacher_variables, images)
-    mask_np = np.asarray(batch['mask'], np.float64).reshape(-1)
+    features = t_apply(teacher_variables, images, mask=mask)
     for k in block_ids:
       target = features[f'block{k + 1}']
-      calib = calib_images if k == 0 else calib_features[f'block{k}']
-      inputs = images if k == 0 else features[f'block{k}']
-      total, total_sq = target_moments(target, mask)
-      acc[k].target_sum += float(total)
-      acc[k].target_sq_sum += float(total_sq)
-      acc[k].count += float(mask_np.sum() * math.prod(target.shape[1:]))
+      calib = calib_student if k == 0 else calib_features[f'block{k}']
+      inputs = student(images) if k == 0 else features[f'block{k}']
+      total, total_sq, per_group = target_moments(target, mask, num_groups)
+      per_group = np.asarray(per_group, np.float64)
+      acc[k].add_target(float(total), float(total_sq), per_group)
+      elements = float(per_group.sum())
+      real = elements / math.prod(target.shape[1:])
       for c, cell in enumerate(rating_cells[k]):
-        a, s = rate_cell(cell, variables[k][c], calib, inputs, target, mask, config.rate.chunk_size, mode)
-        acc[k].abs_sums[c] = acc[k].abs_sums[c] + a
-        acc[k].sq_sums[c] = acc[k].sq_sums[c] + s
+        a, s = rate_cell(
+          cell, variables[k][c], calib, inputs, target, mask, config.rate.chunk_size, mode, num_groups, survivors[k][c]
+        )
+        acc[k].add(c, a, s, survivors[k][c], elements, real)
+    seen += real
+    if not pruned and seen >= config.rate.adaptive_examples and done != num_batches:
+      pruned = True
+      for k in block_ids:
+        survivors[k] = prune_block(config, acc[k], path_costs[k], [cell.cell.width for cell in cells[k]])
+        kept = sum(int(x.sum()) for x in survivors[k])
+        total_paths = sum(len(x) for x in survivors[k])
+        logging.info(
+          'adaptive rating, block %d: %d of %d paths can still be in the top %d after %d images; '
+          'only those are rated on the rest',
+          k + 1,
+          kept,
+          total_paths,
+          config.rate.keep,
+          int(seen),
+        )
     elapsed = time.time() - start
     eta = f', ETA {elapsed / done * (num_batches - done):.0f} s' if num_batches else ''
     logging.info('rating batch %d%s done in %.1f s%s', done, f'/{num_batches}' if num_batches else '', elapsed, eta)
   return acc
+
+
+def prune_block(
+  config: ml_collections.ConfigDict, acc: Accumulator, cell_costs: list[np.ndarray], widths: list[int]
+) -> list[np.ndarray]:
+  """The paths of one block still worth rating (path_pruning.prune_block on the groups' errors so far)."""
+  errors = [acc.group_errors(c) for c in range(len(cell_costs))]
+  return path_pruning.prune_block(cell_costs, errors, widths, config.rate.keep, config.rate.clear_z)
+
+
+def check_adaptive(rate_config: ml_collections.ConfigDict, top_k: int) -> None:
+  """Clear errors for adaptive-rating settings that cannot work (before anything is loaded)."""
+  if rate_config.groups < 2:
+    raise ValueError(f'rate.groups={rate_config.groups}: adaptive rating needs at least 2 groups of images')
+  if rate_config.adaptive_examples < 1:
+    raise ValueError(f'rate.adaptive_examples={rate_config.adaptive_examples}: expected a positive number of images')
+  if rate_config.keep < max(1, top_k):
+    raise ValueError(
+      f'rate.keep={rate_config.keep} is below search.top_k={top_k}: adaptive rating would drop paths of the '
+      'nets the search must return; raise rate.keep or set rate.adaptive=False'
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -277,6 +460,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not block_ids:
     logging.info('Every block is rated already in %s.', ratings_dir)
     return {}
+  adaptive = bool(config.rate.adaptive)
+  if adaptive:
+    check_adaptive(config.rate, config.search.top_k)
   teacher_model, teacher_variables = teacher_lib.load_for_run(config, workdir)
   conventions = layers.conventions_from_config(config.model)
   cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=config.space.stem_stride)
@@ -293,18 +479,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if mode:
     parallel.check_global_batch(config.rate.batch_size, 'rate.batch_size')
     parallel.check_global_batch(config.rate.calib_batch_size, 'rate.calib_batch_size')
-  teacher_apply = functools.partial(
-    teacher_lib.teacher_features,
-    teacher_model,
-    up_to=max(block_ids) + 1,
-    train_mode_bn=config.teacher.train_mode_bn,
-  )
   calib_batch = next(input_pipeline.create_split(config.data, 'calib', config.rate.calib_batch_size))
   examples = input_pipeline.num_examples(config.data, 'rate')
   num_batches = -(-examples // config.rate.batch_size) if examples else None
   batches = input_pipeline.create_split(config.data, 'rate', config.rate.batch_size)
   start = time.time()
-  acc = rate_blocks(config, teacher_apply, teacher_variables, cells, variables, calib_batch, batches, num_batches, mode)
+  path_costs = None
+  if adaptive:
+    path_costs = {
+      k: path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride) for k in block_ids
+    }
+  acc = rate_blocks(
+    config, teacher_model, teacher_variables, cells, variables, calib_batch, batches, num_batches, mode, path_costs
+  )
   seconds = time.time() - start
   paths = 0
   for k in block_ids:
@@ -319,6 +506,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         resolution=config.data.image_size,
         num_classes=num_classes,
         stem_stride=config.space.stem_stride,
+        images=acc[k].images,
+        pruned_for_top_k=config.rate.keep if adaptive else 0,
       )
     paths += sum(len(s) for s in score.values())
   logging.info('Rated %d paths in %.1f s (%.1f paths/s).', paths, seconds, paths / seconds)

@@ -80,7 +80,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model = child.child_for_training(arch, num_classes, config, parallel.AXIS)
   paths = workdir_lib.Workdir(workdir)
   meta = checkpoints.child_meta(
-    arch, num_classes, image_size, model.conventions, rc.normalization, config.space.stem_stride, source='retrain'
+    arch,
+    num_classes,
+    image_size,
+    model.conventions,
+    config.model.normalization,
+    config.space.stem_stride,
+    source='retrain',
   )
   cost, _ = costs.architecture_cost(arch, image_size, num_classes, config.space.stem_stride)
   logging.info(
@@ -100,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     paths.retrain,
     trainer.dataset(config.data, rc),
     seed=config.seed,
-    model_normalization=rc.normalization,
+    model_normalization=config.model.normalization,
     on_best=on_best,
     init_fn=init_fn,
   )

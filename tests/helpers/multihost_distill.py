@@ -53,6 +53,7 @@ def main():
   config.space.blocks = '2 16 1@8,2@8; 2 24 1@12'
   config.space.stem_width, config.space.ds_width, config.space.stem_stride = 8, 8, 1
   config.data.image_size = IMAGE
+  config.data.normalization = 'imagenet'  # the random images as the student reads them: no conversion
   config.distill.update(
     dict(epochs=1, batch_size=GLOBAL_BATCH, learning_rates='0.01', checkpoint_every_steps=STEPS, log_every_steps=1)
   )

@@ -1,0 +1,94 @@
+"""Adaptive against exhaustive rating on a distilled workdir: the same answers, and the time each takes.
+
+  PYTHONPATH=. python benchmarks/adaptive_rating.py --workdir /tmp/dna_demo [--batch_size 250]
+      [--adaptive_examples 250] [--top_k 5]
+
+Takes a distilled workdir (teacher/ and distill/, e.g. the demo's) and rates every block twice with
+the run's config (WORKDIR/config.json) in two scratch workdirs, at the same batch size: exhaustively
+(rate.adaptive=False) and adaptively (the first --adaptive_examples images for every path, then only
+the paths that can still be in the top k). Prints the rating time of each (same run, same machine),
+the paths pruned per block, and whether the search's top k at three FLOPs budgets (a quarter, half and
+three quarters of the way from the space's cheapest to its dearest net) and a params budget (half way),
+and the FLOPs and params Pareto fronts, are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dna_jax import config_base
+from dna_jax import ratings as ratings_lib
+from dna_jax import search as search_lib
+from dna_jax import workdir as workdir_lib
+from dna_jax.stages import rate
+
+
+def rate_with(config, source: workdir_lib.Workdir, scratch: str, adaptive: bool) -> tuple[ratings_lib.Ratings, float]:
+  target = workdir_lib.Workdir(os.path.join(scratch, 'adaptive' if adaptive else 'exhaustive'))
+  for name in ('teacher', 'distill'):
+    shutil.copytree(source.root / name, target.root / name)
+  config = config.copy_and_resolve_references()
+  config.rate.adaptive = adaptive
+  start = time.perf_counter()
+  rate.run(config, str(target))
+  return ratings_lib.read_ratings(str(target.ratings)), time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--batch_size', type=int, default=250)
+  parser.add_argument('--adaptive_examples', type=int, default=250)
+  parser.add_argument('--top_k', type=int, default=5)
+  args = parser.parse_args()
+  source = workdir_lib.Workdir(args.workdir)
+  config = config_base.saved_config(args.workdir)
+  config.rate.batch_size = args.batch_size
+  config.rate.adaptive_examples = args.adaptive_examples
+  config.rate.keep = max(config.rate.keep, args.top_k)
+  with tempfile.TemporaryDirectory() as scratch:
+    exhaustive, ex_s = rate_with(config, source, scratch, adaptive=False)
+    adaptive, ad_s = rate_with(config, source, scratch, adaptive=True)
+  print(
+    f'rating time, {config.data.rating_examples} images in batches of {args.batch_size}: exhaustive {ex_s:.0f} s, '
+    f'adaptive {ad_s:.0f} s ({ex_s / ad_s:.2f}x); load average {os.getloadavg()[0]:.1f}'
+  )
+  for k, block in enumerate(adaptive.blocks):
+    once = block.in_channels == block.in_channels.min()
+    print(
+      f'block {k + 1}: {int(block.pruned[once].sum())} of {int(once.sum())} paths stopped after '
+      f'{args.adaptive_examples} images'
+    )
+  low, high = search_lib.pareto_front(exhaustive)[0][[0, -1]]
+  params = search_lib.pareto_front(exhaustive, 'params')[0]
+  budgets = [(int(low + f * (high - low)), None) for f in (0.25, 0.5, 0.75)] + [(None, int(np.median(params)))]
+  same = True
+  for max_flops, max_params in budgets:
+    answers = [
+      [str(r.architecture) for r in search_lib.search(t, max_flops, max_params, args.top_k)]
+      for t in (exhaustive, adaptive)
+    ]
+    same &= answers[0] == answers[1]
+    print(
+      f'top {args.top_k} at max_flops={max_flops} max_params={max_params}: '
+      f'{"same" if answers[0] == answers[1] else "DIFFERENT"} ({answers[0][0]} first)'
+    )
+  for cost in ('flops', 'params'):
+    fronts = [search_lib.pareto_front(t, cost) for t in (exhaustive, adaptive)]
+    equal = np.array_equal(fronts[0][0], fronts[1][0]) and np.allclose(fronts[0][1], fronts[1][1], rtol=1e-5)
+    same &= equal
+    print(f'{cost} Pareto front ({len(fronts[0][0])} points): {"same" if equal else "DIFFERENT"}')
+  print('adaptive rating gives the exhaustive answer' if same else 'ANSWERS DIFFER')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,87 @@
+"""Training runs of a ranking study (fidelity, versus_random): one net, one seed, one directory.
+
+A study trains many nets from scratch with the retrain recipe (`recipe`), each in
+STUDY/runs/INDEX_seedSEED: arch.json (written first), the trainer's Orbax checkpoints (a killed run
+resumes) and result.json once it finished, which a rerun reads instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+
+from dna_jax import files
+from dna_jax import input_pipeline
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import trainer
+from dna_jax import workdir as workdir_lib
+from dna_jax.models import child
+
+
+def recipe(config: ml_collections.ConfigDict, epochs: float) -> ml_collections.ConfigDict:
+  """config.retrain with `epochs` (when > 0) and a single evaluation, at the end."""
+  tc = config.retrain.copy_and_resolve_references()
+  if epochs > 0:
+    tc.epochs = epochs
+  tc.eval_every_epochs = tc.epochs
+  return tc
+
+
+def train_architecture(
+  config: ml_collections.ConfigDict, arch: space_lib.Architecture, directory: str, seed: int, epochs: float
+) -> dict[str, Any]:
+  """Trains `arch` from scratch with `recipe(config, epochs)` in `directory` (resumed); eval-split results.
+
+  `accuracy` is the final test top-1 (a fraction) of the EMA weights, as the retrain stage reports it.
+  """
+  tc = recipe(config, epochs)
+  num_classes = input_pipeline.check_dataset(config.data)
+  model = child.child_for_training(arch, num_classes, config, parallel.AXIS)
+  data = trainer.dataset(config.data, tc)
+  _, results = trainer.train_and_evaluate(
+    model, tc, directory, data, seed=seed, model_normalization=config.model.normalization
+  )
+  final = results['final']
+  return {
+    'accuracy': final['ema']['top1'],
+    'top5': final['ema']['top5'],
+    'raw_accuracy': final['raw']['top1'],
+    'steps': results['steps'],
+    'elapsed_seconds': results['elapsed_seconds'],
+  }
+
+
+def train_once(
+  config: ml_collections.ConfigDict, study: epath.Path, index: int, arch: str, seed: int, epochs: float
+) -> dict[str, Any]:
+  """One run's result: read from its result.json if it finished, else trained (resuming) and written there."""
+  directory = workdir_lib.study_run(study, index, seed)
+  result_path, arch_path = directory / 'result.json', directory / 'arch.json'
+  for path in (result_path, arch_path):
+    if path.exists() and json.loads(path.read_text())['arch'] != arch:
+      raise ValueError(
+        f'{path} belongs to another architecture than {arch} (picked.json was replaced?); '
+        f'delete {directory} to train it again'
+      )
+  if result_path.exists():
+    logging.info('Run %s finished before: %s.', directory.name, result_path)
+    return json.loads(result_path.read_text())
+  if not arch_path.exists() and jax.process_index() == 0:
+    files.write_json(arch_path, {'arch': arch, 'seed': seed})
+  logging.info('Study run %s/%s: %s.', study.name, directory.name, arch)
+  result = {
+    'index': index,
+    'arch': arch,
+    'seed': seed,
+    **train_architecture(config, space_lib.from_string(arch), os.fspath(directory), seed, epochs),
+  }
+  if jax.process_index() == 0:
+    files.write_json(result_path, result)
+  return result

@@ -1,0 +1,102 @@
+"""Latency tables: the file format, the exact search under a latency budget, and measuring a tiny space."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dna_jax import cli
+from dna_jax import describe
+from dna_jax import latency
+from dna_jax import latency_table
+from dna_jax import random_nets
+from dna_jax import search as search_lib
+from dna_jax import space as space_lib
+
+from test_search import RESOLUTION
+from test_search import brute_force
+from test_search import random_space
+from test_search import write_random_ratings
+
+
+def random_table(space, num_classes, seed=0):
+  """A table of every piece of `space` with made-up timings (ms grows with the input size)."""
+  rng = np.random.default_rng(seed)
+  keys = latency_table.space_keys(space, RESOLUTION, num_classes, 2)
+  entries = {key: (float(rng.uniform(0.1, 2.0) * key[6]), 0.0, 0.0, 3) for key in keys}
+  return latency_table.LatencyTable(entries, {'target': 'test', 'threads': 1, 'device': 'none', 'offset_ms': 0.25})
+
+
+def test_table_round_trips_and_a_missing_shape_is_named(tmp_path):
+  space = space_lib.parse_space('2 16 1@8,2@8=*-k3e3; 1 24 1@12')
+  table = random_table(space, 10)
+  latency_table.write(str(tmp_path), table.entries, table.meta)
+  read = latency_table.read(str(tmp_path))
+  assert read.entries == table.entries and read.offset_ms == 0.25
+  assert json.loads((tmp_path / 'latency.json').read_text())['target'] == 'test'
+  latency_table.check_covers(read, space, RESOLUTION, 10, 2)
+  wider = space_lib.parse_space('2 16 1@8,2@8=*-k3e3; 1 24 1@12,1@16')
+  with pytest.raises(ValueError, match=r'no mbconv with in_channels=\d+, out_channels=16.*python -m dna_jax.latency'):
+    latency_table.check_covers(read, wider, RESOLUTION, 10, 2)
+  (tmp_path / 'latency.csv').write_text('piece,in_channels\nmbconv,3\n')
+  with pytest.raises(ValueError, match=r'latency\.csv, line 1: expected header'):
+    latency_table.read(str(tmp_path))
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_latency_budget_search_matches_brute_force(tmp_path, seed):
+  rng = np.random.default_rng(seed)
+  space = random_space(rng)
+  ratings = write_random_ratings(str(tmp_path), space, rng, ties=seed % 2 == 0)
+  table = random_table(space, ratings.num_classes, seed)
+  timed = latency_table.with_latency(ratings, table)
+  score, flops, _, rows = brute_force(ratings)
+  latency = timed.fixed_latency + sum(timed.blocks[k].latency[rows[:, k]] for k in range(len(space.blocks)))
+  # The predicted latency of a net is the table's sum over its pieces, whatever the route.
+  for i in rng.integers(0, len(rows), 5):
+    arch = random_nets.architecture(ratings, rows[i])
+    assert latency[i] / 1e6 == pytest.approx(latency_table.predict_ms(table, arch, RESOLUTION, ratings.num_classes))
+  for max_flops, max_ms in ((None, np.median(latency) / 1e6), (int(np.median(flops)), np.quantile(latency, 0.7) / 1e6)):
+    feasible = np.flatnonzero((latency <= round(max_ms * 1e6)) & (flops <= (max_flops or flops.max())))
+    results = search_lib.search(timed, max_flops, None, top_k=5, max_latency_ms=max_ms)
+    assert [r.rows for r in results] == [tuple(rows[i]) for i in feasible[:5]]
+    assert all(r.latency_ms <= max_ms + 1e-9 for r in results)
+  costs, best = search_lib.pareto_front(timed, 'latency')
+  for c, s in zip(costs, best):
+    assert s == pytest.approx(score[latency <= c].min())
+  with pytest.raises(ValueError, match='below the fastest architecture'):
+    search_lib.search(timed, max_latency_ms=latency.min() / 1e6 * 0.5)
+  with pytest.raises(ValueError, match='needs a latency table'):
+    search_lib.search(ratings, max_latency_ms=1.0)
+
+
+def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
+  """Every piece of a tiny space exported to TFLite and timed, the offset fitted, the table checked."""
+  config = tmp_path / 'tiny.py'
+  config.write_text(
+    'from dna_jax import config_base\n'
+    'def get_config(arg=None):\n'
+    '  config = config_base.get_base_config()\n'
+    "  config.space.update(dict(blocks='2 16 1@8=k3e6,1@8=k5e3', stem_width=8, ds_width=8, head_width=16))\n"
+    '  config.data.image_size = 16\n'
+    '  return config\n'
+  )
+  out = tmp_path / 'table'
+  args = ['--space', str(config), '--out', str(out), '--num_classes', '3', '--repeats', '3', '--warmup', '1']
+  assert cli.call(latency.main, latency.FLAGS, [*args, '--fit_nets', 'random:1']) == 0
+  table = latency_table.read(str(out))
+  space = space_lib.parse_space('2 16 1@8=k3e6,1@8=k5e3', 8, 8, 16)
+  assert set(table.entries) == set(latency_table.space_keys(space, 16, 3, 2)) and len(table.entries) == 4
+  assert all(ms > 0 and p10 <= ms <= p90 for ms, p10, p90, _ in table.entries.values())
+  assert table.meta['target'] == 'tflite_cpu' and table.meta['threads'] == 1 and 'offset_ms' in table.meta
+  report = latency.check_table(str(out), str(config), 'random:2', 3)
+  assert len(report['nets']) == 2 and all(r['measured_ms'] > 0 for r in report['nets'])
+  arch = str(space_lib.make_architecture(space, [(0, (0,))]))
+  assert (
+    cli.call(
+      describe.main, describe.FLAGS, [arch, '--resolution', '16', '--num_classes', '3', '--latency_table', str(out)]
+    )
+    == 0
+  )
+  assert 'predicted latency' in capsys.readouterr().out
+  assert cli.call(latency.main, latency.FLAGS, args) == 2  # never overwrites a table
