@@ -13,7 +13,10 @@ One pipeline serves distillation, rating and retraining. Splits (names used by
   whatever the number of processes.
 * 'eval': `eval_split`, eval-style.
 
-Each process reads its own `tfds.even_splits` shard of a split ('calib' aside). Batches are
+Each process reads its own `tfds.even_splits` shard of a split, except 'calib' (one global stream)
+and 'rate': every process reads the rating split in order and keeps its rows of each global batch
+(skipping the others before decoding), so that batch b holds the same images on 1 host as on a pod
+slice, and adaptive rating's first slice is the same set of images. Batches are
 dicts of numpy arrays: 'image' (local_devices, per_device_batch, H, W, 3),
 'label' int32 and 'mask' float32 (local_devices, per_device_batch). Finite
 streams (rate and eval by default) pad their last batch with mask 0 and give
@@ -350,10 +353,11 @@ def create_split(
   # whole split with process 0's seeds and keeps its rows of each global batch, so that BatchNorm
   # recalibration, and hence every rating, is the same on 1 host as on a pod slice.
   global_stream = split == 'calib'
+  in_order = split == 'rate' and process_count > 1  # global batches in split order, rows kept per process
   stream_process = 0 if global_stream else process_index
   batch_size = global_batch_size if global_stream else local_batch
   shard = spec
-  if process_count > 1 and not global_stream:
+  if process_count > 1 and not (global_stream or in_order):
     shard = tfds.even_splits(spec, n=process_count, drop_remainder=False)[process_index]
   shard_size = _split_size(builder, shard)
   if shard_size == 0:
@@ -366,6 +370,9 @@ def create_split(
     )
 
   records = builder.as_dataset(split=shard, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
+  if in_order:
+    mine = lambda i, _: (i % global_batch_size) // local_batch == process_index
+    records = records.enumerate().filter(mine).map(lambda _, record: record)
   if data_config.cache:
     records = records.cache()
   examples = _stream(
@@ -387,8 +394,8 @@ def create_split(
     total = _split_size(builder, spec)
     num_batches = None
     if total is not None:  # The same count on every process.
-      most = _ceil_div(total, process_count)  # even_splits' largest shard.
-      num_batches = max(0, _ceil_div(most, local_batch) - start_step)
+      most = total if in_order else _ceil_div(total, process_count)  # even_splits' largest shard
+      num_batches = max(0, _ceil_div(most, global_batch_size if in_order else local_batch) - start_step)
     zeros = {
       k: np.zeros((local_batch,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()
     }

@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import time
 from typing import Any
 
@@ -137,10 +138,20 @@ def load_space(spec: str, num_classes: int) -> tuple[space_lib.SearchSpace, int,
 
 
 def nets_to_check(spec: str, space: space_lib.SearchSpace, seed: int) -> list[tuple[str, space_lib.Architecture]]:
-  """'dna_a,efficientnet_b0,random:10' -> named nets (any space) and random nets of `space`."""
+  """'dna_a,efficientnet_b0,random:10' -> named nets (any space) and random nets of `space`.
+
+  Architecture strings may be given too: the commas of their stem widths ('16,8,128|...') do not
+  separate nets.
+  """
+  parts: list[str] = []
+  for piece in (p.strip() for p in spec.split(',') if p.strip()):
+    if parts and re.fullmatch(r'[0-9,]+', parts[-1]):  # widths of an architecture string so far
+      parts[-1] += ',' + piece
+    else:
+      parts.append(piece)
   nets = []
   rng = np.random.default_rng(seed)
-  for part in (p.strip() for p in spec.split(',') if p.strip()):
+  for part in parts:
     if part.startswith('random:'):
       for i in range(int(part.split(':')[1])):
         choices = []
@@ -170,7 +181,7 @@ def build_table(
     logging.info('%d/%d %s: %.3f ms (ETA %.0f s)', i, len(keys), key, entries[key][0], eta)
   meta = {
     'target': target,
-    'device': str(jax.devices()[0]) if target == 'jax' else platform.processor() or platform.machine(),
+    'device': str(jax.devices()[0]) if target == 'jax' else cpu_name(),
     'cpu': platform.platform(),
     'threads': threads,
     'warmup': warmup,
@@ -228,6 +239,18 @@ def check_table(directory: str, spec: str, nets: str, num_classes: int, seed: in
     'tau_predicted_measured': float(rank_stats.kendall_tau(predicted, measured)),
     'tau_flops_measured': float(rank_stats.kendall_tau([r['flops'] for r in rows], measured)),
   }
+
+
+def cpu_name() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return f'{line.split(":", 1)[1].strip()} ({os.cpu_count()} cores)'
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def _tf_version() -> str:

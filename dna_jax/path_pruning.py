@@ -1,11 +1,12 @@
 """Adaptive rating's pruning rule: which paths of a block can be in no answer of the search.
 
 A path p is *dominated* by a path q of the same block and output width when q costs no more than p in
-every cost (FLOPs and params, at every input width the block can receive) and q's error is clearly
+every cost (FLOPs and params, and with a latency table its predicted latency, at every input width the
+block can receive) and q's error is clearly
 lower: over G groups of the same rating images, the paired differences d_g = e_p,g - e_q,g have
 mean - z * standard error > 0. Swapping p for any of its dominators in a net keeps every budget and
 lowers the summed (or per-block normalised, or multiplied) score, so a path with at least k
-dominators is in none of the k best nets under any FLOPs/params budget, nor on a Pareto front. The
+dominators is in none of the k best nets under any budget on those costs, nor on a Pareto front. The
 rate stage scores every path on a first slice of the rating images, stops rating the dominated ones
 and finishes the rest on the whole split.
 """
@@ -15,13 +16,19 @@ from __future__ import annotations
 import numpy as np
 
 from dna_jax import costs as costs_lib
+from dna_jax import latency_table as latency_lib
 from dna_jax import space as space_lib
 
-COST_FIELDS = ('flops', 'params')
 
-
-def block_path_costs(space: space_lib.SearchSpace, block_index: int, resolution: int, stem_stride: int):
-  """Per cell of block `block_index`, a (paths, 2 x input widths) int64 array: FLOPs and params at each width."""
+def block_path_costs(
+  space: space_lib.SearchSpace,
+  block_index: int,
+  resolution: int,
+  stem_stride: int,
+  latency: latency_lib.LatencyTable | None = None,
+) -> list[np.ndarray]:
+  """Per cell of block `block_index`, an int64 array (paths, costs x input widths): FLOPs and params at each
+  width, and with a latency table the predicted nanoseconds at each width."""
   block = space.blocks[block_index]
   size = space_lib.block_sizes(space, resolution, stem_stride)[block_index]
   head = space.head_width if block_index == len(space.blocks) - 1 else None
@@ -31,8 +38,11 @@ def block_path_costs(space: space_lib.SearchSpace, block_index: int, resolution:
     rows = []
     for ops in cell.paths():
       each = [costs_lib.cell_cost(cell, ops, w, size, head) for w in widths]
-      rows.append([c.flops for c in each] + [c.params for c in each])
-    out.append(np.asarray(rows, np.int64).reshape(-1, 2 * len(widths)))
+      row = [c.flops for c in each] + [c.params for c in each]
+      if latency is not None:  # the head's latency is fixed per output width: it cannot change a comparison
+        row += [round(latency_lib.cell_ms(latency, cell, ops, w, size) * 1e6) for w in widths]
+      rows.append(row)
+    out.append(np.asarray(rows, np.int64).reshape(len(rows), -1))
   return out
 
 

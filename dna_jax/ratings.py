@@ -90,6 +90,7 @@ class Ratings:
   directory: str = ''
   fixed_latency: int = 0  # ns, with a latency table
   pruned_for_top_k: int = 0  # adaptive rating: pruned rows are in none of the best this-many nets (0: none pruned)
+  pruned_costs: tuple[str, ...] = ()  # the costs that pruning held: flops, params, latency:TABLE_DIR
 
 
 def architecture_rows(ratings: Ratings, arch: space_lib.Architecture) -> tuple[int, ...] | None:
@@ -202,8 +203,9 @@ def write_meta(
         'use a fresh ratings directory or delete the old one'
       )
     record['complete_blocks'] = sorted(int(k) for k in old.get('complete_blocks', []))
-    if old.get('pruned_for_top_k'):
-      record['pruned_for_top_k'] = old['pruned_for_top_k']
+    for key in ('pruned_for_top_k', 'pruned_costs'):
+      if old.get(key):
+        record[key] = old[key]
   files.write_json(path, record)
 
 
@@ -245,13 +247,14 @@ def write_block_ratings(
   stem_stride: int = 2,
   images: Mapping[int, np.ndarray] | None = None,
   pruned_for_top_k: int = 0,
+  pruned_costs: tuple[str, ...] = ('flops', 'params'),
 ) -> str:
   """Writes `block_{block_index+1}.csv` atomically and marks the block complete in meta.json.
 
   `scores[c]` / `mses[c]` (and `images[c]`, the rating images each score rests on): one value per
   path of cell `c`, in `cell.paths()` order. Costs are computed here for every possible input width.
   `pruned_for_top_k`: adaptive rating stopped the paths with fewer images because they are in none of
-  the best this-many nets. Returns the path written.
+  the best this-many nets under budgets on `pruned_costs`. Returns the path written.
   """
 
   if not 0 <= block_index < len(space.blocks):
@@ -285,6 +288,7 @@ def write_block_ratings(
   pruned.pop(str(block_index + 1), None)
   if pruned_for_top_k and counts.min() < counts.max():
     pruned[str(block_index + 1)] = int(pruned_for_top_k)
+    meta['pruned_costs'] = list(pruned_costs)
   meta['pruned_for_top_k'] = pruned
   files.write_json(meta_path, meta)
   return path
@@ -444,4 +448,5 @@ def read_ratings(ratings_dir: str) -> Ratings:
     fixed['macs'],
     ratings_dir,
     pruned_for_top_k=min(meta['pruned_for_top_k'].values(), default=0),
+    pruned_costs=tuple(meta.get('pruned_costs', ())) if meta['pruned_for_top_k'] else (),
   )

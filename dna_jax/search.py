@@ -348,10 +348,11 @@ def _check_pruning(ratings: ratings_lib.Ratings, top_k: int, latency: bool) -> N
       f'{where} were rated adaptively for the top {ratings.pruned_for_top_k} nets; top_k={top_k} needs paths '
       'it stopped rating early: ask for fewer, or rate again with --config.rate.keep (or rate.adaptive=False)'
     )
-  if latency:
+  if latency and not any(c.startswith('latency:') for c in ratings.pruned_costs):
     raise ValueError(
-      f'{where} were rated adaptively, pruning on FLOPs and params: a latency budget needs exhaustive '
-      'ratings (--config.rate.adaptive=False)'
+      f'{where} were rated adaptively, pruning on FLOPs and params only: a latency budget needs ratings '
+      'pruned on latency too (rate with --config.search.latency_table=DIR) or exhaustive ones '
+      '(--config.rate.adaptive=False)'
     )
 
 

@@ -182,6 +182,24 @@ def test_processes_read_disjoint_shards(imagenet_dir, monkeypatch):
   assert len(set(evals)) == 6
 
 
+def test_rating_batches_hold_the_same_images_on_any_number_of_processes(imagenet_dir, monkeypatch):
+  """Global rating batch b is the same images in the same order with 1 or 3 processes (8 images, batch 3)."""
+  config = _config(imagenet_dir, augment='none')
+  _simulate_processes(monkeypatch, 0, 1)
+  alone = list(input_pipeline.create_split(config, 'rate', 3))
+  reference = [_flat([b], 'image')[_flat([b], 'mask') > 0].tobytes() for b in alone]
+  parts = []
+  for index in range(3):
+    _simulate_processes(monkeypatch, index, 3)
+    parts.append(list(input_pipeline.create_split(config, 'rate', 3)))
+  assert [len(p) for p in parts] == [len(alone)] * 3 == [3] * 3
+  for b, expected in enumerate(reference):
+    rows = [(_flat([p[b]], 'image'), _flat([p[b]], 'mask')) for p in parts]
+    assert np.concatenate([image[mask > 0] for image, mask in rows]).tobytes() == expected
+  # the last global batch holds images 6 and 7: processes 0 and 1 one each, process 2 only padding
+  assert [float(p[2]['mask'].sum()) for p in parts] == [1, 1, 0]
+
+
 def test_restart_across_epochs_is_exact(imagenet_dir):
   # 16 training examples per epoch = 2 batches of 8; steps 3..5 are in epoch 2.
   config = _config(imagenet_dir, color_jitter=0.4, randaugment_layers=2, random_erasing=0.5)

@@ -89,9 +89,10 @@ def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
   assert set(table.entries) == set(latency_table.space_keys(space, 16, 3, 2)) and len(table.entries) == 4
   assert all(ms > 0 and p10 <= ms <= p90 for ms, p10, p90, _ in table.entries.values())
   assert table.meta['target'] == 'tflite_cpu' and table.meta['threads'] == 1 and 'offset_ms' in table.meta
-  report = latency.check_table(str(out), str(config), 'random:2', 3)
-  assert len(report['nets']) == 2 and all(r['measured_ms'] > 0 for r in report['nets'])
   arch = str(space_lib.make_architecture(space, [(0, (0,))]))
+  report = latency.check_table(str(out), str(config), f'random:2,{arch}', 3)  # strings hold commas too
+  assert len(report['nets']) == 3 and all(r['measured_ms'] > 0 for r in report['nets'])
+  assert report['nets'][2]['arch'] == arch
   assert (
     cli.call(
       describe.main, describe.FLAGS, [arch, '--resolution', '16', '--num_classes', '3', '--latency_table', str(out)]
@@ -100,3 +101,29 @@ def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
   )
   assert 'predicted latency' in capsys.readouterr().out
   assert cli.call(latency.main, latency.FLAGS, args) == 2  # never overwrites a table
+
+
+def test_adaptive_ratings_take_a_latency_budget_only_when_pruned_on_latency(tmp_path):
+  import dataclasses
+
+  from dna_jax import path_pruning
+
+  rng = np.random.default_rng(3)
+  space = random_space(rng)
+  ratings = write_random_ratings(str(tmp_path), space, rng, ties=False)
+  table = random_table(space, ratings.num_classes)
+  timed = latency_table.with_latency(ratings, table)
+  budget = float(timed.fixed_latency + sum(int(b.latency.max()) for b in timed.blocks)) / 1e6
+  on_costs = dataclasses.replace(timed, pruned_for_top_k=3, pruned_costs=('flops', 'params'))
+  with pytest.raises(ValueError, match='pruned on latency too'):
+    search_lib.search(on_costs, top_k=1, max_latency_ms=budget)
+  on_latency = dataclasses.replace(on_costs, pruned_costs=('flops', 'params', 'latency:T'))
+  assert search_lib.search(on_latency, top_k=1, max_latency_ms=budget)
+  # The pruning's cost columns: FLOPs, params and the table's nanoseconds at every input width.
+  widths = space_lib.block_input_widths(space, 1)
+  cell = space.blocks[1].cells[0]
+  costs = path_pruning.block_path_costs(space, 1, RESOLUTION, 2, table)[0]
+  assert costs.shape == (cell.num_paths, 3 * len(widths))
+  size = space_lib.block_sizes(space, RESOLUTION, 2)[1]
+  ops = next(iter(cell.paths()))
+  assert costs[0, 2 * len(widths)] == round(latency_table.cell_ms(table, cell, ops, widths[0], size) * 1e6)

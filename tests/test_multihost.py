@@ -120,22 +120,26 @@ def rate_with(distilled, root, num_processes, local_devices):
   results = {}
   for mode in RATING_MODES:
     table = ratings_lib.read_ratings(str(root / mode / 'ratings'))
-    results[mode] = {k: (block.score, block.mse) for k, block in enumerate(table.blocks)}
+    results[mode] = {k: (block.score, block.mse, block.images) for k, block in enumerate(table.blocks)}
   return results
 
 
 def test_rating_is_the_same_on_any_number_of_hosts(distilled, tmp_path):
   """2 processes x 4 devices rate to the same ratings/block_K.csv as 1 x 8 and 1 x 1 (20 images, the last
-  batch padded), with the teacher in inference mode and recalibrated as the authors did."""
+  batch padded), with the teacher in inference mode and recalibrated as the authors did, and adaptive
+  rating stops the same paths after the first batch."""
   one = rate_with(distilled, tmp_path / 'one', 1, 1)
   eight = rate_with(distilled, tmp_path / 'eight', 1, 8)
   pod = rate_with(distilled, tmp_path / 'pod', 2, 4)
   for mode in RATING_MODES:
-    for k, (score, mse) in one[mode].items():
+    for k, (score, mse, images) in one[mode].items():
       assert len(set(np.round(score, 5))) > len(score) // 2  # paths really differ
+      assert set(images) <= {16, 20}
       for other in (eight, pod):
+        np.testing.assert_array_equal(other[mode][k][2], images, err_msg=f'{mode} block {k + 1}: other paths stopped')
         # float32 sums in another order only; a miscounted host would be off by up to 2x
         np.testing.assert_allclose(other[mode][k][0], score, rtol=2e-5, err_msg=f'{mode} block {k + 1} scores')
         np.testing.assert_allclose(other[mode][k][1], mse, rtol=2e-5, err_msg=f'{mode} block {k + 1} mse')
+  assert any(16 in one[mode][k][2] for mode in RATING_MODES for k in one[mode])  # adaptive rating stopped some
   # the modes themselves differ: the recalibrated teacher is another teacher
   assert not np.allclose(one['running'][1][0], one['recalibrated'][1][0])

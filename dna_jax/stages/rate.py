@@ -34,6 +34,7 @@ import numpy as np
 
 from dna_jax import images as images_lib
 from dna_jax import input_pipeline
+from dna_jax import latency_table
 from dna_jax import parallel
 from dna_jax import path_pruning
 from dna_jax import ratings as ratings_lib
@@ -484,10 +485,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   num_batches = -(-examples // config.rate.batch_size) if examples else None
   batches = input_pipeline.create_split(config.data, 'rate', config.rate.batch_size)
   start = time.time()
-  path_costs = None
+  path_costs, pruned_costs = None, ()
   if adaptive:
+    latency = None
+    pruned_costs = ('flops', 'params')
+    if config.search.latency_table:  # prune on predicted latency too, so that latency budgets stay exact
+      latency = latency_table.read(config.search.latency_table)
+      latency_table.check_covers(latency, space, config.data.image_size, num_classes, config.space.stem_stride)
+      pruned_costs += (f'latency:{config.search.latency_table}',)
     path_costs = {
-      k: path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride) for k in block_ids
+      k: path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride, latency)
+      for k in block_ids
     }
   acc = rate_blocks(
     config, teacher_model, teacher_variables, cells, variables, calib_batch, batches, num_batches, mode, path_costs
@@ -508,6 +516,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         stem_stride=config.space.stem_stride,
         images=acc[k].images,
         pruned_for_top_k=config.rate.keep if adaptive else 0,
+        pruned_costs=pruned_costs,
       )
     paths += sum(len(s) for s in score.values())
   logging.info('Rated %d paths in %.1f s (%.1f paths/s).', paths, seconds, paths / seconds)

@@ -103,6 +103,12 @@ def run_search(
     )
   ratings = ratings_lib.with_objective(ratings_lib.read_ratings(ratings_dir), objective)
   if latency_dir:
+    pruned_on = [c.split(':', 1)[1] for c in ratings.pruned_costs if c.startswith('latency:')]
+    if pruned_on and os.path.abspath(pruned_on[0]) != os.path.abspath(latency_dir):
+      raise ValueError(
+        f'{ratings_dir} were rated adaptively with the latency table {pruned_on[0]}; search with that table, '
+        'or rate again with this one (or with --config.rate.adaptive=False)'
+      )
     table = latency_table.read(latency_dir)
     latency_table.check_covers(table, ratings.space, ratings.resolution, ratings.num_classes, ratings.stem_stride)
     ratings = latency_table.with_latency(ratings, table)

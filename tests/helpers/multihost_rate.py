@@ -25,7 +25,7 @@ SPACE = '2 16 1@8,2@8; 2 24 1@12'
 
 
 def config(data_dir: str, rating_bn: str = 'running'):
-  """20 rating images in batches of 16 (the last one padded), a calibration batch of 8."""
+  """20 rating images in batches of 16 (the last one padded), a calibration batch of 8, adaptive rating."""
   config = config_base.get_base_config()
   config.space.blocks = SPACE
   config.space.update(dict(stem_width=8, ds_width=8, head_width=32, stem_stride=1))
@@ -42,7 +42,8 @@ def config(data_dir: str, rating_bn: str = 'running'):
       num_threads=1,
     )
   )
-  config.rate.update(dict(batch_size=16, calib_batch_size=8))
+  # adaptive rating stops the dominated paths after the first batch: every host must stop the same ones
+  config.rate.update(dict(batch_size=16, calib_batch_size=8, adaptive_examples=16))
   return config
 
 
