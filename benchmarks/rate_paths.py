@@ -333,16 +333,18 @@ def main(argv: list[str] | None = None) -> int:
       else:
         per_batch += tree_macs(cell, sizes[k]) * (b + calib_b) * s_per_mac
   batches = math.ceil(args.rating_images / b)
+  num_paths = sum(c.cell.num_paths for cs in all_cells for c in cs)
   total_s = batches * (per_batch + t6)
   print()
   for line in summary:
     print(f'- {line}')
   print(
-    f'- whole default space ({sum(c.cell.num_paths for cs in all_cells for c in cs):,} paths, 15 cells) on {args.rating_images} images, projected: '
+    f'- whole default space ({num_paths:,} paths, 15 cells) on {args.rating_images} images, projected: '
     f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
     f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
     f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
-    f"({'teacher not measured' if not teacher else 'teacher included'}); the authors' code: about 446 h on this CPU"
+    f'({"teacher not measured" if not teacher else "teacher included"}); the naive loop, student only: '
+    f'{results["4@192"][1]["path_s"] / b * num_paths * args.rating_images / 3600:.0f} h'
   )
   if args.survivors:
     first = min(1.0, args.adaptive_examples / args.rating_images)
