@@ -2,9 +2,8 @@
 
 A path p is *dominated* by a path q of the same block and output width when q costs no more than p in
 every cost (FLOPs and params, and with a latency table its predicted latency, at every input width the
-block can receive) and q's error is clearly
-lower: over G groups of the same rating images, the paired differences d_g = e_p,g - e_q,g have
-mean - z * standard error > 0. Swapping p for any of its dominators in a net keeps every budget and
+block can receive) and q's error is clearly lower: over G groups of the same rating images, the paired
+differences d_g = e_p,g - e_q,g have mean - z * standard error > 0. Swapping p for any of its dominators in a net keeps every budget and
 lowers the summed (or per-block normalised, or multiplied) score, so a path with at least k
 dominators is in none of the k best nets under any budget on those costs, nor on a Pareto front. The
 rate stage scores every path on a first slice of the rating images, stops rating the dominated ones

@@ -6,6 +6,9 @@ total FLOPs <= max_flops, total params <= max_params and, with a latency table
 Block costs are additive given the previous block's width (a block's first layer reads it), so
 the width of the previous block is the only state passed between blocks.
 
+Rows that adaptive rating stopped early (BlockRatings.pruned) are left out: each has at least
+`ratings.pruned_for_top_k` cheaper, clearly better rivals, so top_k up to that number stays exact.
+
 Algorithm (exact, not a heuristic):
 1. Per block and per (input width, output width), candidates with identical costs (flops, params
    and, under a latency budget, latency) keep their k best; then every candidate dominated by >= k
