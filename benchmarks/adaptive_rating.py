@@ -16,31 +16,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import precision_ranking
 from dna_jax import config_base
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import workdir as workdir_lib
-from dna_jax.stages import rate
 
 
 def rate_with(config, source: workdir_lib.Workdir, scratch: str, adaptive: bool) -> tuple[ratings_lib.Ratings, float]:
-  target = workdir_lib.Workdir(os.path.join(scratch, 'adaptive' if adaptive else 'exhaustive'))
-  for name in ('teacher', 'distill'):
-    shutil.copytree(source.root / name, target.root / name)
   config = config.copy_and_resolve_references()
   config.rate.adaptive = adaptive
-  start = time.perf_counter()
-  rate.run(config, str(target))
-  return ratings_lib.read_ratings(str(target.ratings)), time.perf_counter() - start
+  return precision_ranking.rate_copy(config, source, os.path.join(scratch, 'adaptive' if adaptive else 'exhaustive'))
 
 
 def main() -> None:

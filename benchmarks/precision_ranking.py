@@ -31,15 +31,20 @@ from dna_jax import workdir as workdir_lib
 from dna_jax.stages import rate
 
 
-def rate_with(config, source: workdir_lib.Workdir, scratch: str, dtype: str) -> tuple[ratings_lib.Ratings, float]:
-  target = workdir_lib.Workdir(os.path.join(scratch, dtype))
+def rate_copy(config, source: workdir_lib.Workdir, target_dir: str) -> tuple[ratings_lib.Ratings, float]:
+  """Rates a copy of `source`'s teacher and distilled blocks in `target_dir` with `config`: (ratings, seconds)."""
+  target = workdir_lib.Workdir(target_dir)
   for name in ('teacher', 'distill'):
     shutil.copytree(source.root / name, target.root / name)
-  config = config.copy_and_resolve_references()
-  config.model.dtype = dtype
   start = time.perf_counter()
   rate.run(config, str(target))
   return ratings_lib.read_ratings(str(target.ratings)), time.perf_counter() - start
+
+
+def rate_with(config, source: workdir_lib.Workdir, scratch: str, dtype: str) -> tuple[ratings_lib.Ratings, float]:
+  config = config.copy_and_resolve_references()
+  config.model.dtype = dtype
+  return rate_copy(config, source, os.path.join(scratch, dtype))
 
 
 def main() -> None:
