@@ -16,24 +16,17 @@ partial Kendall tau given FLOPs 0.34 [-0.22, 0.78]. README, "Search versus rando
 `:local` trains 4 random nets, 1 seed each, for 30 steps (a smoke run).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _demo_config(arg: str | None) -> ml_collections.ConfigDict:
-  """configs/demo.py's config (configs/ is not a package: loaded by path)."""
-  spec = importlib.util.spec_from_file_location('demo_config', os.path.join(os.path.dirname(__file__), 'demo.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from dna_jax import cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, '', 'local'):
     raise ValueError(f'unknown config argument {arg!r}; valid: local')
-  config = _demo_config(None)
+  config = cli.load_config(os.path.join(os.path.dirname(__file__), 'demo.py'), None)
   config.stages = 'versus_random'
   config.versus_random.num_random = 10
   config.versus_random.seeds = 2

@@ -18,25 +18,17 @@ estimate it as 560 x (one epoch of the retrain stage on your slice).
 Measured: ...
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _imagenet_config(arg: str | None) -> ml_collections.ConfigDict:
-  """configs/imagenet_b7.py's config (configs/ is not a package: loaded by path)."""
-  path = os.path.join(os.path.dirname(__file__), 'imagenet_b7.py')
-  spec = importlib.util.spec_from_file_location('imagenet_b7_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from dna_jax import cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f'unknown config argument {arg!r}; this config takes none')
-  config = _imagenet_config(None)
+  config = cli.load_config(os.path.join(os.path.dirname(__file__), 'imagenet_b7.py'), None)
   config.stages = 'fidelity'
   config.fidelity.num_archs = 12
   config.fidelity.noise_archs = 2
