@@ -7,9 +7,13 @@
 Measuring: every piece a net of the space can contain (latency_table.space_keys: each op at each input
 width, stride and resolution, the stem + DS block, the head) is built alone with random weights and
 timed on this machine: as a TFLite graph in the TFLite interpreter (`tflite_cpu`, `--threads`), or as a
-jitted JAX function on the local accelerator or CPU (`jax`); `--warmup` untimed runs, then the median of
-`--repeats` timed runs, the 10th and 90th percentiles recorded as the spread. Then `--fit_nets` whole
-nets are timed the same way and the median of (measured - sum of pieces) becomes the table's per-net
+jitted JAX function on the local accelerator or CPU (`jax`). All pieces are exported first, then timed
+together: `--warmup` untimed runs each, then `--rounds` rounds, each running every piece in turn at least
+`--repeats` times and `--min_round_ms`. A piece's time is the smallest of its round medians, its 10th and
+90th percentiles over all runs the spread: on a shared machine a slow spell (another process on the
+cores, seconds long; measured: timed one by one, 3 of 10 whole nets came out 1.7-1.9x slow) then
+falls in some rounds of a piece, not in all, and no export runs beside the timing. Then `--fit_nets`
+whole nets are timed the same way and the median of (measured - sum of pieces) becomes the table's per-net
 offset. The table (latency.csv + latency.json, latency_table.py) can be measured on a phone-like device
 and copied back.
 
@@ -22,6 +26,7 @@ workdir (its ratings/meta.json).
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 import datetime
 import json
 import os
@@ -29,6 +34,7 @@ import platform
 import re
 import time
 from typing import Any
+from typing import NamedTuple
 
 from absl import flags
 from absl import logging
@@ -73,50 +79,105 @@ def input_shape(key: latency_table.Key) -> tuple[int, int, int, int]:
   return (1, size, size, cin)
 
 
-def timed(run: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float, int]:
-  """(median, p10, p90) milliseconds of `run` after `warmup` untimed calls, and the repeat count."""
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
+class Timing(NamedTuple):
+  """How every piece and net is timed (stored in the table's metadata, reused by --check)."""
+
+  warmup: int = 5
+  repeats: int = 20
+  rounds: int = 5
+  min_round_ms: float = 100.0
+
+  @classmethod
+  def of_table(cls, meta: dict[str, Any]) -> Timing:
+    """The timing a table was measured with (tables from before rounds: one round, no minimum time)."""
+    return cls(meta['warmup'], meta['repeats'], meta.get('rounds', 1), meta.get('min_round_ms', 0.0))
+
+
+def timed_together(runs: Mapping[Any, Callable[[], Any]], timing: Timing) -> dict[Any, tuple[float, float, float, int]]:
+  """(time, p10, p90) milliseconds of each run and its number of timed runs, the runs' rounds interleaved.
+
+  Every run gets `timing.warmup` untimed calls, then `timing.rounds` rounds of at least `timing.repeats`
+  calls and at least `timing.min_round_ms` (the count set from the warm-up's speed); round r of every run
+  comes before round r + 1 of any. A run's time is the smallest of its round medians: a slow spell of the
+  machine (another process on the cores, lasting seconds) lands in some rounds of a run, not in all.
+  """
+  per_round = {}
+  for key, run in runs.items():
     start = time.perf_counter()
-    run()
-    times.append(1000 * (time.perf_counter() - start))
-  p10, median, p90 = np.percentile(times, [10, 50, 90])
-  return float(median), float(p10), float(p90), repeats
+    for _ in range(timing.warmup):
+      run()
+    per_run_ms = 1000 * (time.perf_counter() - start) / max(timing.warmup, 1)
+    per_round[key] = max(timing.repeats, int(np.ceil(timing.min_round_ms / max(per_run_ms, 1e-3))))
+  times = {key: [] for key in runs}
+  medians = {key: [] for key in runs}
+  for r in range(timing.rounds):
+    round_start = time.time()
+    for key, run in runs.items():
+      round_times = []
+      for _ in range(per_round[key]):
+        start = time.perf_counter()
+        run()
+        round_times.append(1000 * (time.perf_counter() - start))
+      medians[key].append(float(np.median(round_times)))
+      times[key] += round_times
+    logging.info('timing round %d/%d of %d runs: %.1f s', r + 1, timing.rounds, len(runs), time.time() - round_start)
+  result = {}
+  for key in runs:
+    best = min(medians[key])
+    p10, p90 = np.percentile(times[key], [10, 90])
+    result[key] = (best, float(min(p10, best)), float(max(p90, best)), len(times[key]))
+  return result
 
 
-def measure(model: Any, variables: Any, shape: tuple[int, ...], target: str, threads: int, warmup: int, repeats: int):
-  """Times one model (inference mode) on one input of `shape` on the target."""
+def timed(run: Callable[[], Any], timing: Timing) -> tuple[float, float, float, int]:
+  """(time, p10, p90) milliseconds of one run and its number of timed runs (see timed_together)."""
+  return timed_together({0: run}, timing)[0]
+
+
+def runner(model: Any, shape: tuple[int, ...], target: str, threads: int) -> Callable[[], Any]:
+  """A call that runs `model` (inference mode, random weights) once on one input of `shape` on the target."""
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.PRNGKey(0))
   predict = export.inference_fn(model, variables)
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   if target == 'jax':
     compiled = jax.jit(predict)
     device_x = jax.device_put(x)
-    return timed(lambda: jax.block_until_ready(compiled(device_x)), warmup, repeats)
+    return lambda: jax.block_until_ready(compiled(device_x))
   import tensorflow as tf  # only the TFLite target needs TensorFlow
 
   interpreter = tf.lite.Interpreter(model_content=export.tflite_bytes(predict, shape), num_threads=threads)
   interpreter.allocate_tensors()
   interpreter.set_tensor(interpreter.get_input_details()[0]['index'], x)
-  return timed(interpreter.invoke, warmup, repeats)
+  return interpreter.invoke
 
 
-def _init(model: Any, shape: tuple[int, ...]) -> Any:
-  return jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.PRNGKey(0))
+def net_model(arch: space_lib.Architecture, num_classes: int, stem_stride: int) -> child.ChildNet:
+  return child.ChildNet(arch, num_classes, 0.0, 0.0, stem_stride, NATIVE)
 
 
-def measure_piece(key: latency_table.Key, target: str, threads: int, warmup: int, repeats: int):
-  model = Piece(key)
-  return measure(model, _init(model, input_shape(key)), input_shape(key), target, threads, warmup, repeats)
+def build_runners(models: Mapping[Any, tuple[Any, tuple[int, ...]]], target: str, threads: int):
+  """Exports (TFLite) or compiles (JAX) every (model, input shape) before any is timed, with an ETA."""
+  start, runs = time.time(), {}
+  for i, (key, (model, shape)) in enumerate(models.items(), 1):
+    runs[key] = runner(model, shape, target, threads)
+    eta = (time.time() - start) / i * (len(models) - i)
+    logging.info('%d/%d ready for timing: %s (ETA %.0f s)', i, len(models), key, eta)
+  return runs
 
 
-def measure_net(
-  arch: space_lib.Architecture, resolution: int, num_classes: int, stem_stride: int, target, threads, warmup, repeats
-):
-  model = child.ChildNet(arch, num_classes, 0.0, 0.0, stem_stride, NATIVE)
+def measure_nets(
+  nets: list[tuple[str, space_lib.Architecture]],
+  resolution: int,
+  num_classes: int,
+  stem_stride: int,
+  target: str,
+  threads: int,
+  timing: Timing,
+) -> dict[str, float]:
+  """Measured milliseconds of whole nets (by name), timed together."""
   shape = (1, resolution, resolution, 3)
-  return measure(model, _init(model, shape), shape, target, threads, warmup, repeats)[0]
+  models = {name: (net_model(arch, num_classes, stem_stride), shape) for name, arch in nets}
+  return {name: m[0] for name, m in timed_together(build_runners(models, target, threads), timing).items()}
 
 
 # ----------------------------------------------------------------------------- what to measure
@@ -168,24 +229,22 @@ def nets_to_check(spec: str, space: space_lib.SearchSpace, seed: int) -> list[tu
 
 
 def build_table(
-  spec: str, target: str, out: str, threads: int, warmup: int, repeats: int, fit_nets: str, num_classes: int
+  spec: str, target: str, out: str, threads: int, timing: Timing, fit_nets: str, num_classes: int
 ) -> latency_table.LatencyTable:
   """Measures every piece of the space, fits the per-net offset on `fit_nets`, writes the table to `out`."""
   space, resolution, num_classes, stem_stride = load_space(spec, num_classes)
   keys = latency_table.space_keys(space, resolution, num_classes, stem_stride)
   logging.info('Measuring %d pieces of %s at %d px on %s.', len(keys), spec, resolution, target)
-  start, entries = time.time(), {}
-  for i, key in enumerate(keys, 1):
-    entries[key] = measure_piece(key, target, threads, warmup, repeats)
-    eta = (time.time() - start) / i * (len(keys) - i)
-    logging.info('%d/%d %s: %.3f ms (ETA %.0f s)', i, len(keys), key, entries[key][0], eta)
+  start = time.time()
+  runs = build_runners({key: (Piece(key), input_shape(key)) for key in keys}, target, threads)
+  entries = timed_together(runs, timing)
+  del runs
   meta = {
     'target': target,
     'device': str(jax.devices()[0]) if target == 'jax' else cpu_name(),
     'cpu': platform.platform(),
     'threads': threads,
-    'warmup': warmup,
-    'repeats': repeats,
+    **timing._asdict(),
     'versions': {'jax': jax.__version__, 'tensorflow': _tf_version(), 'numpy': np.__version__},
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'space': space.to_dict(),
@@ -197,10 +256,11 @@ def build_table(
   }
   table = latency_table.LatencyTable(entries, meta)
   residuals = []
-  for name, arch in nets_to_check(fit_nets, space, seed=0):
-    measured = measure_net(arch, resolution, num_classes, stem_stride, target, threads, warmup, repeats)
-    residuals.append(measured - latency_table.predict_ms(table, arch, resolution, num_classes, stem_stride))
-    logging.info('offset fit on %s: measured %.3f ms, residual %.3f ms', name, measured, residuals[-1])
+  nets = nets_to_check(fit_nets, space, seed=0)
+  measured = measure_nets(nets, resolution, num_classes, stem_stride, target, threads, timing)
+  for name, arch in nets:
+    residuals.append(measured[name] - latency_table.predict_ms(table, arch, resolution, num_classes, stem_stride))
+    logging.info('offset fit on %s: measured %.3f ms, residual %.3f ms', name, measured[name], residuals[-1])
   meta['offset_ms'] = float(np.median(residuals)) if residuals else 0.0
   meta['offset_fit_nets'] = fit_nets
   os.makedirs(out, exist_ok=True)
@@ -214,11 +274,12 @@ def check_table(directory: str, spec: str, nets: str, num_classes: int, seed: in
   meta = table.meta
   space, resolution, num_classes, stem_stride = load_space(spec, num_classes)
   rows = []
-  for name, arch in nets_to_check(nets, space, seed):
+  chosen = nets_to_check(nets, space, seed)
+  timing = Timing.of_table(meta)
+  measured_ms = measure_nets(chosen, resolution, num_classes, stem_stride, meta['target'], meta['threads'], timing)
+  for name, arch in chosen:
     predicted = latency_table.predict_ms(table, arch, resolution, num_classes, stem_stride)
-    measured = measure_net(
-      arch, resolution, num_classes, stem_stride, meta['target'], meta['threads'], meta['warmup'], meta['repeats']
-    )
+    measured = measured_ms[name]
     flops = costs.architecture_cost(arch, resolution, num_classes, stem_stride)[0].flops
     rows.append(
       {
@@ -262,6 +323,7 @@ def _tf_version() -> str:
     return 'not installed'
 
 
+DEFAULT_TIMING = Timing()
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('space', None, 'A config file (configs/NAME.py[:arg]) or a rated workdir.', flag_values=FLAGS)
 flags.DEFINE_enum('target', 'tflite_cpu', TARGETS, 'What to time on this machine.', flag_values=FLAGS)
@@ -272,8 +334,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string('fit_nets', 'random:5', 'Nets whose measured latency fits the per-net offset.', flag_values=FLAGS)
 flags.DEFINE_integer('threads', 1, 'TFLite interpreter threads.', flag_values=FLAGS)
-flags.DEFINE_integer('warmup', 5, 'Untimed runs before timing.', flag_values=FLAGS)
-flags.DEFINE_integer('repeats', 30, 'Timed runs (the median is kept).', flag_values=FLAGS)
+flags.DEFINE_integer('warmup', DEFAULT_TIMING.warmup, 'Untimed runs before timing.', flag_values=FLAGS)
+flags.DEFINE_integer('repeats', DEFAULT_TIMING.repeats, 'Timed runs per round, at least.', flag_values=FLAGS)
+flags.DEFINE_integer('rounds', DEFAULT_TIMING.rounds, 'Rounds; the smallest round median is kept.', flag_values=FLAGS)
+flags.DEFINE_float(
+  'min_round_ms', DEFAULT_TIMING.min_round_ms, 'Each round lasts at least this long.', flag_values=FLAGS
+)
 flags.DEFINE_integer(
   'num_classes', 1000, 'Classes (a config gives no dataset size; a workdir does).', flag_values=FLAGS
 )
@@ -290,9 +356,8 @@ def main(argv: list[str]) -> None:
     raise ValueError('give --out DIR (the table to write) or --check DIR (a table to check)')
   if os.path.exists(os.path.join(FLAGS.out, latency_table.TABLE)):
     raise ValueError(f'{FLAGS.out} already holds a latency table; choose another --out')
-  table = build_table(
-    FLAGS.space, FLAGS.target, FLAGS.out, FLAGS.threads, FLAGS.warmup, FLAGS.repeats, FLAGS.fit_nets, FLAGS.num_classes
-  )
+  timing = Timing(FLAGS.warmup, FLAGS.repeats, FLAGS.rounds, FLAGS.min_round_ms)
+  table = build_table(FLAGS.space, FLAGS.target, FLAGS.out, FLAGS.threads, timing, FLAGS.fit_nets, FLAGS.num_classes)
   print(
     f'Wrote {len(table.entries)} pieces to {FLAGS.out} in {table.meta["measure_seconds"]:.0f} s; '
     f'offset {table.offset_ms:.3f} ms per net.'

@@ -8,7 +8,8 @@ A table is two files in a directory, written by `python -m dna_jax.latency` on t
                 piece 'stem': stem conv + BN + swish + the depthwise-separable block (in 3 channels,
                 hidden = stem width, out = DS width, size = the image); piece 'head': 1x1 conv + BN +
                 swish + pool + classifier (hidden = classes, out = head width, size = its input).
-                ms is the median of `repeats` timed runs, ms_p10/ms_p90 the spread.
+                ms is the time (the smallest median of the timing rounds, latency.py), ms_p10/ms_p90
+                the spread of all `repeats` timed runs.
   latency.json  metadata: target, device, threads, library versions, date, resolution, num_classes,
                 stem/ds/head widths, and `offset_ms`, the per-net constant fitted against whole nets
                 (per-piece sums miss what a whole graph shares, e.g. one interpreter call per net).
