@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,8 +103,7 @@ def test_a_disturbed_round_does_not_count():
   assert 2 * 15 <= count <= 2 * 30
 
 
-def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
-  """Every piece of a tiny space exported to TFLite and timed, the offset fitted, the table checked."""
+def tiny_space_config(tmp_path):
   config = tmp_path / 'tiny.py'
   config.write_text(
     'from dna_jax import config_base\n'
@@ -113,6 +113,12 @@ def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
     '  config.data.image_size = 16\n'
     '  return config\n'
   )
+  return config
+
+
+def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
+  """Every piece of a tiny space exported to TFLite and timed, the offset fitted, the table checked."""
+  config = tiny_space_config(tmp_path)
   out = tmp_path / 'table'
   args = ['--space', str(config), '--out', str(out), '--num_classes', '3', '--repeats', '3', '--warmup', '1']
   args += ['--rounds', '2', '--min_round_ms', '5']
@@ -161,3 +167,16 @@ def test_adaptive_ratings_take_a_latency_budget_only_when_pruned_on_latency(tmp_
   size = space_lib.block_sizes(space, RESOLUTION, 2)[1]
   ops = next(iter(cell.paths()))
   assert costs[0, 2 * len(widths)] == round(latency_table.cell_ms(table, cell, ops, widths[0], size) * 1e6)
+
+
+def test_the_jax_target_times_the_same_pieces_as_jitted_functions(tmp_path):
+  config = tiny_space_config(tmp_path)
+  out = tmp_path / 'table'
+  args = ['--space', str(config), '--out', str(out), '--num_classes', '3', '--target', 'jax', '--fit_nets', 'random:1']
+  args += ['--repeats', '2', '--warmup', '1', '--rounds', '2', '--min_round_ms', '1']
+  assert cli.call(latency.main, latency.FLAGS, args) == 0
+  table = latency_table.read(str(out))
+  assert len(table.entries) == 4 and all(ms > 0 and count >= 4 for ms, _, _, count in table.entries.values())
+  assert table.meta['target'] == 'jax' and table.meta['device'] == str(jax.devices()[0])
+  report = latency.check_table(str(out), str(config), 'random:2', 3)
+  assert len(report['nets']) == 2 and all(r['measured_ms'] > 0 for r in report['nets'])
