@@ -26,8 +26,18 @@ from dna_jax.models import child
 
 
 def recipe(config: ml_collections.ConfigDict, epochs: float) -> ml_collections.ConfigDict:
-  """config.retrain with `epochs` (when > 0) and a single evaluation, at the end."""
+  """config.retrain shortened to `epochs` (when > 0 and shorter), with a single evaluation, at the end.
+
+  A shortened run keeps the schedule's shape: its learning-rate warm-up shrinks by the same factor, and
+  the weights' EMA warms up (decay min(ema_decay, (1 + t) / (10 + t))) instead of starting at a constant
+  decay. Measured on the demo's 58-step study runs (a sixth of its retrain recipe): with the warm-up left
+  at 0.3 epochs the whole run was warm-up, and a constant 0.999 decay kept 94% of the initial weights in
+  the EMA; one net's two seeds scored 65.5% and 29.5%, and the study ranked noise.
+  """
   tc = config.retrain.copy_and_resolve_references()
+  if 0 < epochs < tc.epochs:
+    tc.warmup_epochs *= epochs / tc.epochs
+    tc.ema_warmup = True
   if epochs > 0:
     tc.epochs = epochs
   tc.eval_every_epochs = tc.epochs

@@ -200,3 +200,15 @@ def test_command_line_reads_the_config_the_pipeline_saved(tmp_path):
   assert config_base.saved_config(str(tmp_path)).to_dict() == config.to_dict()
   with pytest.raises(FileNotFoundError, match='pass --config'):
     config_base.saved_config(str(tmp_path / 'other'))
+
+
+def test_a_shortened_study_run_keeps_the_schedule_shape():
+  config = config_base.get_base_config()
+  config.retrain.update(dict(epochs=1.5, warmup_epochs=0.3, ema_decay=0.999, ema_warmup=False))
+  short = studies.recipe(config, 0.25)
+  assert (short.epochs, short.eval_every_epochs, short.ema_warmup) == (0.25, 0.25, True)
+  assert short.warmup_epochs == pytest.approx(0.05)
+  for epochs in (0, 1.5, 3.0):  # the recipe itself, or longer: as configured
+    same = studies.recipe(config, epochs)
+    assert (same.warmup_epochs, same.ema_warmup, same.epochs) == (0.3, False, epochs or 1.5)
+  assert config.retrain.warmup_epochs == 0.3  # the config is not changed
