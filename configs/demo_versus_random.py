@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.versus_random.seeds = 2
   config.versus_random.top_k = 1
   config.versus_random.epochs = 0.25
+  # A 58-step run ends at learning rate 0 (cosine); its EMA (warmed up, studies.recipe) still mixes in
+  # weights and BatchNorm statistics from the high-rate steps: scored by the final weights.
+  config.versus_random.weights = 'raw'
   if arg == 'local':
     config.versus_random.num_random = 4
     config.versus_random.seeds = 1

@@ -219,13 +219,33 @@ def get_base_config() -> ml_collections.ConfigDict:
   # `epochs` (0: retrain.epochs); noise_archs of them again with noise_seed; the picks are stratified
   # over the summed scores of `sample_size` random nets; `bootstrap` resamples per `level` interval.
   config.fidelity = ml_collections.ConfigDict(
-    dict(num_archs=12, noise_archs=2, noise_seed=1, epochs=0.0, bootstrap=2000, sample_size=20_000, level=0.95)
+    dict(
+      num_archs=12,
+      noise_archs=2,
+      noise_seed=1,
+      epochs=0.0,
+      bootstrap=2000,
+      sample_size=20_000,
+      level=0.95,
+      weights='ema',
+    )
   )
   # stages=versus_random (stages/versus_random.py): the search's top_k nets and num_random nets of the space
   # within `tolerance` of the chosen net's FLOPs (uniform draws, `draws` per batch), each trained with
   # `seeds` seeds (config.seed, +1, ...) for `epochs` (0: retrain.epochs); `bootstrap` resamples per interval.
+  # Both studies score a run by the test top-1 of its `weights`: 'ema' (as the retrain stage reports) or 'raw'.
   config.versus_random = ml_collections.ConfigDict(
-    dict(num_random=10, seeds=3, tolerance=0.03, top_k=3, epochs=0.0, bootstrap=2000, level=0.95, draws=200_000)
+    dict(
+      num_random=10,
+      seeds=3,
+      tolerance=0.03,
+      top_k=3,
+      epochs=0.0,
+      bootstrap=2000,
+      level=0.95,
+      draws=200_000,
+      weights='ema',
+    )
   )
   return config
 

@@ -68,6 +68,19 @@ def train_architecture(
   }
 
 
+WEIGHTS = {'ema': 'accuracy', 'raw': 'raw_accuracy'}
+
+
+def check_weights(weights: str, key: str) -> None:
+  if weights not in WEIGHTS:
+    raise ValueError(f'{key} must be one of {sorted(WEIGHTS)}, got {weights!r}')
+
+
+def accuracy(result: dict[str, Any], weights: str) -> float:
+  """A run's test top-1 with its EMA ('ema') or its final ('raw') weights."""
+  return float(result[WEIGHTS[weights]])
+
+
 def train_once(
   config: ml_collections.ConfigDict, study: epath.Path, index: int, arch: str, seed: int, epochs: float
 ) -> dict[str, Any]:

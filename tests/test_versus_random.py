@@ -114,7 +114,7 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
     if len(calls) == kill_at:
       raise Killed
     score = ratings_lib.architecture_rating(ratings, arch)['score']
-    return {'accuracy': 0.9 - 0.1 * score + 0.001 * seed}
+    return {'accuracy': 0.9 - 0.1 * score + 0.001 * seed, 'raw_accuracy': 0.5 + 0.1 * score}
 
   monkeypatch.setattr(studies, 'train_architecture', lambda *a: fake_train(*a, kill_at=4))
   with pytest.raises(Killed):
@@ -142,6 +142,15 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
   for key in ('percentile', 'beat_probability', 'top_minus_random', 'partial_kendall_tau'):
     assert set(report[key]) == {'value', 'low', 'high'}
   assert (workdir / 'versus_random' / 'versus_random.png').stat().st_size > 0
+  # Scored by the final weights instead: the same runs, read again, none trained; here ranked backwards.
+  raw = study_config()
+  raw.versus_random.weights = 'raw'
+  versus_random.run(raw, str(workdir))
+  report = json.loads((workdir / 'versus_random' / 'summary.json').read_text())
+  assert not calls and report['weights'] == 'raw' and report['kendall_tau']['value'] == -1.0
+  raw.versus_random.weights = 'best'
+  with pytest.raises(ValueError, match=r"versus_random.weights must be one of \['ema', 'raw'\], got 'best'"):
+    versus_random.run(raw, str(workdir))
   with pytest.raises(ValueError, match='delete'):
     config = study_config()
     config.versus_random.num_random = 6

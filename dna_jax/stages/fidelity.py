@@ -350,6 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fc = config.fidelity
   if fc.noise_archs and fc.noise_seed == config.seed:
     raise ValueError(f'fidelity.noise_seed must differ from seed ({config.seed}) to measure training noise')
+  studies.check_weights(fc.weights, 'fidelity.weights')
   ratings = load_ratings(workdir)
   picks = load_or_pick(config, workdir, ratings)
   plan = [(p, config.seed) for p in picks] + [
@@ -359,9 +360,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('Fidelity study: %d training runs of %s epochs each.', len(plan), epochs)
   accuracy = {}
   for pick, seed in plan:
-    accuracy[pick['index'], seed] = float(train_once(config, workdir, pick, seed)['accuracy'])
+    accuracy[pick['index'], seed] = studies.accuracy(train_once(config, workdir, pick, seed), fc.weights)
   report = study_report(picks, accuracy, config.seed, fc.noise_seed, fc.bootstrap, fc.level)
   report['epochs'] = epochs
+  report['weights'] = fc.weights
   write_outputs(workdir, picks, accuracy, report, config.seed)
   tau, rho = report['kendall_tau'], report['spearman_rho']
   noise = report['noise']['mean_abs_diff']

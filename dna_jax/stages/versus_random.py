@@ -12,6 +12,7 @@ lie within `tolerance` of the chosen net's, each trained from scratch with the r
     every trained net: what a rating adds over the budget the search already enforces; plain tau
     of ratings and of FLOPs beside it;
   - the seed noise: the mean standard deviation of a net's accuracy over seeds.
+A run's accuracy is the test top-1 of its EMA or its final weights (`weights`).
 Targets (README): percentile above 90 with its interval above 50, partial tau above 0 with its
 interval.
 
@@ -221,6 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   vc = config.versus_random
   if vc.seeds < 1 or vc.num_random < 2 or vc.top_k < 1 or not 0 < vc.tolerance < 1:
     raise ValueError('versus_random needs seeds >= 1, num_random >= 2, top_k >= 1 and 0 < tolerance < 1')
+  studies.check_weights(vc.weights, 'versus_random.weights')
   paths = workdir_lib.Workdir(workdir)
   if not (paths.ratings / ratings_lib.META).exists():
     raise FileNotFoundError(f'no ratings in {paths.ratings}: run stages=rate,search first (same config)')
@@ -233,9 +235,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for seed in seeds:  # every net once before any second seed: a killed study has the most to report
     for net in nets:
       result = studies.train_once(config, paths.versus_random, net['index'], net['arch'], seed, vc.epochs)
-      runs[net['index'], seed] = float(result['accuracy'])
+      runs[net['index'], seed] = studies.accuracy(result, vc.weights)
   report = study_report(nets, runs, config)
   report['epochs'] = epochs
+  report['weights'] = vc.weights
   write_outputs(workdir, nets, runs, report, seeds)
   p, t = report['percentile'], report['partial_kendall_tau']
   logging.info(
