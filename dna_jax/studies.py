@@ -84,25 +84,42 @@ def accuracy(result: dict[str, Any], weights: str) -> float:
 def train_once(
   config: ml_collections.ConfigDict, study: epath.Path, index: int, arch: str, seed: int, epochs: float
 ) -> dict[str, Any]:
-  """One run's result: read from its result.json if it finished, else trained (resuming) and written there."""
+  """One run's result: read from its result.json if it finished, else trained (resuming) and written there.
+
+  arch.json and result.json record the architecture and the training recipe; a run directory made with
+  another of either (or by a version that recorded no recipe) is refused, never mixed into the study.
+  """
   directory = workdir_lib.study_run(study, index, seed)
   result_path, arch_path = directory / 'result.json', directory / 'arch.json'
+  run_recipe = json.loads(json.dumps(recipe(config, epochs).to_dict()))
   for path in (result_path, arch_path):
-    if path.exists() and json.loads(path.read_text())['arch'] != arch:
+    if not path.exists():
+      continue
+    saved = json.loads(path.read_text())
+    if saved['arch'] != arch:
       raise ValueError(
         f'{path} belongs to another architecture than {arch} (picked.json was replaced?); '
         f'delete {directory} to train it again'
       )
+    if 'recipe' not in saved:
+      why = 'records no recipe (an older dna_jax, before shortened runs scaled their warm-up and EMA)'
+    elif saved['recipe'] != run_recipe:
+      changed = sorted(k for k in {*run_recipe, *saved['recipe']} if saved['recipe'].get(k) != run_recipe.get(k))
+      why = f'was trained with another recipe (retrain.{", retrain.".join(changed)} differ)'
+    else:
+      continue
+    raise ValueError(f'{path} {why}; delete {directory} to train it again with this config')
   if result_path.exists():
     logging.info('Run %s finished before: %s.', directory.name, result_path)
     return json.loads(result_path.read_text())
   if not arch_path.exists() and jax.process_index() == 0:
-    files.write_json(arch_path, {'arch': arch, 'seed': seed})
+    files.write_json(arch_path, {'arch': arch, 'seed': seed, 'recipe': run_recipe})
   logging.info('Study run %s/%s: %s.', study.name, directory.name, arch)
   result = {
     'index': index,
     'arch': arch,
     'seed': seed,
+    'recipe': run_recipe,
     **train_architecture(config, space_lib.from_string(arch), os.fspath(directory), seed, epochs),
   }
   if jax.process_index() == 0:

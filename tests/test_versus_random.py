@@ -155,3 +155,12 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
     config = study_config()
     config.versus_random.num_random = 6
     versus_random.run(config, str(workdir))
+  # A run made with another recipe, or with none recorded, is refused, never mixed into the study.
+  other = study_config()
+  other.retrain.base_learning_rate *= 2
+  with pytest.raises(ValueError, match=r'another recipe \(retrain.base_learning_rate differ\); delete .*0_seed3'):
+    versus_random.run(other, str(workdir))
+  result = workdir / 'versus_random' / 'runs' / '0_seed3' / 'result.json'
+  result.write_text(json.dumps({k: v for k, v in json.loads(result.read_text()).items() if k != 'recipe'}))
+  with pytest.raises(ValueError, match='records no recipe'):
+    versus_random.run(study_config(), str(workdir))
