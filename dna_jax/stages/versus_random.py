@@ -195,7 +195,8 @@ def plot(nets: Sequence[dict[str, Any]], report: dict[str, Any], seeds: Sequence
     fontsize=8,
   )
   ax.set_xlabel('FLOPs (M)')
-  ax.set_ylabel(f'test top-1 (%), mean and std over {len(seeds)} seed{"s" if len(seeds) > 1 else ""}')
+  weights = {'ema': 'EMA weights', 'raw': 'final weights'}[report.get('weights', 'ema')]
+  ax.set_ylabel(f'test top-1 (%, {weights}), mean and std over {len(seeds)} seed{"s" if len(seeds) > 1 else ""}')
   ax.grid(alpha=0.3)
   fig.tight_layout()
   files.save_figure(fig, path_png)
