@@ -357,6 +357,8 @@ def main(argv: list[str]) -> None:
   if os.path.exists(os.path.join(FLAGS.out, latency_table.TABLE)):
     raise ValueError(f'{FLAGS.out} already holds a latency table; choose another --out')
   timing = Timing(FLAGS.warmup, FLAGS.repeats, FLAGS.rounds, FLAGS.min_round_ms)
+  if timing.warmup < 0 or timing.repeats < 1 or timing.rounds < 1 or timing.min_round_ms < 0:
+    raise ValueError(f'--warmup >= 0, --repeats >= 1, --rounds >= 1 and --min_round_ms >= 0 expected, got {timing}')
   table = build_table(FLAGS.space, FLAGS.target, FLAGS.out, FLAGS.threads, timing, FLAGS.fit_nets, FLAGS.num_classes)
   print(
     f'Wrote {len(table.entries)} pieces to {FLAGS.out} in {table.meta["measure_seconds"]:.0f} s; '

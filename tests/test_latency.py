@@ -141,6 +141,10 @@ def test_measuring_a_tiny_space_and_describing_with_the_table(tmp_path, capsys):
   )
   assert 'predicted latency' in capsys.readouterr().out
   assert cli.call(latency.main, latency.FLAGS, args) == 2  # never overwrites a table
+  capsys.readouterr()
+  bad = [*args[:3], str(tmp_path / 'other'), *args[4:], '--rounds', '0']
+  assert cli.call(latency.main, latency.FLAGS, bad) == 2
+  assert '--rounds >= 1' in capsys.readouterr().err
 
 
 def test_adaptive_ratings_take_a_latency_budget_only_when_pruned_on_latency(tmp_path):
