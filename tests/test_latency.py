@@ -83,7 +83,7 @@ def test_a_disturbed_round_does_not_count():
 
   ms, _, p90, count = latency.timed(run, latency.Timing(warmup=2, repeats=6, rounds=3, min_round_ms=0.0))
   assert count == 18 and len(calls) == 20
-  assert 1.0 <= ms < 3.0 and p90 >= 8.0  # the median of all 18 runs: about 8 ms
+  assert 1.0 <= ms < 4.0 and p90 >= 8.0  # the median of all 18 runs: about 8 ms
   # Timed together, round r of every run comes before round r + 1 of any: a slow spell spanning the
   # first round of both runs leaves their second rounds quiet.
   clock = []
@@ -97,10 +97,11 @@ def test_a_disturbed_round_does_not_count():
 
   result = latency.timed_together({'a': shared('a'), 'b': shared('b')}, latency.Timing(2, 4, 2, 0.0))
   assert clock == ['a'] * 2 + ['b'] * 2 + ['a'] * 4 + ['b'] * 4 + ['a'] * 4 + ['b'] * 4
-  assert all(1.0 <= ms < 3.0 and p90 >= 6.0 and count == 8 for ms, _, p90, count in result.values())
-  # A round lasts at least min_round_ms: 1 ms runs, 30 ms rounds -> about 30 runs per round.
+  assert all(1.0 <= ms < 4.0 and p90 >= 6.0 and count == 8 for ms, _, p90, count in result.values())
+  # A round lasts at least min_round_ms: runs of 1 ms or more, 30 ms rounds -> at most 30 runs per round,
+  # and more than the 2 repeats unless the warm-up run took over 6 ms.
   _, _, _, count = latency.timed(lambda: time.sleep(0.001), latency.Timing(1, 2, 2, min_round_ms=30.0))
-  assert 2 * 15 <= count <= 2 * 30
+  assert 2 * 5 <= count <= 2 * 30
 
 
 def tiny_space_config(tmp_path):
