@@ -1,4 +1,4 @@
-"""Rating speed: the prefix-sharing vmapped evaluator (`rate.rate_cell`) against one path at a time.
+"""Rating speed: the prefix-sharing vmapped evaluator (`cell_rating.rate_cell`) against one path at a time.
 
   PYTHONPATH=. python benchmarks/rate_paths.py [--batch 32] [--calib_batch 32] [--chunk_size 216]
       [--naive_paths 20] [--repeats 2] [--five_layer pieces|full|skip] [--rating_images 10000]
@@ -12,13 +12,13 @@ right shapes (speed does not depend on values), fp32, one device. Every path is 
 --batch rating inputs, as the rate stage does for every rating batch.
 
 Measured, compile excluded (each compiled function is called once first; compile time is stated):
-  ours:  `rate.rate_cell` on the whole 4@192 cell (median of --repeats calls). On 5@192
+  ours:  `cell_rating.rate_cell` on the whole 4@192 cell (median of --repeats calls). On 5@192
          (--five_layer pieces, the default) its pieces are timed, each on real inputs: the 6 first-layer
          calls, the second-layer calls under one first-layer op and --subtrees of the 36 vmapped
          216-path subtree calls; the cell's time is 6 x first + 36 x second + 36 x subtree, which is
          exactly the calls rate_cell makes (--five_layer full times rate_cell on the whole cell instead).
   naive: one path at a time, the authors' way: recalibrate then evaluate the path layer by layer
-         (`rate.naive_path_errors`' computation, jitted once with the path as a traced argument, one
+         (`cell_rating.naive_path_errors`' computation, jitted once with the path as a traced argument, one
          lax.switch per layer), called per path on --naive_paths random paths, mean per path; the
          whole cell is that times its path count (extrapolated).
   teacher: EfficientNet-B7 (random weights, inference BN) forward up to block 5 on --batch images at
@@ -47,12 +47,12 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from dna_jax import cell_rating
 from dna_jax import costs
 from dna_jax import space as space_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import supernet
-from dna_jax.stages import rate
 
 NUM_OPS = space_lib.NUM_OPS
 BLOCK = 4  # block 5 (0-based index)
@@ -80,9 +80,9 @@ def naive_fn(cell: supernet.SupernetCell):
 
   def one_path(variables, path, calib, inputs, target, mask):
     for l in range(cell.cell.layers):
-      branches = [functools.partial(rate._op_pair, cell, variables, l, j) for j in range(NUM_OPS)]  # pylint: disable=protected-access
+      branches = [functools.partial(cell_rating._op_pair, cell, variables, l, j) for j in range(NUM_OPS)]  # pylint: disable=protected-access
       calib, inputs = lax.switch(path[l], branches, calib, inputs)
-    return rate.path_errors(inputs[None], target, mask)
+    return cell_rating.path_errors(inputs[None], target, mask)
 
   return jax.jit(one_path)
 
@@ -102,46 +102,67 @@ def measure_naive(cell, variables, data, num_paths: int, seed: int) -> dict[str,
   }
 
 
+def calibration_arrays(calibration: cell_rating.Calibration) -> tuple:
+  return calibration.stem, calibration.nodes, calibration.subtrees
+
+
 def measure_rate_cell(cell, variables, data, chunk: int, repeats: int) -> dict[str, float]:
-  first, _ = timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))
-  times = [timed(lambda: rate.rate_cell(cell, variables, *data, chunk_size=chunk))[0] for _ in range(repeats)]
-  steady = statistics.median(times)
+  """calibrate_cell once (its time: once per cell) and rate_cell per batch, each the median of `repeats`."""
+  calib, inputs, target, mask = data
+  calibrate = lambda: calibration_arrays(cell_rating.calibrate_cell(cell, variables, calib, chunk))
+  first_calib, _ = timed(calibrate)
+  calib_s = statistics.median(timed(calibrate)[0] for _ in range(repeats))
+  calibration = cell_rating.calibrate_cell(cell, variables, calib, chunk)
+  run = lambda: cell_rating.rate_cell(cell, variables, calibration, inputs, target, mask)
+  first, _ = timed(run)
+  steady = statistics.median(timed(run)[0] for _ in range(repeats))
   return {
-    'compile_s': first - steady,
+    'compile_s': first - steady + first_calib - calib_s,
     'cell_s': steady,
+    'calib_s': calib_s,
     'how': f'measured, whole cell, median of {repeats}',
     'load': load(),
   }
 
 
 def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str, float]:
-  """rate_cell's calls on a cell with lead levels, each kind timed on real inputs, composed."""
+  """calibrate_cell's and rate_cell's calls on a cell with lead levels, each kind timed on real inputs, composed."""
   calib, inputs, target, mask = data
   layers_ = cell.cell.layers
-  d = rate.trailing_levels(layers_, chunk)
+  d = cell_rating.trailing_levels(layers_, chunk)
   lead = layers_ - d
   compile_s = 0.0
   level_inputs = [(calib, inputs)]
-  level_times = []
+  apply_times, calib_times = [], []
   for level in range(lead):
     c, x = level_inputs[-1]
-    fns = [rate.compiled('op', cell, None, level, j) for j in range(NUM_OPS)]
-    first = [timed(f, variables, c, x) for f in fns]  # compile + run
-    steady = [timed(f, variables, c, x)[0] for f in fns]
-    compile_s += sum(t for t, _ in first) - sum(steady)
-    level_times.append(statistics.mean(steady))
-    level_inputs.append(first[0][1])
-  sub = rate.compiled('subtree', cell, None, lead, 1)
+    calibrates = [cell_rating.compiled('calibrate_op', cell, None, level, j) for j in range(NUM_OPS)]
+    applies = [cell_rating.compiled('apply_op', cell, None, level, j) for j in range(NUM_OPS)]
+    first = [timed(f, variables, c) for f in calibrates]  # compile + run
+    calib_steady = [timed(f, variables, c)[0] for f in calibrates]
+    stats = [out[1] for _, out in first]
+    first_apply = [timed(f, variables, s, x) for f, s in zip(applies, stats)]
+    apply_steady = [timed(f, variables, s, x)[0] for f, s in zip(applies, stats)]
+    compile_s += sum(t for t, _ in first) - sum(calib_steady) + sum(t for t, _ in first_apply) - sum(apply_steady)
+    calib_times.append(statistics.mean(calib_steady))
+    apply_times.append(statistics.mean(apply_steady))
+    level_inputs.append((first[0][1][0], first_apply[0][1]))
   c, x = level_inputs[-1]
-  first, _ = timed(sub, variables, c, x, target, mask)
-  times = [timed(sub, variables, c, x, target, mask)[0] for _ in range(subtrees)]
-  sub_s = statistics.mean(times)
-  compile_s += first - sub_s
-  total = sum(NUM_OPS ** (l + 1) * t for l, t in enumerate(level_times)) + NUM_OPS**lead * sub_s
-  parts = ' + '.join(f'{NUM_OPS ** (l + 1)} x {t:.3f}' for l, t in enumerate(level_times))
+  sub_calib = cell_rating.compiled('calibrate_subtree', cell, None, lead)
+  first, stats = timed(sub_calib, variables, c)
+  sub_calib_s = statistics.mean(timed(sub_calib, variables, c)[0] for _ in range(subtrees))
+  sub = cell_rating.compiled('subtree', cell, None, lead, 1)
+  first_sub, _ = timed(sub, variables, stats, x, target, mask)
+  sub_s = statistics.mean(timed(sub, variables, stats, x, target, mask)[0] for _ in range(subtrees))
+  compile_s += first - sub_calib_s + first_sub - sub_s
+  compose = lambda times, subtree_s: (
+    sum(NUM_OPS ** (l + 1) * t for l, t in enumerate(times)) + NUM_OPS**lead * subtree_s
+  )
+  parts = ' + '.join(f'{NUM_OPS ** (l + 1)} x {t:.3f}' for l, t in enumerate(apply_times))
   return {
     'compile_s': compile_s,
-    'cell_s': total,
+    'cell_s': compose(apply_times, sub_s),
+    'calib_s': compose(calib_times, sub_calib_s),
     'load': load(),
     'how': f'pieces measured, composed: {parts} + {NUM_OPS**lead} x {sub_s:.3f} s (subtree, mean of {subtrees})',
   }
@@ -149,12 +170,14 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
 
 def measure_adaptive(cell, variables, data, chunk: int, fractions: list[float], groups: int, seed: int):
   """rate_cell on random survivor sets (the rest of the rating after adaptive pruning): s per cell per batch."""
+  calib, inputs, target, mask = data
+  calibration = cell_rating.calibrate_cell(cell, variables, calib, chunk)
   rng = np.random.default_rng(seed)
   out = {}
   for fraction in fractions:
     survivors = rng.random(cell.cell.num_paths) < fraction
     run = functools.partial(
-      rate.rate_cell, cell, variables, *data, chunk_size=chunk, num_groups=groups, survivors=survivors
+      cell_rating.rate_cell, cell, variables, calibration, inputs, target, mask, num_groups=groups, survivors=survivors
     )
     timed(run)  # compiles the per-op and per-leaf programs
     out[fraction] = statistics.median(timed(run)[0] for _ in range(2))
@@ -164,13 +187,14 @@ def measure_adaptive(cell, variables, data, chunk: int, fractions: list[float], 
 def subtree_temp_bytes(cell, variables, data, chunk: int) -> int:
   """XLA's temp bytes of one vmapped subtree call of rate_cell at `chunk` (lowered and compiled, not run)."""
   calib, inputs, target, mask = data
-  lead = cell.cell.layers - rate.trailing_levels(cell.cell.layers, chunk)
+  lead = cell.cell.layers - cell_rating.trailing_levels(cell.cell.layers, chunk)
   level_shape = lambda x: jax.ShapeDtypeStruct(
     x.shape[:1] + (x.shape[1] // 2, x.shape[2] // 2, cell.cell.width), x.dtype
   )
   c, x = (calib, inputs) if lead == 0 else (level_shape(calib), level_shape(inputs))
-  fn = jax.jit(functools.partial(rate.subtree_errors, cell, lead, 1))
-  return fn.lower(variables, c, x, target, mask).compile().memory_analysis().temp_size_in_bytes
+  stats = jax.eval_shape(functools.partial(cell_rating.subtree_stats, cell, lead), variables, c)
+  fn = jax.jit(functools.partial(cell_rating.subtree_errors, cell, lead, 1))
+  return fn.lower(variables, stats, x, target, mask).compile().memory_analysis().temp_size_in_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen['5@192'] = all_cells[BLOCK][2]
   results, memory_lines = {}, []
   for name, cell in chosen.items():
-    rcell = rate.for_rating(cell, None)
+    rcell = cell_rating.for_rating(cell, None)
     variables = jax.jit(cell.init)(jax.random.key(1), jnp.zeros((1, in_size, in_size, in_ch)))
     naive = measure_naive(rcell, variables, data, args.naive_paths, seed=len(results))
     print(
@@ -242,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       ours = measure_pieces(rcell, variables, data, args.chunk_size, args.subtrees)
     print(
-      f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), compile {ours["compile_s"]:.1f} s, '
-      f'load {ours["load"]}',
+      f'  {name} rate_cell: {ours["cell_s"]:.2f} s/cell/batch ({ours["how"]}), calibrate_cell '
+      f'{ours["calib_s"]:.2f} s once per cell, compile {ours["compile_s"]:.1f} s, load {ours["load"]}',
       flush=True,
     )
     if name == '4@192' and args.survivors:
@@ -257,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
       for chunk in chunks:
         temp = subtree_temp_bytes(rcell, variables, data, chunk)
         memory_lines.append(
-          f'4@192 subtree call at chunk {chunk} ({6 ** rate.trailing_levels(4, chunk)} paths vmapped), '
+          f'4@192 subtree call at chunk {chunk} ({6 ** cell_rating.trailing_levels(4, chunk)} paths vmapped), '
           f'batch {args.batch} + calib {args.calib_batch}: XLA temp {temp / 2**30:.2f} GiB '
           '(memory_analysis, compiled not run)'
         )
@@ -282,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
   t5, t6 = teacher.get(BLOCK + 1, 0.0), teacher.get(len(space.blocks), 0.0)
 
   b, calib_b = args.batch, args.calib_batch
+  batches = math.ceil(args.rating_images / b)
   print()
   print(
     f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), fp32; '
-    f'{b} rating + {calib_b} calibration images per path; compile excluded'
+    f'{b} rating + {calib_b} calibration images per path; {args.rating_images} rating images = {batches} batches; '
+    'compile excluded'
   )
   print(
     '| cell | paths | method | what is timed | s per cell per batch | ms / path / image | paths/s (per batch) '
@@ -296,45 +322,55 @@ def main(argv: list[str] | None = None) -> int:
   for name, (cell, naive, ours) in results.items():
     paths = cell.cell.num_paths
     naive_cell = naive['path_s'] * paths
-    ours_gflops = 2 * tree_macs(cell, in_size) * (b + calib_b) / ours['cell_s'] / 1e9
+    # Recalibrated once per cell, reused for every batch: its cost spread over the rating's batches.
+    amortized = ours['cell_s'] + ours['calib_s'] / batches
+    ours_gflops = 2 * tree_macs(cell, in_size) * (b + calib_b / batches) / amortized / 1e9
     print(
-      f'| {name} | {paths} | rate_cell (prefix tree + vmap) | {ours["how"]} | {ours["cell_s"]:.2f} | '
-      f'{1e3 * ours["cell_s"] / paths / b:.4f} | {paths / ours["cell_s"]:.1f} | {ours_gflops:.1f} '
+      f'| {name} | {paths} | rate_cell (prefix tree + vmap, statistics recalibrated once) | {ours["how"]}; '
+      f'calibrate_cell {ours["calib_s"]:.2f} s once, / {batches} batches | {amortized:.2f} | '
+      f'{1e3 * amortized / paths / b:.4f} | {paths / amortized:.1f} | {ours_gflops:.1f} '
       f'({100 * ours_gflops / args.peak_gflops:.0f}% of peak) | {ours["compile_s"]:.1f} | {ours["load"]} |'
+    )
+    every = ours['cell_s'] + ours['calib_s']
+    print(
+      f'| {name} | {paths} | the same, recalibrated for every batch | rate_cell + calibrate_cell per batch | '
+      f'{every:.2f} | {1e3 * every / paths / b:.4f} | {paths / every:.1f} | - | - | - |'
     )
     print(
       f'| {name} | {paths} | naive, one path at a time | {naive["n"]} random paths measured, x {paths} '
       f'extrapolated | {naive_cell:.1f} | {1e3 * naive["path_s"] / b:.3f} | {1 / naive["path_s"]:.2f} | - | '
       f'{naive["compile_s"]:.1f} | {naive["load"]} |'
     )
-    ratio = naive_cell / ours['cell_s']
-    line = f'{name}: rate_cell is {ratio:.1f}x faster per path per image than the naive loop (student only)'
+    line = (
+      f'{name}: rate_cell is {naive_cell / amortized:.1f}x faster per path per image than the naive loop '
+      f'(student only; {naive_cell / every:.1f}x if it recalibrated for every batch)'
+    )
     if teacher:
       with_t = (naive['path_s'] + t5) * paths
       print(
         f'| {name} | {paths} | naive + teacher B7 up_to=5 re-run per path | naive + {t5:.2f} s per path | '
         f'{with_t:.1f} | {1e3 * (naive["path_s"] + t5) / b:.3f} | {1 / (naive["path_s"] + t5):.3f} | - | - | - |'
       )
-      line += (
-        f'; with the teacher re-run per path vs once per batch for this cell: {with_t / (ours["cell_s"] + t5):.0f}x'
-      )
+      line += f'; with the teacher re-run per path vs once per batch for this cell: {with_t / (amortized + t5):.0f}x'
     summary.append(line)
 
-  # Projection to the whole default space.
-  measured = {name: ours['cell_s'] for name, (_, _, ours) in results.items()}
+  # Projection to the whole default space: per batch, every cell's rate_cell; once, every cell's calibration.
+  measured = {name: (ours['cell_s'], ours['calib_s']) for name, (_, _, ours) in results.items()}
   ref_cell, _, ref = results['4@192']
-  s_per_mac = ref['cell_s'] / (tree_macs(ref_cell, in_size) * (b + calib_b))
-  per_batch = 0.0
+  s_per_mac = ref['cell_s'] / (tree_macs(ref_cell, in_size) * b)
+  calib_s_per_mac = ref['calib_s'] / (tree_macs(ref_cell, in_size) * calib_b)
+  per_batch, calibration = 0.0, 0.0
   for k, cells in enumerate(all_cells):
     for cell in cells:
       key = cell.cell.name if k == BLOCK else None
       if key in measured:
-        per_batch += measured[key]
+        per_batch += measured[key][0]
+        calibration += measured[key][1]
       else:
-        per_batch += tree_macs(cell, sizes[k]) * (b + calib_b) * s_per_mac
-  batches = math.ceil(args.rating_images / b)
+        per_batch += tree_macs(cell, sizes[k]) * b * s_per_mac
+        calibration += tree_macs(cell, sizes[k]) * calib_b * calib_s_per_mac
   num_paths = sum(c.cell.num_paths for cs in all_cells for c in cs)
-  total_s = batches * (per_batch + t6)
+  total_s = batches * (per_batch + t6) + calibration
   print()
   for line in summary:
     print(f'- {line}')
@@ -342,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     f'- whole default space ({num_paths:,} paths, 15 cells) on {args.rating_images} images, projected: '
     f'{batches} batches x ({per_batch:.1f} s rate_cell over all cells [block-5 4@192'
     f'{" and 5@192" if "5@192" in measured else ""} measured, the rest MAC-scaled from 4@192] '
-    f'+ {t6:.2f} s teacher up_to=6) = {total_s / 3600:.1f} h '
+    f'+ {t6:.2f} s teacher up_to=6) + {calibration:.0f} s calibrating every cell once = {total_s / 3600:.1f} h '
     f'({"teacher not measured" if not teacher else "teacher included"}); the naive loop, student only: '
     f'{results["4@192"][1]["path_s"] / b * num_paths * args.rating_images / 3600:.0f} h'
   )
@@ -352,12 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     for fraction, seconds in adaptive.items():
       ratio = first + (1 - first) * seconds / ref_s
       naive_ms = 1e3 * results['4@192'][1]['path_s'] / b
-      ours_ms = 1e3 * ref_s * ratio / ref_cell.cell.num_paths / b
+      ours_ms = 1e3 * (ref_s * ratio + ref['calib_s'] / batches) / ref_cell.cell.num_paths / b
       print(
         f'- adaptive rating, {100 * fraction:.0f}% of paths left after the first {args.adaptive_examples} images: '
-        f'4@192 costs {ratio:.2f}x the exhaustive rating ({ours_ms:.3f} ms per path per image, '
-        f'{naive_ms / ours_ms:.1f}x the naive loop); whole space projected {total_s * ratio / 3600:.1f} h '
-        '(every cell assumed to keep that fraction)'
+        f'4@192 rating batches cost {ratio:.2f}x the exhaustive ones ({ours_ms:.3f} ms per path per image with '
+        f'the calibration, {naive_ms / ours_ms:.1f}x the naive loop); whole space projected '
+        f'{(batches * (per_batch * ratio + t6) + calibration) / 3600:.1f} h (every cell assumed to keep that fraction)'
       )
   for line in memory_lines:
     print(f'- {line}')

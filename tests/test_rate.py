@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dna_jax import cell_rating
 from dna_jax import space as space_lib
 from dna_jax.models import supernet
 from dna_jax.stages import rate
@@ -16,6 +17,12 @@ def perturbed(variables, seed):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   return {'params': jax.tree.unflatten(tree, leaves), 'batch_stats': variables['batch_stats']}
+
+
+def rated(cell, variables, calib, inputs, target, mask, chunk_size=216, mode=None, num_groups=1, survivors=None):
+  """rate_cell with the cell recalibrated on `calib` (calibrate_cell)."""
+  calibration = cell_rating.calibrate_cell(cell, variables, calib, chunk_size, mode)
+  return cell_rating.rate_cell(cell, variables, calibration, inputs, target, mask, mode, num_groups, survivors)
 
 
 def make_cell(layers, stem, pinned=()):
@@ -37,13 +44,13 @@ def test_prefix_sharing_equals_naive(layers, stem, chunk, pinned):
   target = jnp.asarray(rng.normal(size=(5, 4, 4, 6)), jnp.float32)
   mask = jnp.asarray([1, 1, 1, 1, 0], jnp.float32)
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 2)
-  rating_cell = rate.for_rating(cell, None)
-  abs_sums, sq_sums = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask, chunk_size=chunk)
+  rating_cell = cell_rating.for_rating(cell, None)
+  abs_sums, sq_sums = rated(rating_cell, variables, calib, inputs, target, mask, chunk_size=chunk)
   assert abs_sums.shape == (cell.cell.num_paths, 1) == (6 ** (layers - len([p for p in pinned if p is not None])), 1)
   abs_sums, sq_sums = abs_sums[:, 0], sq_sums[:, 0]
   paths = list(cell.cell.paths())
   for p in [0, 1, 7, len(paths) // 2, len(paths) - 1]:
-    a, s = rate.naive_path_errors(rating_cell, variables, paths[p], calib, inputs, target, mask)
+    a, s = cell_rating.naive_path_errors(rating_cell, variables, paths[p], calib, inputs, target, mask)
     np.testing.assert_allclose(abs_sums[p], a, rtol=2e-5)
     np.testing.assert_allclose(sq_sums[p], s, rtol=2e-5)
   assert len(set(np.round(abs_sums, 4))) > len(paths) // 2  # paths really differ
@@ -56,23 +63,47 @@ def test_recalibration_uses_the_calibration_batch_only():
   inputs = jnp.asarray(rng.normal(size=(5, 8, 8, 4)), jnp.float32)
   target = jnp.zeros((5, 4, 4, 6))
   variables = cell.init(jax.random.PRNGKey(1), calib)
-  rating_cell = rate.for_rating(cell, None)
+  rating_cell = cell_rating.for_rating(cell, None)
   mask = jnp.ones(5)
-  base = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask)[0]
+  base = rated(rating_cell, variables, calib, inputs, target, mask)[0]
   # Stored running statistics are replaced by the recalibrated ones: changing them changes nothing.
   scrambled = {'params': variables['params'], 'batch_stats': jax.tree.map(lambda x: x + 5.0, variables['batch_stats'])}
-  np.testing.assert_allclose(rate.rate_cell(rating_cell, scrambled, calib, inputs, target, mask)[0], base, rtol=1e-6)
+  np.testing.assert_allclose(rated(rating_cell, scrambled, calib, inputs, target, mask)[0], base, rtol=1e-6)
   # A different calibration batch changes the ratings.
-  other = rate.rate_cell(rating_cell, variables, calib * 3 + 1, inputs, target, mask)[0]
+  other = rated(rating_cell, variables, calib * 3 + 1, inputs, target, mask)[0]
   assert np.max(np.abs(other - base)) > 1e-3
+
+
+@pytest.mark.parametrize('layers,stem,chunk', [(3, False, 36), (2, True, 6)])
+def test_one_calibration_serves_every_rating_batch(layers, stem, chunk):
+  cell = make_cell(layers, stem)
+  in_ch = 3 if stem else 4
+  rng = np.random.default_rng(4)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  calib = normal(6, 8, 8, in_ch)
+  variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 5)
+  rating_cell = cell_rating.for_rating(cell, None)
+  calibration = cell_rating.calibrate_cell(rating_cell, variables, calib, chunk)
+  paths = list(cell.cell.paths())
+  for _ in range(2):  # each batch scored as if its paths were recalibrated for it alone
+    inputs, target, mask = normal(5, 8, 8, in_ch), normal(5, 4, 4, 6), jnp.ones(5)
+    abs_sums, sq_sums = cell_rating.rate_cell(rating_cell, variables, calibration, inputs, target, mask)
+    for p in [0, 5, len(paths) - 1]:
+      a, s = cell_rating.naive_path_errors(rating_cell, variables, paths[p], calib, inputs, target, mask)
+      np.testing.assert_allclose([abs_sums[p, 0], sq_sums[p, 0]], [a, s], rtol=2e-5)
+  # One statistics entry per node of the tree: walked prefixes, plus each trailing subtree's levels.
+  lead = calibration.lead
+  assert len(calibration.nodes) == sum(6**l for l in range(1, lead + 1))
+  assert len(calibration.subtrees) == 6**lead
+  assert (calibration.stem is not None) == stem
 
 
 def test_layer_evaluation_count_matches_prefix_tree():
   # 6 + 36 + 216 + 1296 = 1554 layer evaluations for a 4-layer cell, vs 4 * 6**4 = 5184 naive.
   assert sum(6**l for l in range(1, 5)) == 1554
-  assert rate.trailing_levels(4, 216) == 3
-  assert rate.trailing_levels(4, 5) == 1
-  assert rate.trailing_levels(2, 10**6) == 2
+  assert cell_rating.trailing_levels(4, 216) == 3
+  assert cell_rating.trailing_levels(4, 5) == 1
+  assert cell_rating.trailing_levels(2, 10**6) == 2
 
 
 def test_scores_are_relative_l1_over_all_examples():
@@ -92,12 +123,18 @@ def test_sharded_rating_equals_single_device():
   target = jnp.asarray(rng.normal(size=(16, 4, 4, 6)), jnp.float32)
   mask = jnp.ones(16)
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 4)
-  single = rate.rate_cell(rate.for_rating(cell, None), variables, calib, inputs, target, mask)
+  single = rated(cell_rating.for_rating(cell, None), variables, calib, inputs, target, mask)
   from dna_jax import parallel
 
   shard = lambda x: jax.device_put(x, jax.NamedSharding(parallel.make_mesh(), jax.P(parallel.AXIS)))
-  sharded = rate.rate_cell(
-    rate.for_rating(cell, None), variables, shard(calib), shard(inputs), shard(target), shard(mask), mode='shard_map'
+  sharded = rated(
+    cell_rating.for_rating(cell, None),
+    variables,
+    shard(calib),
+    shard(inputs),
+    shard(target),
+    shard(mask),
+    mode='shard_map',
   )
   for a, b in zip(single, sharded):
     np.testing.assert_allclose(a, b, rtol=1e-4)
@@ -132,7 +169,7 @@ def test_padding_never_changes_a_statistic():
   np.testing.assert_allclose(total_sq, jnp.square(alone).sum(), rtol=1e-5)
   np.testing.assert_array_equal(per_group, [2 * alone[0].size, alone[0].size])  # examples 0, 2 | 1
   outputs = jnp.concatenate([alone + 1, jnp.full((5,) + alone.shape[1:], jnp.nan)])[None]
-  abs_sum, sq_sum = rate.path_errors(outputs, target, mask, 2)
+  abs_sum, sq_sum = cell_rating.path_errors(outputs, target, mask, 2)
   np.testing.assert_allclose(abs_sum[0], [2 * alone[0].size, alone[0].size], rtol=1e-5)
   np.testing.assert_allclose(sq_sum[0], [2 * alone[0].size, alone[0].size], rtol=1e-5)
 
@@ -165,19 +202,19 @@ def test_only_surviving_paths_are_rated_and_groups_split_the_examples():
   target = jnp.asarray(rng.normal(size=(7, 4, 4, 6)), jnp.float32)
   mask = jnp.asarray([1, 1, 1, 1, 1, 1, 0], jnp.float32)
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 3)
-  rating_cell = rate.for_rating(cell, None)
-  full = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask, chunk_size=36, num_groups=4)
+  rating_cell = cell_rating.for_rating(cell, None)
+  full = rated(rating_cell, variables, calib, inputs, target, mask, chunk_size=36, num_groups=4)
   assert full[0].shape == (216, 4)
   np.testing.assert_allclose(
     full[0].sum(-1),
-    rate.rate_cell(rating_cell, variables, calib, inputs, target, mask, chunk_size=36)[0][:, 0],
+    rated(rating_cell, variables, calib, inputs, target, mask, chunk_size=36)[0][:, 0],
     rtol=1e-5,
   )
   # Sparse (3 paths under prefix (0,), far below a quarter of its 36) and dense (all of prefix (5,)) parts.
   survivors = np.zeros(216, bool)
   survivors[[0, 7, 35]] = True
   survivors[180:216] = True
-  part = rate.rate_cell(rating_cell, variables, calib, inputs, target, mask, 36, None, 4, survivors)
+  part = rated(rating_cell, variables, calib, inputs, target, mask, 36, None, 4, survivors)
   for a, b in zip(part, full):
     np.testing.assert_allclose(a[survivors], b[survivors], rtol=1e-5)
     assert not np.any(a[~survivors])

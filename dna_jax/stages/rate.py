@@ -1,22 +1,13 @@
-"""Rate every path of every cell against the teacher, sharing work between paths.
+"""The rate stage: every path of every cell of the chosen blocks, rated against the teacher.
 
-For each path, BatchNorm statistics are recalibrated from one batch of training
-images fed through that path (DNA's recalibration), then the path is scored on the
-held-out rating split: relative L1 (mean |S - T| / std(T)) and MSE.
-
-Paths that share their first layers share those layers' activations and recalibrated
-statistics: the cell is evaluated as a prefix tree, level by level, so a 4-layer cell
-costs 6 + 36 + 216 + 1296 = 1554 layer evaluations per batch instead of 4 x 1296.
-The last `d` levels of the tree (6**d <= chunk_size leaves) run as one jitted call
-that vmaps every op over the prefixes; the first levels are walked depth-first with
-their activations cached. The teacher runs once per batch for all cells.
-
-`rate_cell` is a pure function of (variables, calibration inputs, rating batches).
+The teacher runs once per rating batch for all cells; each cell is recalibrated once and its paths
+rated as a prefix tree (cell_rating.py). Per path: relative L1 (mean |S - T| / std(T)) and MSE on
+the held-out rating split, written to WORKDIR/ratings/block_K.csv. Adaptive rating (path_pruning.py)
+stops the paths that cannot be in the search's answers.
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from collections.abc import Iterable
 import dataclasses
@@ -27,11 +18,11 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dna_jax import cell_rating
 from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import latency_table
@@ -46,217 +37,6 @@ from dna_jax.models import layers
 from dna_jax.models import supernet
 
 Array = jax.Array
-NUM_OPS = space_lib.NUM_OPS
-
-
-def for_rating(cell: supernet.SupernetCell, axis_name: str | None) -> supernet.SupernetCell:
-  """The cell with BN momentum 0: a train-mode pass sets running stats to the batch's own (recalibration)."""
-  return dataclasses.replace(
-    cell, conventions=dataclasses.replace(cell.conventions, bn_momentum=0.0), bn_axis_name=axis_name
-  )
-
-
-def _op_pair(cell, variables, l, op_id, calib, inputs):
-  """Op `op_id` of layer l: recalibrate on `calib`, then apply to `inputs` with those statistics."""
-  calib_out, stats = cell.apply_op(variables, l, op_id, calib, train=True)
-  name = space_lib.OP_NAMES[op_id]
-  eval_vars = {
-    'params': variables['params'],
-    'batch_stats': {**variables['batch_stats'], f'layer{l}': {**variables['batch_stats'][f'layer{l}'], name: stats}},
-  }
-  out, _ = cell.apply_op(eval_vars, l, op_id, inputs, train=False)
-  return calib_out, out
-
-
-def expand_level(
-  cell: supernet.SupernetCell, variables: Any, l: int, calib: Array, inputs: Array
-) -> tuple[Array, Array]:
-  """Every op layer l may take applied to every prefix: (P, ...) -> (P * ops, ...), path-major order."""
-  outs_c, outs_e = [], []
-  for op_id in cell.cell.layer_ops(l):
-    c, e = jax.vmap(functools.partial(_op_pair, cell, variables, l, op_id))(calib, inputs)
-    outs_c.append(c)
-    outs_e.append(e)
-  stack = lambda xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:])
-  return stack(outs_c), stack(outs_e)
-
-
-def group_onehot(batch: int, num_groups: int, first_index: Array | int = 0) -> Array:
-  """(batch, num_groups) one-hot of each example's group: its index in the global batch modulo num_groups."""
-  group = (first_index + jnp.arange(batch)) % num_groups
-  return (group[:, None] == jnp.arange(num_groups)[None]).astype(jnp.float32)
-
-
-def path_errors(
-  outputs: Array, target: Array, mask: Array, num_groups: int = 1, first_index: Array | int = 0
-) -> tuple[Array, Array]:
-  """Per path and group of examples, sums of |S - T| and (S - T)^2: (paths, num_groups) each.
-
-  Example i of the global batch (`first_index` is this shard's first) is in group i % num_groups; the
-  groups give adaptive rating paired differences on the same images. Padded examples (mask 0) never count.
-  """
-  diff = outputs.astype(jnp.float32) - target.astype(jnp.float32)[None]
-  real = mask.reshape((1, -1) + (1,) * (diff.ndim - 2)) > 0
-  diff = jnp.where(real, diff, 0.0)  # not a product: whatever a padded example holds (even NaN) is dropped
-  axes = tuple(range(2, diff.ndim))
-  onehot = group_onehot(diff.shape[1], num_groups, first_index)
-  return jnp.sum(jnp.abs(diff), axes) @ onehot, jnp.sum(jnp.square(diff), axes) @ onehot
-
-
-def _shard_errors(cell: supernet.SupernetCell, outputs: Array, target: Array, mask: Array, num_groups: int):
-  """path_errors of this shard, summed over every device when the cell runs under shard_map."""
-  if not cell.bn_axis_name:
-    return path_errors(outputs, target, mask, num_groups)
-  first = lax.axis_index(parallel.AXIS) * target.shape[0]
-  return tuple(lax.psum(s, parallel.AXIS) for s in path_errors(outputs, target, mask, num_groups, first))
-
-
-def subtree_errors(
-  cell: supernet.SupernetCell,
-  first_level: int,
-  num_groups: int,
-  variables: Any,
-  calib: Array,
-  inputs: Array,
-  target: Array,
-  mask: Array,
-) -> tuple[Array, Array]:
-  """All 6**(L - first_level) completions of one prefix, vmapped level by level."""
-  calib, inputs = calib[None], inputs[None]
-  for l in range(first_level, cell.cell.layers):
-    calib, inputs = expand_level(cell, variables, l, calib, inputs)
-  return _shard_errors(cell, inputs, target, mask, num_groups)
-
-
-def leaf_errors(
-  cell: supernet.SupernetCell,
-  l: int,
-  op_id: int,
-  num_groups: int,
-  variables: Any,
-  calib: Array,
-  inputs: Array,
-  target: Array,
-  mask: Array,
-) -> tuple[Array, Array]:
-  """One path: its last layer's op `op_id` applied to one prefix's activations, then its errors (1, groups)."""
-  _, out = _op_pair(cell, variables, l, op_id, calib, inputs)
-  return _shard_errors(cell, out[None], target, mask, num_groups)
-
-
-def single_op(
-  cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, calib: Array, inputs: Array
-) -> tuple[Array, Array]:
-  return _op_pair(cell, variables, l, op_id, calib, inputs)
-
-
-def stem_pair(cell: supernet.SupernetCell, variables: Any, calib: Array, inputs: Array) -> tuple[Array, Array]:
-  """Block 1's stem + DS block, recalibrated on `calib` like every other layer."""
-  calib_out, stats = cell.apply_stem(variables, calib, train=True)
-  out, _ = cell.apply_stem(
-    {'params': variables['params'], 'batch_stats': {**variables['batch_stats'], **stats}}, inputs, train=False
-  )
-  return calib_out, out
-
-
-@functools.cache
-def compiled(kind: str, cell: supernet.SupernetCell, mode: str | None, *static: int):
-  """Jitted (and, with a mode, device-parallel) building blocks, cached per cell shape."""
-  fns = {
-    'subtree': lambda: functools.partial(subtree_errors, cell, *static),
-    'leaf': lambda: functools.partial(leaf_errors, cell, *static),
-    'op': lambda: functools.partial(single_op, cell, *static),
-    'stem': lambda: functools.partial(stem_pair, cell),
-  }
-  fn = fns[kind]()
-  if mode is None:
-    return jax.jit(fn)
-  errors = kind in ('subtree', 'leaf')
-  in_specs = (jax.P(),) + (jax.P(parallel.AXIS),) * (4 if errors else 2)
-  out_specs = (jax.P(), jax.P()) if errors else (jax.P(parallel.AXIS), jax.P(parallel.AXIS))
-  return jax.jit(jax.shard_map(fn, mesh=parallel.make_mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False))
-
-
-def trailing_levels(num_layers: int, chunk_size: int) -> int:
-  """How many last levels run as one vmapped call (6**d <= chunk_size, at least 1)."""
-  return max(1, min(num_layers, math.floor(math.log(max(chunk_size, NUM_OPS)) / math.log(NUM_OPS) + 1e-9)))
-
-
-def rate_cell(
-  cell: supernet.SupernetCell,
-  variables: Any,
-  calib: Array,
-  inputs: Array,
-  target: Array,
-  mask: Array,
-  chunk_size: int = 216,
-  mode: str | None = None,
-  num_groups: int = 1,
-  survivors: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Per path and group, sums of |S - T| and (S - T)^2 over one rating batch: (num_paths, num_groups) each.
-
-  `calib`: the cell's input for the recalibration batch; `inputs`/`target`/`mask`: the
-  rating batch (cell input, teacher output, 1 for real examples). Rows follow `cell.paths()`
-  order. With `mode='shard_map'` the batches are sharded over all devices and BatchNorm
-  recalibration uses the whole calibration batch. `survivors` (a boolean per path): only those
-  paths are evaluated (the others' rows are 0); the prefix tree then holds only their prefixes,
-  and a trailing subtree runs vmapped whole only when at least a quarter of its paths survive.
-  """
-  if mode is not None and cell.bn_axis_name is None:
-    cell = dataclasses.replace(cell, bn_axis_name=parallel.AXIS)
-  layers_ = cell.cell.layers
-  d = trailing_levels(layers_, chunk_size)
-  lead = layers_ - d
-  subtree_paths = math.prod(len(cell.cell.layer_ops(l)) for l in range(lead, layers_))
-  paths = list(cell.cell.paths())
-  abs_sums = np.zeros((len(paths), num_groups))
-  sq_sums = np.zeros((len(paths), num_groups))
-  if survivors is not None:
-    kept = [paths[i] for i in np.flatnonzero(survivors)]
-    under = collections.Counter(p[:i] for p in kept for i in range(layers_ + 1))
-  if cell.stem is not None:
-    calib, inputs = compiled('stem', cell, mode)(variables, calib, inputs)
-
-  def store(prefix: tuple[int, ...], sums: tuple[Array, Array]) -> None:
-    first = cell.cell.path_index(prefix + tuple(cell.cell.layer_ops(l)[0] for l in range(len(prefix), layers_)))
-    a, s = (np.asarray(x, np.float64) for x in sums)
-    abs_sums[first : first + len(a)] = a
-    sq_sums[first : first + len(s)] = s
-
-  def walk(level: int, prefix: tuple[int, ...], calib: Array, inputs: Array) -> None:
-    if level == lead and (survivors is None or 4 * under[prefix] >= subtree_paths):
-      store(prefix, compiled('subtree', cell, mode, lead, num_groups)(variables, calib, inputs, target, mask))
-      return
-    for op_id in cell.cell.layer_ops(level):
-      path = prefix + (op_id,)
-      if survivors is not None and not under[path]:
-        continue
-      if level == layers_ - 1:
-        store(path, compiled('leaf', cell, mode, level, op_id, num_groups)(variables, calib, inputs, target, mask))
-      else:
-        walk(level + 1, path, *compiled('op', cell, mode, level, op_id)(variables, calib, inputs))
-
-  walk(0, (), calib, inputs)
-  return abs_sums, sq_sums
-
-
-def naive_path_errors(
-  cell: supernet.SupernetCell,
-  variables: Any,
-  path: tuple[int, ...],
-  calib: Array,
-  inputs: Array,
-  target: Array,
-  mask: Array,
-) -> tuple[float, float]:
-  """Reference: one path alone, layer after layer (what `rate_cell` must equal)."""
-  if cell.stem is not None:
-    calib, inputs = stem_pair(cell, variables, calib, inputs)
-  for l, op_id in enumerate(path):
-    calib, inputs = _op_pair(cell, variables, l, op_id, calib, inputs)
-  a, s = path_errors(inputs[None], target, mask)
-  return float(a.sum()), float(s.sum())
 
 
 @dataclasses.dataclass
@@ -316,12 +96,12 @@ class Accumulator:
 @functools.partial(jax.jit, static_argnums=2)
 def target_moments(target: Array, mask: Array, num_groups: int = 1) -> tuple[Array, Array, Array]:
   """Sum and sum of squares of the teacher feature elements of the real examples, and their count per
-  group of examples (path_errors' groups). Global arrays: over every device of every process, so
+  group of examples (cell_rating.path_errors' groups). Global arrays: over every device of every process, so
   that every host divides by the same count."""
   t = target.astype(jnp.float32).reshape(target.shape[0], -1)
   real = (mask > 0)[:, None]
   t = jnp.where(real, t, 0.0)
-  per_group = (real[:, 0].astype(jnp.float32) * t.shape[1]) @ group_onehot(t.shape[0], num_groups)
+  per_group = (real[:, 0].astype(jnp.float32) * t.shape[1]) @ cell_rating.group_onehot(t.shape[0], num_groups)
   return jnp.sum(t), jnp.sum(jnp.square(t)), per_group
 
 
@@ -385,15 +165,26 @@ def rate_blocks(
     (lambda x: x) if to_student is None else (lambda x: images_lib.normalize(x.astype(jnp.float32), *to_student))
   )
   calib_student = student(calib_images)
+  chunk = config.rate.chunk_size
   acc = {k: Accumulator.empty([cell.cell.num_paths for cell in cells[k]], num_groups) for k in block_ids}
-  rating_cells = {k: [for_rating(cell, None) for cell in cells[k]] for k in block_ids}
+  rating_cells = {k: [cell_rating.for_rating(cell, None) for cell in cells[k]] for k in block_ids}
+  start = time.time()
+  calibrations = {
+    k: [
+      cell_rating.calibrate_cell(
+        cell, variables[k][c], calib_student if k == 0 else calib_features[f'block{k}'], chunk, mode
+      )
+      for c, cell in enumerate(rating_cells[k])
+    ]
+    for k in block_ids
+  }
+  logging.info('BatchNorm statistics of every path recalibrated in %.1f s', time.time() - start)
   start = time.time()
   for done, batch in enumerate(batches, start=1):
     images, mask = prepare(batch['image']), prepare(batch['mask'])
     features = t_apply(teacher_variables, images, mask=mask)
     for k in block_ids:
       target = features[f'block{k + 1}']
-      calib = calib_student if k == 0 else calib_features[f'block{k}']
       inputs = student(images) if k == 0 else features[f'block{k}']
       total, total_sq, per_group = target_moments(target, mask, num_groups)
       per_group = np.asarray(per_group, np.float64)
@@ -401,8 +192,8 @@ def rate_blocks(
       elements = float(per_group.sum())
       real = elements / math.prod(target.shape[1:])
       for c, cell in enumerate(rating_cells[k]):
-        a, s = rate_cell(
-          cell, variables[k][c], calib, inputs, target, mask, config.rate.chunk_size, mode, num_groups, survivors[k][c]
+        a, s = cell_rating.rate_cell(
+          cell, variables[k][c], calibrations[k][c], inputs, target, mask, mode, num_groups, survivors[k][c]
         )
         acc[k].add(c, a, s, survivors[k][c], elements, real)
     seen += real

@@ -1,0 +1,126 @@
+"""What the ratings say under different distillation lengths, samplings and rating sizes.
+
+  PYTHONPATH=. python benchmarks/rating_signal.py --ratings NAME=DIR [--ratings NAME=DIR ...]
+      [--runs W/versus_random/runs.csv] [--max_flops 2200000] [--resamples 2000]
+
+For each ratings directory (a workdir's `ratings/`, rated exhaustively): per block and cell, the best
+and the median path score (does one cell win because it is shallower?); the search's choice under
+--max_flops; Kendall tau of every path's score against the first directory's. With --runs (a
+versus_random study's runs.csv: nets trained from scratch, several seeds each), every trained net is
+rated with each directory's scores and its summed rating is set against its mean test accuracy:
+Kendall tau and the partial tau given FLOPs and given the number of layers, with 95% bootstrap
+intervals over the nets; the same for the proxies "fewer layers" and "fewer FLOPs". The trained
+nets stay fixed; only the ratings change, so no net is trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import sys
+
+import numpy as np
+
+from dna_jax import rank_stats
+from dna_jax import ratings as ratings_lib
+from dna_jax import search as search_lib
+from dna_jax import space as space_lib
+
+
+def cell_summary(ratings: ratings_lib.Ratings) -> list[str]:
+  """Per block and cell: best and median path score (over every input width's rows)."""
+  lines = []
+  for k, (block, rated) in enumerate(zip(ratings.space.blocks, ratings.blocks)):
+    parts = []
+    for c, cell in enumerate(block.cells):
+      scores = rated.score[rated.cell == c]
+      parts.append(f'{cell.name} best {scores.min():.3f} median {np.median(scores):.3f}')
+    lines.append(f'block {k + 1}: ' + '; '.join(parts))
+  return lines
+
+
+def trained_nets(path: str) -> dict[str, list[float]]:
+  """Mean accuracy per architecture of a versus_random runs.csv: {arch: [accuracy per seed]}."""
+  runs = collections.defaultdict(list)
+  with open(path, newline='') as f:
+    for row in csv.DictReader(f):
+      runs[row['arch']].append(float(row['accuracy']))
+  return dict(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--ratings', action='append', required=True, help='NAME=DIR, a ratings directory')
+  parser.add_argument('--runs', default='', help="a versus_random study's runs.csv")
+  parser.add_argument('--max_flops', type=float, default=2_200_000)
+  parser.add_argument('--resamples', type=int, default=2000)
+  args = parser.parse_args(argv)
+  named = []
+  for item in args.ratings:
+    name, sep, directory = item.partition('=')
+    if not sep:
+      parser.error(f'--ratings {item!r}: expected NAME=DIR')
+    named.append((name, ratings_lib.read_ratings(directory)))
+  nets = trained_nets(args.runs) if args.runs else {}
+  reference = np.concatenate([b.score for b in named[0][1].blocks])
+  table = []
+  for name, ratings in named:
+    print(f'## {name} ({ratings.directory})')
+    for line in cell_summary(ratings):
+      print(f'- {line}')
+    best = search_lib.search(ratings, max_flops=int(args.max_flops))[0]
+    print(f'- search under {args.max_flops / 1e6:.2f} MFLOPs: {best.architecture} ({best.flops / 1e6:.2f} MFLOPs)')
+    scores = np.concatenate([b.score for b in ratings.blocks])
+    tau_ref = float(rank_stats.kendall_tau(scores, reference)) if len(scores) == len(reference) else float('nan')
+    row = {'name': name, 'choice': str(best.architecture), 'tau_vs_first': tau_ref}
+    if nets:
+      archs = sorted(nets)
+      rated = [ratings_lib.architecture_rating(ratings, space_lib.from_string(a)) for a in archs]
+      quality = np.array([-r['score'] for r in rated])
+      flops = np.array([r['flops'] for r in rated], np.float64)
+      accuracy = np.array([np.mean(nets[a]) for a in archs])
+      row['tau'] = rank_stats.with_interval(rank_stats.kendall_tau, quality, accuracy, args.resamples, 0)
+      row['partial'] = rank_stats.with_interval_of(
+        rank_stats.partial_kendall_tau, (quality, accuracy, flops), args.resamples, 0
+      )
+      layers_ = np.array([sum(c.cell.layers for c in space_lib.from_string(a).blocks) for a in archs], np.float64)
+      row['partial_layers'] = rank_stats.with_interval_of(
+        rank_stats.partial_kendall_tau, (quality, accuracy, layers_), args.resamples, 0
+      )
+    table.append(row)
+    print()
+  interval = lambda d: f'{d["value"]:.2f} [{d["low"]:.2f}, {d["high"]:.2f}]'
+  if nets:
+    # Proxies that need no rating, on the same nets: fewer layers, fewer FLOPs.
+    archs = sorted(nets)
+    parsed = [space_lib.from_string(a) for a in archs]
+    accuracy = np.array([np.mean(nets[a]) for a in archs])
+    fewer_layers = np.array([-sum(choice.cell.layers for choice in arch.blocks) for arch in parsed], np.float64)
+    flops = np.array([ratings_lib.architecture_rating(named[0][1], arch)['flops'] for arch in parsed], np.float64)
+    for label, proxy in (('fewer layers', fewer_layers), ('fewer FLOPs', -flops)):
+      tau = rank_stats.with_interval(rank_stats.kendall_tau, proxy, accuracy, args.resamples, 0)
+      print(f'- proxy "{label}" against accuracy ({len(nets)} nets): Kendall tau {interval(tau)}', end='')
+      if label == 'fewer layers':
+        partial = rank_stats.with_interval_of(
+          rank_stats.partial_kendall_tau, (proxy, accuracy, flops), args.resamples, 0
+        )
+        print(f', partial tau given FLOPs {interval(partial)}', end='')
+      print()
+    print()
+  header = '| ratings | search choice | tau of all path scores vs the first |'
+  if nets:
+    header += f' tau, rating vs accuracy ({len(nets)} nets) | partial tau given FLOPs | partial tau given layers |'
+  print(header)
+  print('|' + '---|' * (header.count('|') - 1))
+  for row in table:
+    choice = row['choice'].replace('|', '\\|')  # a Markdown table cell
+    line = f'| {row["name"]} | `{choice}` | {row["tau_vs_first"]:.3f} |'
+    if nets:
+      line += f' {interval(row["tau"])} | {interval(row["partial"])} | {interval(row["partial_layers"])} |'
+    print(line)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
