@@ -9,26 +9,30 @@ teacher's 7x7x384): the 4-layer 4@192 cell (1296 paths) and the 5-layer 5@192 ce
 cell the machine notes' targets name). Random supernet variables, random input activations of the
 right shapes (speed does not depend on values), fp32, one device. Every path is recalibrated
 (BatchNorm statistics from the --calib_batch calibration inputs fed through that path) and scored on
---batch rating inputs, as the rate stage does for every rating batch.
+--batch rating inputs. The rate stage recalibrates each cell once (`cell_rating.calibrate_cell`) and
+reuses the statistics for every rating batch; the naive loop recalibrates per path per batch.
 
 Measured, compile excluded (each compiled function is called once first; compile time is stated):
-  ours:  `cell_rating.rate_cell` on the whole 4@192 cell (median of --repeats calls). On 5@192
-         (--five_layer pieces, the default) its pieces are timed, each on real inputs: the 6 first-layer
-         calls, the second-layer calls under one first-layer op and --subtrees of the 36 vmapped
-         216-path subtree calls; the cell's time is 6 x first + 36 x second + 36 x subtree, which is
-         exactly the calls rate_cell makes (--five_layer full times rate_cell on the whole cell instead).
+  ours:  `cell_rating.calibrate_cell` (once per cell) and `cell_rating.rate_cell` (per batch) on the
+         whole 4@192 cell (median of --repeats calls). On 5@192 (--five_layer pieces, the default)
+         their pieces are timed, each on real inputs: the first-layer calls, the second-layer calls
+         under one first-layer op and --subtrees vmapped subtree calls, composed into exactly the calls
+         they make (--five_layer full times them on the whole cell instead). Per path per image, the
+         calibration is spread over the ceil(--rating_images / --batch) batches; the row "recalibrated
+         for every batch" adds it to every batch instead.
   naive: one path at a time, the authors' way: recalibrate then evaluate the path layer by layer
-         (`cell_rating.naive_path_errors`' computation, jitted once with the path as a traced argument, one
-         lax.switch per layer), called per path on --naive_paths random paths, mean per path; the
+         (`cell_rating.naive_path_errors`' computation, jitted once with the path as a traced argument,
+         one lax.switch per layer), called per path on --naive_paths random paths, mean per path; the
          whole cell is that times its path count (extrapolated).
   teacher: EfficientNet-B7 (random weights, inference BN) forward up to block 5 on --batch images at
          224 px (what rating block 5 needs), and up to block 6 (what rating every block needs). The
          naive loop re-runs it per path (the issue's "authors' way"); ours runs it once per batch for
          every cell of every block.
 Projection to the whole default space (23,005 paths, block 6 pinned) on --rating_images images: ceil(images/batch)
-batches x (sum over the 15 cells of rate_cell's time per batch + the teacher up to block 6). Cells not
-measured are scaled from the measured 4@192 time by their analytic multiply-accumulates over the
-prefix tree (sum over layers l of 6**l x the 6 ops' MACs, x (batch + calib_batch) images).
+batches x (sum over the 15 cells of rate_cell's time per batch + the teacher up to block 6) + every
+cell's calibration once. Cells not measured are scaled from the measured 4@192 times by their analytic
+multiply-accumulates over the prefix tree (sum over layers l of 6**l x the 6 ops' MACs, x batch images
+for rating, x calib_batch images for calibration).
 """
 
 from __future__ import annotations

@@ -232,13 +232,12 @@ def _for_mode(cell: supernet.SupernetCell, mode: str | None) -> supernet.Superne
 class Calibration:
   """A cell's recalibrated BatchNorm statistics for every node of its prefix tree (`calibrate_cell`).
 
-  They depend on the calibration batch only, so they are computed once and reused for every rating
-  batch: the authors recalibrate every path for every batch, which with as many calibration as rating
-  images is half the work. `lead`: the levels walked one op at a time; `stem`: block 1's stem and DS
-  statistics; `nodes[prefix]`: the statistics of the prefix's last op (prefixes of 1..lead ops);
+  Computed once and reused for every rating batch. `lead`: the levels walked one op at a time;
+  `stem`: block 1's stem and DS statistics; `nodes[prefix]`: the statistics of the prefix's last op
+  (prefixes of 1..lead ops);
   `subtrees[prefix]` (prefixes of lead ops): per trailing level, per op, that op's statistics for each
-  of the level's prefixes along a leading axis (path-major). For a 5-layer 192-wide ImageNet cell that
-  is about 9,330 nodes x 20 KB = 190 MB, held on the device for as long as the cell is rated.
+  of the level's prefixes along a leading axis (path-major). A 5-layer 192-wide ImageNet cell has 9,330
+  nodes of up to 20 KB (e6 ops): up to 190 MB, on every device, for as long as the cell is rated.
   """
 
   lead: int

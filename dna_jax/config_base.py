@@ -245,6 +245,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       level=0.95,
       draws=200_000,
       weights='ema',
+      # True: the random nets are made of the chosen net's cells (same depth and widths per block, other
+      # ops), so the study tells the ratings' choice of ops apart from a preference for shallow cells.
+      same_cells=False,
     )
   )
   return config

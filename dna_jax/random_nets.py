@@ -26,14 +26,22 @@ def _row_tables(ratings: ratings_lib.Ratings) -> list[np.ndarray]:
   return tables
 
 
-def sample_architectures(ratings: ratings_lib.Ratings, count: int, rng: np.random.Generator) -> np.ndarray:
-  """Rows [count, blocks] of architectures drawn uniformly from the space (with replacement)."""
+def sample_architectures(
+  ratings: ratings_lib.Ratings, count: int, rng: np.random.Generator, cells: Sequence[int] | None = None
+) -> np.ndarray:
+  """Rows [count, blocks] of architectures drawn uniformly from the space (with replacement); with
+  `cells` (a cell index per block), uniformly from the architectures made of those cells."""
   space = ratings.space
   rows = np.zeros((count, len(space.blocks)), np.int64)
   width = np.full(count, space.ds_width)
   for k, (block, rated, table) in enumerate(zip(space.blocks, ratings.blocks, _row_tables(ratings))):
     widths = space_lib.block_input_widths(space, k)
-    rows[:, k] = table[rng.integers(0, block.num_paths, count), np.searchsorted(widths, width)]
+    if cells is None:
+      paths = rng.integers(0, block.num_paths, count)
+    else:
+      first = sum(cell.num_paths for cell in block.cells[: cells[k]])
+      paths = first + rng.integers(0, block.cells[cells[k]].num_paths, count)
+    rows[:, k] = table[paths, np.searchsorted(widths, width)]
     width = np.array([cell.width for cell in block.cells])[rated.cell[rows[:, k]]]
   return rows
 
@@ -65,9 +73,11 @@ def equal_cost(
   rng: np.random.Generator,
   exclude: Sequence[Sequence[int]] = (),
   draws: int = 200_000,
+  cells: Sequence[int] | None = None,
 ) -> np.ndarray:
   """Rows of `count` distinct architectures drawn uniformly from those whose FLOPs lie within
-  `flops` x (1 +- tolerance), none of `exclude`; reproducible from `rng`.
+  `flops` x (1 +- tolerance), none of `exclude`; with `cells`, only architectures made of those cells
+  (a cell index per block: the same depth and widths, other ops); reproducible from `rng`.
 
   Uniform draws from the space kept when in the band (rejection sampling), in batches of `draws`, at
   most 50 batches; a clear error when the band holds too few nets.
@@ -76,7 +86,7 @@ def equal_cost(
   excluded = {tuple(int(r) for r in rows) for rows in exclude}
   found: dict[tuple[int, ...], None] = {}
   for _ in range(50):
-    rows = sample_architectures(ratings, draws, rng)
+    rows = sample_architectures(ratings, draws, rng, cells)
     cost = totals(ratings, rows, 'flops')
     for candidate in rows[(cost >= low) & (cost <= high)]:
       key = tuple(int(r) for r in candidate)
@@ -84,7 +94,8 @@ def equal_cost(
         found.setdefault(key)
       if len(found) == count:
         return np.array(list(found), np.int64)
+  where = 'the space' if cells is None else f'the architectures of cells {tuple(cells)}'
   raise ValueError(
     f'only {len(found)} distinct architectures with FLOPs within {100 * tolerance:g}% of {flops:,} were found in '
-    f'{50 * draws:,} uniform draws from the space; widen the tolerance or ask for fewer random nets'
+    f'{50 * draws:,} uniform draws from {where}; widen the tolerance or ask for fewer random nets'
   )

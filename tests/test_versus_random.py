@@ -89,6 +89,25 @@ def test_equal_cost_sampler_stays_in_the_band_and_is_reproducible(searched):
     random_nets.equal_cost(ratings, target, 1e-9, 12, np.random.default_rng(5), draws=100)
 
 
+def test_same_cell_sampler_keeps_the_cells_and_the_band(searched):
+  _, ratings = searched
+  cells = (1, 0, 1)  # 2@8, 1@12, 1@24: 36 x 6 x 6 nets
+  rows = random_nets.sample_architectures(ratings, 400, np.random.default_rng(6), cells)
+  for k, cell in enumerate(cells):
+    np.testing.assert_array_equal(ratings.blocks[k].cell[rows[:, k]], cell)
+  assert len({tuple(r) for r in rows}) > 150  # uniform over the 1,296 nets of those cells, not a few
+  flops = random_nets.totals(ratings, rows, 'flops')
+  target = int(np.median(flops))
+  picked = random_nets.equal_cost(ratings, target, 0.05, 6, np.random.default_rng(7), draws=2000, cells=cells)
+  assert np.all(np.abs(random_nets.totals(ratings, picked, 'flops') - target) <= 0.05 * target)
+  for k, cell in enumerate(cells):
+    np.testing.assert_array_equal(ratings.blocks[k].cell[picked[:, k]], cell)
+  again = random_nets.equal_cost(ratings, target, 0.05, 6, np.random.default_rng(7), draws=2000, cells=cells)
+  np.testing.assert_array_equal(picked, again)
+  with pytest.raises(ValueError, match=r'architectures of cells \(1, 0, 1\)'):
+    random_nets.equal_cost(ratings, target, 1e-9, 6, np.random.default_rng(7), draws=100, cells=cells)
+
+
 class Killed(Exception):
   """Stands for the process being killed mid-study."""
 
@@ -164,3 +183,23 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
   result.write_text(json.dumps({k: v for k, v in json.loads(result.read_text()).items() if k != 'recipe'}))
   with pytest.raises(ValueError, match='records no recipe'):
     versus_random.run(study_config(), str(workdir))
+
+
+def test_same_cells_picks_random_nets_of_the_chosen_nets_cells(searched, tmp_path):
+  source, ratings = searched
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  for name in ('ratings', 'search'):
+    os.symlink(os.path.join(source, name), workdir / name)
+  config = study_config()
+  config.versus_random.same_cells = True
+  nets = versus_random.pick(config, str(workdir), ratings)
+  chosen = space_lib.locate(ratings.space, space_lib.from_string(nets[0]['arch']))
+  randoms = [n for n in nets if n['role'] == 'random']
+  assert len(randoms) == 5
+  for net in randoms:
+    assert space_lib.locate(ratings.space, space_lib.from_string(net['arch'])) == chosen
+    assert abs(net['flops'] - nets[0]['flops']) <= 0.1 * nets[0]['flops']
+  # The setting is part of the pick: resuming without it is refused.
+  with pytest.raises(ValueError, match='same_cells'):
+    versus_random.pick(study_config(), str(workdir), ratings)

@@ -142,6 +142,9 @@ def rate_blocks(
 ) -> dict[int, Accumulator]:
   """Accumulates every path of every cell of the given blocks over the rating batches.
 
+  Every cell is recalibrated once, before the first batch (cell_rating.calibrate_cell); all the cells'
+  statistics stay on the devices while the teacher's features of each batch feed every cell.
+
   With `path_costs` (per block and cell, path_pruning.block_path_costs) the rating is adaptive: once
   `config.rate.adaptive_examples` images are rated, each block's dominated paths stop (path_pruning).
   """

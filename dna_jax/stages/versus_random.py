@@ -2,7 +2,8 @@
 
 From a rated and searched workdir: the search's top-k nets (WORKDIR/search/arch_1..k.json, arch_1
 being the chosen net) and `num_random` nets drawn uniformly from the space among those whose FLOPs
-lie within `tolerance` of the chosen net's, each trained from scratch with the retrain recipe
+lie within `tolerance` of the chosen net's (with `same_cells`, only nets made of the chosen net's cells:
+the same depth and widths, other ops), each trained from scratch with the retrain recipe
 (`epochs` when > 0) with `seeds` seeds. Reported (summary.json):
   - the chosen net's mean accuracy, its rank and percentile among the random nets' means, with a
     bootstrap interval (random nets and seeds resampled);
@@ -75,6 +76,8 @@ def pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.R
   paths = workdir_lib.Workdir(workdir)
   path = paths.versus_random / 'picked.json'
   settings = {'num_random': vc.num_random, 'tolerance': vc.tolerance, 'top_k': vc.top_k, 'seed': config.seed}
+  if vc.same_cells:  # only when set: studies picked before the option existed resume unchanged
+    settings['same_cells'] = True
   if path.exists():
     saved = json.loads(path.read_text())
     if saved['settings'] != settings:
@@ -94,7 +97,8 @@ def pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.R
   nets = [_record(ratings, arch, i, 'searched') for i, arch in enumerate(searched)]
   exclude = [ratings_lib.architecture_rows(ratings, arch) for arch in searched]
   rng = np.random.default_rng(config.seed)
-  rows = random_nets.equal_cost(ratings, nets[0]['flops'], vc.tolerance, vc.num_random, rng, exclude, vc.draws)
+  cells = space_lib.locate(ratings.space, searched[0]) if vc.same_cells else None
+  rows = random_nets.equal_cost(ratings, nets[0]['flops'], vc.tolerance, vc.num_random, rng, exclude, vc.draws, cells)
   nets += [_record(ratings, random_nets.architecture(ratings, r), len(nets) + i, 'random') for i, r in enumerate(rows)]
   if jax.process_index() == 0:
     files.write_json(path, {'settings': settings, 'ratings': ratings.directory, 'nets': nets})
@@ -130,6 +134,7 @@ def study_report(
     'top_k': len(searched),
     'seeds': seeds,
     'tolerance': vc.tolerance,
+    'same_cells': bool(vc.same_cells),
     'bootstrap': vc.bootstrap,
     'level': vc.level,
     **rank_stats.versus_random(top[0], random, top, vc.bootstrap, config.seed, vc.level),
