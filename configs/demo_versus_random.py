@@ -15,8 +15,9 @@ Measured (2-core AMD EPYC, 22 runs in 48 min): the chosen net 71.3% top-1 (final
 seeds), rank 1 of 11 (random nets' means 60.2-70.2%), percentile 100 [70, 100], beats a random net with
 probability 0.93; partial Kendall tau given FLOPs 0.49 [-0.10, 0.92]; seed noise 2.4 points. At 58 steps
 shallow nets train fastest: fewer layers alone ranks the 11 nets with Kendall tau 0.73, and the ratings'
-partial tau given the number of layers is 0.10 [-0.43, 0.77] (benchmarks/rating_signal.py). README,
-"Search versus random".
+partial tau given the number of layers is 0.10 [-0.43, 0.77] (benchmarks/rating_signal.py). With
+`--config.versus_random.same_cells=True --config.versus_random.seeds=1` (random nets of the chosen net's
+own cells, 11 runs, 37 min): rank 6 of 11, percentile 50 [20, 80]. README, "Search versus random".
 `:local` trains 4 random nets, 1 seed each, for 30 steps (a smoke run).
 """
 
