@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f'--ratings {item!r}: expected NAME=DIR')
     named.append((name, ratings_lib.read_ratings(directory)))
   nets = trained_nets(args.runs) if args.runs else {}
+  archs = sorted(nets)
+  parsed = [space_lib.from_string(a) for a in archs]
+  accuracy = np.array([np.mean(nets[a]) for a in archs])
+  layers_ = np.array([sum(choice.cell.layers for choice in arch.blocks) for arch in parsed], np.float64)
   reference = np.concatenate([b.score for b in named[0][1].blocks])
   table = []
   for name, ratings in named:
@@ -75,16 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     tau_ref = float(rank_stats.kendall_tau(scores, reference)) if len(scores) == len(reference) else float('nan')
     row = {'name': name, 'choice': str(best.architecture), 'tau_vs_first': tau_ref}
     if nets:
-      archs = sorted(nets)
-      rated = [ratings_lib.architecture_rating(ratings, space_lib.from_string(a)) for a in archs]
+      rated = [ratings_lib.architecture_rating(ratings, arch) for arch in parsed]
       quality = np.array([-r['score'] for r in rated])
       flops = np.array([r['flops'] for r in rated], np.float64)
-      accuracy = np.array([np.mean(nets[a]) for a in archs])
       row['tau'] = rank_stats.with_interval(rank_stats.kendall_tau, quality, accuracy, args.resamples, 0)
       row['partial'] = rank_stats.with_interval_of(
         rank_stats.partial_kendall_tau, (quality, accuracy, flops), args.resamples, 0
       )
-      layers_ = np.array([sum(c.cell.layers for c in space_lib.from_string(a).blocks) for a in archs], np.float64)
       row['partial_layers'] = rank_stats.with_interval_of(
         rank_stats.partial_kendall_tau, (quality, accuracy, layers_), args.resamples, 0
       )
@@ -93,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
   interval = lambda d: f'{d["value"]:.2f} [{d["low"]:.2f}, {d["high"]:.2f}]'
   if nets:
     # Proxies that need no rating, on the same nets: fewer layers, fewer FLOPs.
-    archs = sorted(nets)
-    parsed = [space_lib.from_string(a) for a in archs]
-    accuracy = np.array([np.mean(nets[a]) for a in archs])
-    fewer_layers = np.array([-sum(choice.cell.layers for choice in arch.blocks) for arch in parsed], np.float64)
     flops = np.array([ratings_lib.architecture_rating(named[0][1], arch)['flops'] for arch in parsed], np.float64)
-    for label, proxy in (('fewer layers', fewer_layers), ('fewer FLOPs', -flops)):
+    for label, proxy in (('fewer layers', -layers_), ('fewer FLOPs', -flops)):
       tau = rank_stats.with_interval(rank_stats.kendall_tau, proxy, accuracy, args.resamples, 0)
       print(f'- proxy "{label}" against accuracy ({len(nets)} nets): Kendall tau {interval(tau)}', end='')
       if label == 'fewer layers':

@@ -45,12 +45,12 @@ def for_rating(cell: supernet.SupernetCell, axis_name: str | None) -> supernet.S
   )
 
 
-def _calibrate_op(cell, variables, l, op_id, calib):
+def calibrate_op(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, calib: Array) -> tuple[Array, Any]:
   """Op `op_id` of layer l on the calibration inputs in training mode: (output, recalibrated statistics)."""
   return cell.apply_op(variables, l, op_id, calib, train=True)
 
 
-def _apply_op(cell, variables, l, op_id, stats, inputs):
+def apply_op(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, stats: Any, inputs: Array) -> Array:
   """Op `op_id` of layer l on `inputs` in inference mode with the recalibrated `stats`."""
   name = space_lib.OP_NAMES[op_id]
   eval_vars = {
@@ -62,8 +62,8 @@ def _apply_op(cell, variables, l, op_id, stats, inputs):
 
 def _op_pair(cell, variables, l, op_id, calib, inputs):
   """Op `op_id` of layer l: recalibrate on `calib`, then apply to `inputs` with those statistics."""
-  calib_out, stats = _calibrate_op(cell, variables, l, op_id, calib)
-  return calib_out, _apply_op(cell, variables, l, op_id, stats, inputs)
+  calib_out, stats = calibrate_op(cell, l, op_id, variables, calib)
+  return calib_out, apply_op(cell, l, op_id, variables, stats, inputs)
 
 
 def _stack_paths(xs: list[Array]) -> Array:
@@ -76,7 +76,7 @@ def calibrate_level(cell: supernet.SupernetCell, variables: Any, l: int, calib: 
   (P * ops, ...) path-major, and per op its statistics for each prefix (leading axis P)."""
   outs, stats = [], []
   for op_id in cell.cell.layer_ops(l):
-    c, s = jax.vmap(functools.partial(_calibrate_op, cell, variables, l, op_id))(calib)
+    c, s = jax.vmap(functools.partial(calibrate_op, cell, l, op_id, variables))(calib)
     outs.append(c)
     stats.append(s)
   return _stack_paths(outs), tuple(stats)
@@ -85,7 +85,7 @@ def calibrate_level(cell: supernet.SupernetCell, variables: Any, l: int, calib: 
 def apply_level(cell: supernet.SupernetCell, variables: Any, l: int, stats: tuple[Any, ...], inputs: Array) -> Array:
   """calibrate_level's ops in inference mode with its statistics: (P, ...) -> (P * ops, ...)."""
   outs = [
-    jax.vmap(functools.partial(_apply_op, cell, variables, l, op_id))(s, inputs)
+    jax.vmap(functools.partial(apply_op, cell, l, op_id, variables))(s, inputs)
     for op_id, s in zip(cell.cell.layer_ops(l), stats)
   ]
   return _stack_paths(outs)
@@ -159,16 +159,8 @@ def leaf_errors(
   mask: Array,
 ) -> tuple[Array, Array]:
   """One path: its last layer's op `op_id` applied to one prefix's activations, then its errors (1, groups)."""
-  out = _apply_op(cell, variables, l, op_id, stats, inputs)
+  out = apply_op(cell, l, op_id, variables, stats, inputs)
   return _shard_errors(cell, out[None], target, mask, num_groups)
-
-
-def calibrate_op(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, calib: Array) -> tuple[Array, Any]:
-  return _calibrate_op(cell, variables, l, op_id, calib)
-
-
-def apply_op(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, stats: Any, inputs: Array) -> Array:
-  return _apply_op(cell, variables, l, op_id, stats, inputs)
 
 
 def calibrate_stem(cell: supernet.SupernetCell, variables: Any, calib: Array) -> tuple[Array, Any]:
