@@ -1,8 +1,8 @@
 """Distillation step speed: one teacher pass + every cell of every block, against the alternatives.
 
   PYTHONPATH=. python benchmarks/distill_step.py [--space imagenet|small] [--batch 8] [--steps 3]
-      [--dtype float32|bfloat16] [--teacher_bn inference|train] [--skip_separate] [--memory_batch 64]
-      [--no_full] [--peak_gflops 157]
+      [--dtype float32|bfloat16] [--teacher_bn inference|train] [--remat op|dots|none]
+      [--depthwise_baseline] [--skip_separate] [--memory_batch 64] [--no_full] [--peak_gflops 157]
 
 --space imagenet: all 15 cells of `space.default_imagenet_space()`, EfficientNet-B7 teacher, 224 px
 (batch 8 by default). --space small: the demo space '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
@@ -42,6 +42,7 @@ import resource
 import statistics
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ def setup(args):
   else:
     space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
   model = efficientnet.variant(teacher_name, conventions=conv)
-  cells = supernet.supernet_cells(space, conventions=conv, stem_stride=stem_stride)
+  cells = supernet.supernet_cells(space, conventions=conv, stem_stride=stem_stride, remat=args.remat)
   return space, model, cells, image, stem_stride
 
 
@@ -168,10 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     help='how the per-device step is mapped (training offers both); one device either way',
   )
   parser.add_argument(
+    '--remat', choices=supernet.REMAT, default='op', help='what the backward pass recomputes (distill.remat)'
+  )
+  parser.add_argument(
     '--no_full',
     action='store_true',
     help='do not compile the all-cells program (its XLA:CPU compile needs > 16 GiB of host memory '
     'for the ImageNet space): estimate (a) and (c) from the per-block programs (d) instead',
+  )
+  parser.add_argument(
+    '--depthwise_baseline',
+    action='store_true',
+    help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff (on CPU)',
   )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
@@ -268,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
   if not args.no_full:
     full = compile_and_time(full_fn, (full_states, batch_in, teacher_vars), args.steps)
     row(f'(a) full step: teacher once + {num_cells} cells', full, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+    if args.depthwise_baseline:
+      # The same step with every shift-and-add depthwise conv differentiated by JAX (as before its
+      # hand-written gradient), in the same process and at the same load.
+      with mock.patch.object(layers, 'shift_add_vjp', layers.shift_add):
+        base_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
+        base = compile_and_time(base_fn, (full_states, batch_in, teacher_vars), args.steps)
+      row('(a0) full step, depthwise gradient by autodiff', base, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   mem_stats = device.memory_stats() or {}
   device_peak = mem_stats.get('peak_bytes_in_use')

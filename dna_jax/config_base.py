@@ -168,6 +168,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       blocks='',
       # 'pmap' or 'shard_map' (jit over a device mesh); the same per-device step runs under both.
       parallel='pmap',
+      # What the backward pass recomputes (models/supernet.py REMAT): 'op' (every candidate op
+      # rematerialised; fastest measured), 'dots' (1x1 conv outputs kept) or 'none'.
+      remat='op',
       checkpoint_every_steps=500,
       keep_checkpoints=2,
       log_every_steps=50,

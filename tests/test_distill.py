@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dna_jax import config_base
@@ -234,6 +235,35 @@ def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
     lambda x, y: float(jnp.max(jnp.abs(x - y))), states['block2'].params, results[0]['block2'].params
   )
   assert max(jax.tree.leaves(changed)) > 0
+
+
+def test_every_recomputation_choice_gives_the_same_gradients(tiny_teacher):
+  """distill.remat only changes what the backward pass stores: 'op' and 'dots' equal plain autodiff."""
+  space = space_lib.space_from_config(make_config().space)
+  teacher_model, teacher_variables = tiny_teacher
+  sgd = optax.sgd(1.0)  # the update is minus the gradient, so no Adam normalisation hides a difference
+  batch = parallel.shard_batch(next(fixed_batches(0)), 'shard_map')
+  size = space_lib.supernet_input_sizes(space, IMAGE, 1)[1]
+  updates = {}
+  for remat in supernet.REMAT:
+    cells = supernet.supernet_cells(space, stem_stride=1, remat=remat)
+    states = {'block2': supernet_store.create_block_state(jax.random.PRNGKey(1), tuple(cells[1]), size, sgd)}
+    step = functools.partial(
+      distill.distill_step,
+      blocks=((1, tuple(cells[1])),),
+      teacher_apply=functools.partial(teacher_lib.teacher_features, teacher_model, up_to=2),
+      optimizers={'block2': sgd},
+      sampling='uniform',
+      seed=0,
+    )
+    new_states, _ = parallel.data_parallel(step, 'shard_map', num_broadcast=1)(states, batch, teacher_variables)
+    updates[remat] = jax.tree.map(lambda a, b: np.asarray(a - b), new_states['block2'].params, states['block2'].params)
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(updates['none'])) > 1e-3
+  for remat in ('op', 'dots'):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), updates[remat], updates['none'])
+  with pytest.raises(ValueError, match='remat must be one of op, dots, none'):
+    bad = supernet.supernet_cells(space, stem_stride=1, remat='all')[2][0]
+    bad.apply_op(bad.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 24))), 0, 0, jnp.zeros((1, 4, 4, 24)), True)
 
 
 def _with_fixed_path(step, states, batch, teacher_variables):

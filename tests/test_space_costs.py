@@ -205,12 +205,15 @@ def test_describe_cli(tmp_path):
 
 
 def test_depthwise_implementations_agree():
+  """Shift-and-add (and its hand-written gradient) against XLA's grouped convolution."""
   rng = np.random.default_rng(0)
   for size, kernel, stride, padding in [
     (9, 3, 2, 'tf_same'),
     (8, 5, 2, 'tf_same'),
+    (6, 7, 2, 'tf_same'),
     (8, 7, 1, 'symmetric'),
     (7, 5, 2, 'symmetric'),
+    (10, 3, 1, 'tf_same'),
   ]:
     x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
@@ -219,11 +222,19 @@ def test_depthwise_implementations_agree():
     out = space_lib.output_size(size, kernel, stride, padding)
     assert native.shape == shifted.shape == (2, out, out, 6)
     np.testing.assert_allclose(native, shifted, rtol=1e-5, atol=1e-5)
-    g1, g2 = (
-      jax.grad(lambda w, i=impl, s=stride, p=padding, x=x: jnp.sum(layers.depthwise_conv(x, w, s, p, i) ** 2))(w)
+    weights = jnp.asarray(rng.normal(size=native.shape), jnp.float32)  # a loss whose gradient varies by position
+    (gx1, gw1), (gx2, gw2) = (
+      jax.grad(
+        lambda x, w, i=impl, s=stride, p=padding, c=weights: jnp.sum(
+          jnp.tanh(layers.depthwise_conv(x, w, s, p, i)) * c
+        ),
+        (0, 1),
+      )(x, w)
       for impl in ('native', 'shift_add')
     )
-    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx1, gx2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw1, gw2, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(gx1))) > 0.1 and float(jnp.max(jnp.abs(gw1))) > 0.1
 
 
 def test_supernet_cell_macs_match_the_child_costs():

@@ -26,6 +26,16 @@ from dna_jax.models import layers
 Array = jax.Array
 Variables = dict[str, Any]
 
+# What training recomputes in the backward pass. Differentiating `lax.switch` keeps the residuals of
+# every branch (zeros for the branches not taken), so without recomputation the step holds and writes
+# six ops' intermediates per layer. 'op': each candidate op rematerialised (only its input is kept);
+# 'dots': the 1x1 convolutions' outputs kept, the rest recomputed; 'none': plain autodiff. Measured on
+# the demo space's full step (benchmarks/distill_step.py --space small --remat R, 2-core AMD EPYC, one
+# run each): 'op' 1.10 s, 'dots' 1.21 s, 'none' 1.49 s (compile 162 / 177 / 179 s); on the 15-cell
+# ImageNet step, before the depthwise conv's hand-written gradient, 'none' was ~5x slower than 'op'
+# and did not compile within 16 GiB of host memory.
+REMAT = ('op', 'dots', 'none')
+
 
 @dataclasses.dataclass(frozen=True)
 class SupernetCell:
@@ -37,6 +47,7 @@ class SupernetCell:
   conventions: layers.Conventions = layers.KERAS
   stem: tuple[int, int, int] | None = None  # (stem width, DS width, stem stride) for block 1
   bn_axis_name: str | None = None  # cross-device BatchNorm (rating's recalibration only)
+  remat: str = 'op'  # what the backward pass recomputes: see REMAT
 
   def layer_shape(self, l: int) -> tuple[int, int, int]:
     """(input channels, output channels, stride) of layer l."""
@@ -93,10 +104,13 @@ class SupernetCell:
     """Op `op_id` of layer l alone; returns output and that op's updated statistics."""
     name = space_lib.OP_NAMES[op_id]
     module = self.op_module(l, op_id)
-    # Rematerialised: differentiating lax.switch otherwise keeps every branch's intermediates (and the
-    # shift-and-add depthwise conv's k*k windows), which made the 15-cell ImageNet step ~5x slower and
-    # too large to compile on a 16 GiB host. Values and gradients are unchanged.
-    run = jax.checkpoint(lambda p, s, x: _apply(module, p, s, x, train))
+    run = lambda p, s, x: _apply(module, p, s, x, train)
+    if self.remat == 'op':
+      run = jax.checkpoint(run)
+    elif self.remat == 'dots':
+      run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif self.remat != 'none':
+      raise ValueError(f'remat must be one of {", ".join(REMAT)}, got {self.remat!r}')
     return run(variables['params'][f'layer{l}'][name], variables['batch_stats'][f'layer{l}'][name], x)
 
   def apply(
@@ -137,6 +151,7 @@ def supernet_cells(
   teacher_widths: tuple[int, ...] | None = None,
   conventions: layers.Conventions = layers.KERAS,
   stem_stride: int = 2,
+  remat: str = 'op',
 ) -> list[list[SupernetCell]]:
   """All cells of all blocks: block k reads teacher block k-1 (block 1 reads the image)."""
   widths = teacher_widths or tuple(block.teacher_width for block in space.blocks)
@@ -144,7 +159,7 @@ def supernet_cells(
   for k, block in enumerate(space.blocks):
     stem = (space.stem_width, space.ds_width, stem_stride) if k == 0 else None
     in_channels = space.ds_width if k == 0 else widths[k - 1]
-    blocks.append([SupernetCell(cell, in_channels, widths[k], conventions, stem) for cell in block.cells])
+    blocks.append([SupernetCell(cell, in_channels, widths[k], conventions, stem, remat=remat) for cell in block.cells])
   return blocks
 
 

@@ -292,7 +292,9 @@ def train_blocks(
   """
   dcfg = config.distill
   conventions = layers.conventions_from_config(config.model)
-  all_cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=config.space.stem_stride)
+  all_cells = supernet.supernet_cells(
+    space, conventions=conventions, stem_stride=config.space.stem_stride, remat=dcfg.remat
+  )
   rates = parse_learning_rates(dcfg.learning_rates, len(space.blocks))
   total_steps = dcfg.epochs * steps_per_epoch
   sizes = space_lib.supernet_input_sizes(space, config.data.image_size, config.space.stem_stride)
@@ -378,6 +380,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The distill stage: trains every selected cell of every block to its step count."""
   space = space_lib.space_from_config(config.space)
   space_lib.parse_block_numbers(config.distill.blocks, len(space.blocks), 'distill.blocks')
+  if config.distill.remat not in supernet.REMAT:
+    raise ValueError(f'distill.remat must be one of {", ".join(supernet.REMAT)}, got {config.distill.remat!r}')
   parse_learning_rates(config.distill.learning_rates, len(space.blocks))
   parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
   input_pipeline.check_dataset(config.data)
