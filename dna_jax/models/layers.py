@@ -103,7 +103,7 @@ def _windows(padded: Array, k: int, stride: int, out_size: tuple[int, int]):
 
 
 def shift_add(padded: Array, kernel: Array, stride: int, out_size: tuple[int, int]) -> Array:
-  """Depthwise conv of a padded input as a sum of k*k shifted, strided windows times the taps (autodiff gradient)."""
+  """Depthwise conv of a padded input: the sum of k*k shifted, strided windows times the taps."""
   taps = [window * kernel[i, j, 0] for (i, j), window in _windows(padded, kernel.shape[0], stride, out_size)]
   return functools.reduce(jnp.add, taps)
 
