@@ -183,8 +183,8 @@ def train_step(
   metrics = lax.pmean({'loss': loss, 'top1': jnp.mean(topk_correct(logits, batch['label'], 1))}, parallel.AXIS)
   metrics.update(
     learning_rate=learning_rate_fn(state.step),
-    grad_norm=optax.global_norm(grads),
-    param_norm=optax.global_norm(new_state.params),
+    grad_norm=optax.tree.norm(grads),
+    param_norm=optax.tree.norm(new_state.params),
   )
   return new_state, metrics
 

@@ -123,7 +123,7 @@ def distill_step(
     updates, opt_state = optimizers[name].update(grads[name], state.opt_state, state.params)
     batch_stats = {cname: lax.pmean(aux[(name, cname)][0], parallel.AXIS) for cname in state.params}
     new_states[name] = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
-    metrics[f'{name}/grad_norm'] = optax.global_norm(grads[name])
+    metrics[f'{name}/grad_norm'] = optax.tree.norm(grads[name])
     for cname in state.params:
       metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
       metrics[f'{name}/{cname}/rel_l1'] = aux[(name, cname)][2]
