@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dna_jax import space as space_lib
 from dna_jax.models import layers
 
 
@@ -30,10 +29,8 @@ def padded_shift_add(function):
   """`function(padded, kernel, stride, out_size)` as a TF-SAME depthwise conv of (x, kernel, stride)."""
 
   def conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    k = kernel.shape[0]
-    pads = [space_lib.conv_padding(x.shape[a], k, stride, 'tf_same') for a in (1, 2)]
-    out_size = tuple(space_lib.output_size(x.shape[a], k, stride, 'tf_same') for a in (1, 2))
-    return function(jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)]), kernel, stride, out_size)
+    padded, out_size = layers.pad_for_shift_add(x, kernel.shape[0], stride, 'tf_same')
+    return function(padded, kernel, stride, out_size)
 
   return conv
 

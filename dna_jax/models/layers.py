@@ -80,17 +80,20 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
     return lax.conv_general_dilated(
       x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1]
     )
-  out_size = (
-    (x.shape[1] + sum(pads[0]) - k) // stride + 1,
-    (x.shape[2] + sum(pads[1]) - k) // stride + 1,
-  )
-  padded = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+  padded, out_size = pad_for_shift_add(x, k, stride, padding)
   # The hand-written gradient where it is faster (benchmarks/depthwise_conv.py, 8x32x32x96 fwd+bwd on a
   # 2-core CPU: k3 s1 112 -> 35 ms, s2 k3/k5/k7 57/23/53 -> 10/13/32 ms); JAX's own for k5 and k7 at
   # stride 1 (63 and 103 ms against 83 and 123).
   if stride > 1 or k == 3:
     return shift_add_vjp(padded, kernel, stride, out_size)
   return shift_add(padded, kernel, stride, out_size)
+
+
+def pad_for_shift_add(x: Array, k: int, stride: int, padding: str) -> tuple[Array, tuple[int, int]]:
+  """NHWC `x` zero-padded for a k x k depthwise conv, and the conv's output (height, width)."""
+  pads = [space_lib.conv_padding(x.shape[a], k, stride, padding) for a in (1, 2)]
+  out_size = tuple((x.shape[a] + sum(p) - k) // stride + 1 for a, p in zip((1, 2), pads))
+  return jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)]), out_size
 
 
 def _windows(padded: Array, k: int, stride: int, out_size: tuple[int, int]):

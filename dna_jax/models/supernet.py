@@ -37,6 +37,12 @@ Variables = dict[str, Any]
 REMAT = ('op', 'dots', 'none')
 
 
+def check_remat(remat: str, key: str = 'remat') -> None:
+  """A clear error naming `key` unless `remat` is one of REMAT."""
+  if remat not in REMAT:
+    raise ValueError(f'{key} must be one of {", ".join(REMAT)}, got {remat!r}')
+
+
 @dataclasses.dataclass(frozen=True)
 class SupernetCell:
   """One cell of one block, as trained against the teacher."""
@@ -48,6 +54,9 @@ class SupernetCell:
   stem: tuple[int, int, int] | None = None  # (stem width, DS width, stem stride) for block 1
   bn_axis_name: str | None = None  # cross-device BatchNorm (rating's recalibration only)
   remat: str = 'op'  # what the backward pass recomputes: see REMAT
+
+  def __post_init__(self):
+    check_remat(self.remat)
 
   def layer_shape(self, l: int) -> tuple[int, int, int]:
     """(input channels, output channels, stride) of layer l."""
@@ -109,8 +118,6 @@ class SupernetCell:
       run = jax.checkpoint(run)
     elif self.remat == 'dots':
       run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif self.remat != 'none':
-      raise ValueError(f'remat must be one of {", ".join(REMAT)}, got {self.remat!r}')
     return run(variables['params'][f'layer{l}'][name], variables['batch_stats'][f'layer{l}'][name], x)
 
   def apply(

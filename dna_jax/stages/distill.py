@@ -380,8 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The distill stage: trains every selected cell of every block to its step count."""
   space = space_lib.space_from_config(config.space)
   space_lib.parse_block_numbers(config.distill.blocks, len(space.blocks), 'distill.blocks')
-  if config.distill.remat not in supernet.REMAT:
-    raise ValueError(f'distill.remat must be one of {", ".join(supernet.REMAT)}, got {config.distill.remat!r}')
+  supernet.check_remat(config.distill.remat, 'distill.remat')
   parse_learning_rates(config.distill.learning_rates, len(space.blocks))
   parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
   input_pipeline.check_dataset(config.data)
