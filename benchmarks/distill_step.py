@@ -8,7 +8,7 @@
 (batch 8 by default). --space small: the demo space '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 (stem 16, DS 8, stem stride 1) against the 'tiny' teacher at 32 px (batch 128 by default).
 Random weights and images (speed does not depend on their values); one device, the step run as
-`parallel.data_parallel(distill.distill_step, --parallel)` as training runs it (default shard_map;
+`parallel.data_parallel(distill_steps.distill_step, --parallel)` as training runs it (default shard_map;
 pmap gives the same program on one device).
 
 Measured (median of --steps runs after one warm-up; compile time measured apart and excluded):
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import costs
+from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -56,7 +57,6 @@ from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import layers
 from dna_jax.models import supernet
-from dna_jax.stages import distill
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 GiB = 1024**3
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   optimizers = {
-    f'block{k + 1}': supernet_store.block_optimizer(distill.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
+    f'block{k + 1}': supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
     for k in range(num_blocks)
   }
   states = {
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = tuple((k, tuple(cells[k])) for k in block_ids)
     names = {f'block{k + 1}' for k in block_ids}
     step = functools.partial(
-      distill.distill_step,
+      distill_steps.distill_step,
       blocks=blocks,
       teacher_apply=teacher_apply,
       optimizers={n: o for n, o in optimizers.items() if n in names},

@@ -50,18 +50,41 @@ def data_parallel(
   The returned function takes the state and broadcast arguments unreplicated and the
   batch as produced by `shard_batch`.
   """
+  return per_device(
+    step, mode, (False, True) + (False,) * num_broadcast, (False, False), donate_argnums=(0,) if donate_state else ()
+  )
+
+
+def per_device(
+  fn: Callable[..., tuple[Any, ...]],
+  mode: str,
+  sharded_in: tuple[bool, ...],
+  sharded_out: tuple[bool, ...],
+  donate_argnums: tuple[int, ...] = (),
+) -> Callable[..., tuple[Any, ...]]:
+  """Wraps per-device `fn` (which returns a tuple) for all devices under `mode`.
+
+  Each argument and result is either sharded over the data axis (True: the device sees its slice,
+  as `shard_batch` lays batches out) or replicated (False: the same on every device, as `replicate`
+  lays it out; a replicated result must be invariant, e.g. after `lax.pmean`). pmap needs a sharded
+  argument, so under it a function of replicated arguments alone runs as a plain `jit` on the
+  replicated arrays and must use no collectives.
+  """
+  if mode == 'pmap' and not any(sharded_in):
+    return jax.jit(fn, donate_argnums=donate_argnums)
   if mode == 'pmap':
+    axes = lambda flags: tuple(0 if sharded else None for sharded in flags)
     return jax.pmap(
-      step,
+      fn,
       axis_name=AXIS,
-      in_axes=(None, 0) + (None,) * num_broadcast,
-      out_axes=(None, None),
-      donate_argnums=(0,) if donate_state else (),
+      in_axes=axes(sharded_in),
+      out_axes=axes(sharded_out),
+      donate_argnums=donate_argnums,
     )
   if mode == 'shard_map':
-    mesh = make_mesh()
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)) + (P(),) * num_broadcast, out_specs=(P(), P()))
-    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+    specs = lambda flags: tuple(P(AXIS) if sharded else P() for sharded in flags)
+    mapped = jax.shard_map(fn, mesh=make_mesh(), in_specs=specs(sharded_in), out_specs=specs(sharded_out))
+    return jax.jit(mapped, donate_argnums=donate_argnums)
   raise ValueError(f'parallel mode must be one of {", ".join(MODES)}, got {mode!r}')
 
 

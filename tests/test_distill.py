@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from dna_jax import config_base
+from dna_jax import distill_steps
 from dna_jax import images as images_lib
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -32,7 +33,13 @@ def make_config(**distill_overrides):
   config.data.image_size = IMAGE
   config.distill.update(
     dict(
-      epochs=1, batch_size=16, learning_rates='0.01', checkpoint_every_steps=2, log_every_steps=1, keep_checkpoints=3
+      epochs=1,
+      batch_size=16,
+      learning_rates='0.01',
+      checkpoint_every_steps=2,
+      log_every_steps=1,
+      keep_checkpoints=3,
+      programs='step',  # one program: fewer compiles in these tests (tests/test_distill_steps.py: 'layer')
     )
   )
   config.distill.update(distill_overrides)
@@ -66,7 +73,7 @@ def restore_block(config, workdir, block, teacher):
   cells = supernet.supernet_cells(space, stem_stride=1)
   manager = supernet_store.block_manager(str(workdir), block - 1, config.distill.keep_checkpoints)
   size = space_lib.supernet_input_sizes(space, IMAGE, 1)[block - 1]
-  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  tx = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
   fresh = supernet_store.create_block_state(jax.random.PRNGKey(0), tuple(cells[block - 1]), size, tx)
   state, meta = supernet_store.restore_block(manager, fresh, block - 1)
   manager.close()
@@ -96,7 +103,7 @@ def test_one_compilation_serves_every_path_and_devices_differ():
   def sampled_paths(state, batch):
     traces.append(1)
     rng = jax.random.fold_in(jax.random.PRNGKey(0), parallel.device_index())
-    path = distill.sample_path(rng, state, space_lib.Cell(3, 8, 1), 'uniform')
+    path = distill_steps.sample_path(rng, state, space_lib.Cell(3, 8, 1), 'uniform')
     return state, jax.lax.all_gather(path, parallel.AXIS)
 
   step = parallel.data_parallel(sampled_paths, 'pmap')
@@ -112,7 +119,7 @@ def test_pinned_layers_always_draw_their_op():
   cell = space_lib.parse_space('2 16 3@8=k5e6-*-k3e3').blocks[0].cells[0]
   for sampling in ('uniform', 'fair'):
     paths = np.stack(
-      [np.asarray(distill.sample_path(jax.random.PRNGKey(s), jnp.int32(s), cell, sampling)) for s in range(24)]
+      [np.asarray(distill_steps.sample_path(jax.random.PRNGKey(s), jnp.int32(s), cell, sampling)) for s in range(24)]
     )
     assert set(paths[:, 0]) == {space_lib.op_index('k5e6')} and set(paths[:, 2]) == {space_lib.op_index('k3e3')}
     assert set(paths[:, 1]) == set(range(6))  # the free layer still draws every op
@@ -130,17 +137,17 @@ def test_distill_step_is_one_compile_for_many_steps(tmp_path, tiny_teacher):
   config = make_config()
   config.seed = 2  # a configuration no other test compiled
   counter = []
-  original = distill.distill_step
+  original = distill_steps.distill_step
 
   def counting_step(*args, **kwargs):
     counter.append(1)
     return original(*args, **kwargs)
 
-  distill.distill_step = counting_step
+  distill_steps.distill_step = counting_step
   try:
     train(config, tmp_path, tiny_teacher, 4)
   finally:
-    distill.distill_step = original
+    distill_steps.distill_step = original
   assert len(counter) == 1
 
 
@@ -204,7 +211,7 @@ def test_nan_loss_names_block_cell_step_and_keeps_last_checkpoint(tmp_path, tiny
 def block2_step(cells, teacher_model, optimizer):
   """The per-device step training block 2's cells alone (uniform paths, seed 0)."""
   return functools.partial(
-    distill.distill_step,
+    distill_steps.distill_step,
     blocks=((1, tuple(cells[1])),),
     teacher_apply=functools.partial(teacher_lib.teacher_features, teacher_model, up_to=2),
     optimizers={'block2': optimizer},
@@ -218,7 +225,7 @@ def test_pmap_and_shard_map_give_the_same_update(tiny_teacher):
   space = space_lib.space_from_config(config.space)
   cells = supernet.supernet_cells(space, stem_stride=1)
   teacher_model, teacher_variables = tiny_teacher
-  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  tx = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
   states = {'block2': supernet_store.create_block_state(jax.random.PRNGKey(1), tuple(cells[1]), 4, tx)}
   batch = next(fixed_batches(0))
   results = []
@@ -264,12 +271,12 @@ def test_every_recomputation_choice_gives_the_same_gradients(tiny_teacher):
 
 
 def _with_fixed_path(step, states, batch, teacher_variables):
-  original = distill.sample_path
-  distill.sample_path = lambda rng, s, cell, sampling: jnp.zeros((cell.layers,), jnp.int32)
+  original = distill_steps.sample_path
+  distill_steps.sample_path = lambda rng, s, cell, sampling: jnp.zeros((cell.layers,), jnp.int32)
   try:
     return step(states, batch, teacher_variables)
   finally:
-    distill.sample_path = original
+    distill_steps.sample_path = original
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_teacher, caplog):
@@ -286,9 +293,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
 
 
 def test_learning_rate_steps_before_the_first_epoch_as_the_authors_step_lr():
-  authors = distill.create_learning_rate_fn(0.01, 0.9, 10)  # offset 1: epoch 1 already at lr x 0.9
+  authors = distill_steps.create_learning_rate_fn(0.01, 0.9, 10)  # offset 1: epoch 1 already at lr x 0.9
   np.testing.assert_allclose([float(authors(s)) for s in (0, 9, 10, 25)], [0.009, 0.009, 0.0081, 0.00729], rtol=1e-6)
-  plain = distill.create_learning_rate_fn(0.01, 0.9, 10, offset=0)
+  plain = distill_steps.create_learning_rate_fn(0.01, 0.9, 10, offset=0)
   np.testing.assert_allclose([float(plain(s)) for s in (0, 10)], [0.01, 0.009], rtol=1e-6)
 
 
@@ -296,7 +303,7 @@ def test_block_one_reads_the_model_normalization():
   """The teacher reads the data's images; the student's block 1 reads them converted (model.normalization)."""
   space = space_lib.space_from_config(make_config().space)
   cells = supernet.supernet_cells(space, stem_stride=1)
-  tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
+  tx = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
   states = {'block1': supernet_store.create_block_state(jax.random.PRNGKey(1), tuple(cells[0]), IMAGE, tx)}
   # A teacher whose targets do not depend on its input: only the student's input differs below.
   teacher_apply = lambda variables, x: {'block1': jnp.zeros((x.shape[0], IMAGE // 2, IMAGE // 2, 16))}
@@ -304,7 +311,7 @@ def test_block_one_reads_the_model_normalization():
 
   def step(images, normalization):
     fn = functools.partial(
-      distill.distill_step,
+      distill_steps.distill_step,
       blocks=((0, tuple(cells[0])),),
       teacher_apply=teacher_apply,
       optimizers={'block1': tx},

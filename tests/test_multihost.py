@@ -30,12 +30,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(out_dir, num_processes):
+def run_processes(out_dir, num_processes, programs='step'):
   port = str(free_port())
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   procs = [
     subprocess.Popen(
-      [sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port],
+      [sys.executable, WORKER, str(out_dir), str(num_processes), str(i), port, programs],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -50,17 +50,20 @@ def run_processes(out_dir, num_processes):
 
 
 def test_two_processes_match_one_process(tmp_path):
+  """And with one program per layer shape (distill.programs='layer') across 2 processes as well."""
   one = run_processes(tmp_path, 1)
   two = run_processes(tmp_path, 2)
-  assert 'done 0 8' in one[0] and 'done 1 8' in two[1]
-  a = np.load(tmp_path / 'params_1.npz')
-  b = np.load(tmp_path / 'params_2.npz')
-  assert sorted(a.files) == sorted(b.files) and len(a.files) > 50
-  # Cross-process reductions sum in another order: float32 rounding only, which Adam can blow up to
-  # ~1e-5 on parameters whose gradient is ~0 (a BN bias feeding another BN). A wrong global batch or
-  # gradient average moves parameters by ~lr = 1e-2 in 3 Adam steps.
-  for key in a.files:
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4, err_msg=key)
+  two_layerwise = run_processes(tmp_path, 2, 'layer')
+  assert 'done 0 8' in one[0] and 'done 1 8' in two[1] and 'done 1 8' in two_layerwise[1]
+  a = np.load(tmp_path / 'params_1_step.npz')
+  for other in ('params_2_step.npz', 'params_2_layer.npz'):
+    b = np.load(tmp_path / other)
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 50
+    # Cross-process reductions sum in another order: float32 rounding only, which Adam can blow up to
+    # ~1e-5 on parameters whose gradient is ~0 (a BN bias feeding another BN). A wrong global batch or
+    # gradient average moves parameters by ~lr = 1e-2 in 3 Adam steps.
+    for key in a.files:
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4, err_msg=f'{other}: {key}')
 
 
 @pytest.fixture(scope='module')

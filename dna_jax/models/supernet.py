@@ -13,7 +13,9 @@ trees: the rating stage applies single ops of a layer to many prefixes at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -68,11 +70,12 @@ class SupernetCell:
     )
 
   def op_module(self, l: int, op_id: int) -> layers.MBConv:
+    return self.layer_modules(l)[op_id]
+
+  def layer_modules(self, l: int) -> tuple[layers.MBConv, ...]:
+    """Layer l's candidate ops, in `space.OPS` order."""
     _, out, stride = self.layer_shape(l)
-    op = space_lib.OPS[op_id]
-    return layers.MBConv(
-      out, op.expansion, op.kernel, stride, conventions=self.conventions, bn_axis_name=self.bn_axis_name
-    )
+    return candidate_ops(out, stride, self.conventions, self.bn_axis_name)
 
   def stem_modules(self) -> tuple[layers.Stem, layers.MBConv]:
     stem_width, ds_width, stem_stride = self.stem
@@ -80,6 +83,17 @@ class SupernetCell:
       layers.Stem(stem_width, stem_stride, self.conventions, self.bn_axis_name),
       layers.MBConv(ds_width, 1, 3, 1, conventions=self.conventions, bn_axis_name=self.bn_axis_name),
     )
+
+  def units(self) -> tuple[tuple[str, tuple[Any, ...], int], ...]:
+    """The cell as a chain: (variables key, candidate modules, path index) per link.
+
+    The stem and DS block (block 1) have one module and no path index (-1); layer l has its candidate
+    ops, chosen by path[l]. Links with equal modules compute the same function of their variables.
+    """
+    links = []
+    if self.stem is not None:
+      links += [(name, (module,), -1) for name, module in zip(('stem', 'ds'), self.stem_modules())]
+    return tuple(links + [(f'layer{l}', self.layer_modules(l), l) for l in range(self.cell.layers)])
 
   def init(self, rng: Any, inputs: Array) -> Variables:
     """Variables of every op of every layer, for an example input batch."""
@@ -106,14 +120,13 @@ class SupernetCell:
     new_stats = {}
     x = images
     for name, module in zip(('stem', 'ds'), self.stem_modules()):
-      x, new_stats[name] = _apply(module, variables['params'][name], variables['batch_stats'][name], x, train)
+      x, new_stats[name] = apply_module(module, variables['params'][name], variables['batch_stats'][name], x, train)
     return x, new_stats
 
   def apply_op(self, variables: Variables, l: int, op_id: int, x: Array, train: bool) -> tuple[Array, Any]:
     """Op `op_id` of layer l alone; returns output and that op's updated statistics."""
     name = space_lib.OP_NAMES[op_id]
-    module = self.op_module(l, op_id)
-    run = lambda p, s, x: _apply(module, p, s, x, train)
+    run = functools.partial(apply_module, self.op_module(l, op_id), train=train)
     if self.remat == 'op':
       run = jax.checkpoint(run)
     elif self.remat == 'dots':
@@ -133,24 +146,44 @@ class SupernetCell:
       x, stem_stats = self.apply_stem(variables, x, train)
       new_stats.update(stem_stats)
     for l in range(self.cell.layers):
-      layer_stats = variables['batch_stats'][f'layer{l}']
-
-      def branch(op_id, x, l=l, layer_stats=layer_stats):
-        y, stats = self.apply_op(variables, l, op_id, x, train)
-        return y, {**layer_stats, space_lib.OP_NAMES[op_id]: stats}
-
-      x, new_stats[f'layer{l}'] = lax.switch(
-        path[l], [lambda x, j=j: branch(j, x) for j in range(space_lib.NUM_OPS)], x
-      )
+      apply_op = lambda op_id, x, l=l: self.apply_op(variables, l, op_id, x, train)
+      x, new_stats[f'layer{l}'] = switch_ops(apply_op, variables['batch_stats'][f'layer{l}'], path[l], x)
     return x, new_stats
 
 
-def _apply(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) -> tuple[Array, Any]:
+def apply_module(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) -> tuple[Array, Any]:
+  """`module` on x; returns output and (in training mode, updated) BatchNorm statistics."""
   variables = {'params': params, 'batch_stats': batch_stats}
   if not train:
     return module.apply(variables, x, train=False), batch_stats
   y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
   return y, updates['batch_stats']
+
+
+def candidate_ops(out_channels: int, stride: int, conventions: layers.Conventions, bn_axis_name: str | None = None):
+  """One `layers.MBConv` per candidate op of `space.OPS` (the input width is the input's)."""
+  return tuple(
+    layers.MBConv(out_channels, op.expansion, op.kernel, stride, conventions=conventions, bn_axis_name=bn_axis_name)
+    for op in space_lib.OPS
+  )
+
+
+def switch_ops(
+  apply_op: Callable[[int, Array], tuple[Array, Any]], layer_stats: dict[str, Any], op: Array, x: Array
+) -> tuple[Array, dict[str, Any]]:
+  """The layer's op number `op` (traced) on x; returns output and the layer's statistics, that op's updated.
+
+  `apply_op(op_id, x)` returns one op's output and statistics; `layer_stats` holds every op's.
+  """
+
+  def branch(op_id: int) -> Callable[[Array], tuple[Array, dict[str, Any]]]:
+    def run(x: Array) -> tuple[Array, dict[str, Any]]:
+      y, stats = apply_op(op_id, x)
+      return y, {**layer_stats, space_lib.OP_NAMES[op_id]: stats}
+
+    return run
+
+  return lax.switch(op, [branch(j) for j in range(space_lib.NUM_OPS)], x)
 
 
 def supernet_cells(

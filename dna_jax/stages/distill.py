@@ -1,10 +1,9 @@
 """The distill stage: every cell of every block trained against the teacher in one data-parallel run.
 
-One step runs the frozen teacher once on the batch and trains all selected cells of all blocks
-against its block outputs (student block k reads teacher block k-1; block 1 reads the image
-through its own stem). Each device samples its own path per cell; gradients and BatchNorm
-statistics are averaged over devices. Each block is checkpointed on its own (supernet_store.py),
-so blocks can be trained, resumed and rated independently.
+Each step (distill_steps.py) runs the frozen teacher once on the batch and trains all selected
+cells of all blocks against its block outputs, as one program or as one program per layer shape
+(distill.programs). Each block is checkpointed on its own (supernet_store.py), so blocks can be
+trained, resumed and rated independently.
 
 Writes WORKDIR/distill/block_K/ (Orbax), distill/tb/ (TensorBoard), distill/history.json and
 distill/loss_curves.png.
@@ -15,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterator
 import dataclasses
-import functools
 import json
 import time
 from typing import Any
@@ -24,15 +22,12 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-from jax import lax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from dna_jax import checkpoints
+from dna_jax import distill_steps
 from dna_jax import files
-from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -42,129 +37,7 @@ from dna_jax import workdir as workdir_lib
 from dna_jax.models import layers
 from dna_jax.models import supernet
 
-Array = jax.Array
 BlockState = supernet_store.BlockState
-
-
-def distill_losses(student: Array, target: Array) -> tuple[Array, Array]:
-  """MSE (the training loss) and DNA's relative L1: mean |S - T| / std(T)."""
-  student, target = student.astype(jnp.float32), target.astype(jnp.float32)
-  mse = jnp.mean(jnp.square(student - target))
-  rel_l1 = jnp.mean(jnp.abs(student - target)) / (jnp.std(target) + 1e-8)
-  return mse, rel_l1
-
-
-def create_learning_rate_fn(base_lr: float, decay: float, steps_per_epoch: int, offset: int = 1) -> optax.Schedule:
-  """DNA's schedule: base_lr * decay ** (epoch + offset), staircase, epochs counted from 0.
-
-  offset 1 is the authors': their StepLR steps once before the first epoch trains, so epoch 1 already
-  runs at base_lr * decay.
-  """
-  return optax.exponential_decay(base_lr * decay**offset, steps_per_epoch, decay, staircase=True)
-
-
-def sample_path(rng: Array, step: Array, cell: space_lib.Cell, sampling: str) -> Array:
-  """One op per layer of `cell` ('uniform' or 'fair' sampling); pinned layers keep their op."""
-  if sampling == 'uniform':
-    path = supernet.random_path(jax.random.fold_in(rng, step), cell.layers)
-  else:
-    path = supernet.fair_path(rng, step, cell.layers)
-  return supernet.with_pins(path, cell)
-
-
-def distill_step(
-  states: dict[str, BlockState],
-  batch: dict[str, Array],
-  teacher_variables: Any,
-  *,
-  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
-  teacher_apply: Callable[[Any, Array], dict[str, Array]],
-  optimizers: dict[str, optax.GradientTransformation],
-  sampling: str,
-  seed: int,
-  student_normalization: tuple[str, str] | None = None,
-) -> tuple[dict[str, BlockState], dict[str, Array]]:
-  """One per-device step over all selected blocks (`blocks`: (block index, cells) pairs).
-
-  The teacher reads the images as the data holds them; block 1 of the student reads them converted by
-  `student_normalization` (data's, model's), as the child net will.
-  """
-  images = batch['image']
-  features = lax.stop_gradient(teacher_apply(teacher_variables, images))
-  if student_normalization is not None:
-    images = images_lib.normalize(images.astype(jnp.float32), *student_normalization)
-  step = next(iter(states.values())).step
-  path_rng = jax.random.fold_in(jax.random.PRNGKey(seed), parallel.device_index())
-  # Varying like the statistics that the sampled branch computes from this device's batch.
-  batch_stats = parallel.varying({name: state.batch_stats for name, state in states.items()})
-
-  def loss_fn(params):
-    total, aux = 0.0, {}
-    for k, cells in blocks:
-      name = f'block{k + 1}'
-      inputs = images if k == 0 else features[f'block{k}']
-      target = features[name]
-      for c, cell in enumerate(cells):
-        cname = f'cell{c}'
-        path = sample_path(jax.random.fold_in(path_rng, 64 * k + c), step, cell.cell, sampling)
-        output, new_stats = cell.apply(
-          {'params': params[name][cname], 'batch_stats': batch_stats[name][cname]}, inputs, path, True
-        )
-        mse, rel_l1 = distill_losses(output, target)
-        total = total + mse
-        aux[(name, cname)] = (new_stats, mse, rel_l1)
-    return total, aux
-
-  params = {name: state.params for name, state in states.items()}
-  grads, aux = jax.grad(loss_fn, has_aux=True)(parallel.varying(params))
-  grads = lax.pmean(grads, parallel.AXIS)
-  new_states, metrics = {}, {}
-  for name, state in states.items():
-    updates, opt_state = optimizers[name].update(grads[name], state.opt_state, state.params)
-    batch_stats = {cname: lax.pmean(aux[(name, cname)][0], parallel.AXIS) for cname in state.params}
-    new_states[name] = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
-    metrics[f'{name}/grad_norm'] = optax.tree.norm(grads[name])
-    for cname in state.params:
-      metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
-      metrics[f'{name}/{cname}/rel_l1'] = aux[(name, cname)][2]
-  return new_states, lax.pmean(metrics, parallel.AXIS)
-
-
-@functools.cache
-def parallel_distill_step(
-  blocks: tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...],
-  teacher_model: Any,
-  train_mode_bn: bool,
-  learning_rates: tuple[tuple[str, float], ...],
-  lr_decay: float,
-  lr_decay_offset: int,
-  steps_per_epoch: int,
-  weight_decay: float,
-  sampling: str,
-  seed: int,
-  mode: str,
-  student_normalization: tuple[str, str] | None = None,
-) -> Callable[..., Any]:
-  """The device-parallel distillation step, built once per configuration (so compiled once)."""
-  teacher_apply = functools.partial(
-    teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
-  )
-  optimizers = {
-    name: supernet_store.block_optimizer(
-      create_learning_rate_fn(lr, lr_decay, steps_per_epoch, lr_decay_offset), weight_decay
-    )
-    for name, lr in learning_rates
-  }
-  step_fn = functools.partial(
-    distill_step,
-    blocks=blocks,
-    teacher_apply=teacher_apply,
-    optimizers=optimizers,
-    sampling=sampling,
-    seed=seed,
-    student_normalization=student_normalization,
-  )
-  return parallel.data_parallel(step_fn, mode, num_broadcast=1)
 
 
 def parse_learning_rates(text: str, num_blocks: int) -> list[float]:
@@ -304,7 +177,8 @@ def train_blocks(
   for k in space_lib.parse_block_numbers(dcfg.blocks, len(space.blocks), 'distill.blocks'):
     name = f'block{k + 1}'
     optimizer = supernet_store.block_optimizer(
-      create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch, dcfg.lr_decay_offset), dcfg.weight_decay
+      distill_steps.create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch, dcfg.lr_decay_offset),
+      dcfg.weight_decay,
     )
     managers[name] = supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints)
     fresh = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
@@ -325,7 +199,7 @@ def train_blocks(
       for start in sorted({int(s.step) for s in active.values()}):
         group = {name: s for name, s in active.items() if int(s.step) == start}
         block_ids = sorted(int(name[5:]) - 1 for name in group)
-        p_step = parallel_distill_step(
+        p_step = distill_steps.parallel_distill_step(
           tuple((k, tuple(all_cells[k])) for k in block_ids),
           teacher_model,
           config.teacher.train_mode_bn,
@@ -338,6 +212,7 @@ def train_blocks(
           config.seed,
           dcfg.parallel,
           supernet_store.student_normalization(config),
+          dcfg.programs,
         )
         states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
         if preemption.requested:
@@ -381,6 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   space = space_lib.space_from_config(config.space)
   space_lib.parse_block_numbers(config.distill.blocks, len(space.blocks), 'distill.blocks')
   supernet.check_remat(config.distill.remat, 'distill.remat')
+  distill_steps.check_programs(config.distill.programs, 'distill.programs')
   parse_learning_rates(config.distill.learning_rates, len(space.blocks))
   parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
   input_pipeline.check_dataset(config.data)

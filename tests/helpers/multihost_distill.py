@@ -1,12 +1,15 @@
 """One process of the multi-host check: a few distillation steps, parameters saved to an .npz.
 
-python tests/helpers/multihost_distill.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT
+python tests/helpers/multihost_distill.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT [PROGRAMS]
+
+PROGRAMS is distill.programs (default step); the parameters go to OUT_DIR/params_{NUM_PROCESSES}_{PROGRAMS}.npz.
 """
 
 import os
 import sys
 
 NUM_PROCESSES, PROCESS_ID = int(sys.argv[2]), int(sys.argv[3])
+PROGRAMS = sys.argv[5] if len(sys.argv) > 5 else 'step'
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={8 // NUM_PROCESSES}'
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import config_base
+from dna_jax import distill_steps
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import efficientnet
@@ -55,17 +59,24 @@ def main():
   config.data.image_size = IMAGE
   config.data.normalization = 'imagenet'  # the random images as the student reads them: no conversion
   config.distill.update(
-    dict(epochs=1, batch_size=GLOBAL_BATCH, learning_rates='0.01', checkpoint_every_steps=STEPS, log_every_steps=1)
+    dict(
+      epochs=1,
+      batch_size=GLOBAL_BATCH,
+      learning_rates='0.01',
+      checkpoint_every_steps=STEPS,
+      log_every_steps=1,
+      programs=PROGRAMS,
+    )
   )
   teacher = efficientnet.variant('tiny', num_classes=10)
   teacher_variables = jax.jit(lambda r: teacher.init(r, jnp.zeros((1, IMAGE, IMAGE, 3))))(jax.random.PRNGKey(7))
   space = space_lib.space_from_config(config.space)
-  workdir = os.path.join(out_dir, f'workdir_{NUM_PROCESSES}')
+  workdir = os.path.join(out_dir, f'workdir_{NUM_PROCESSES}_{PROGRAMS}')
   distill.train_blocks(config, workdir, teacher, teacher_variables, space, global_batches, STEPS)
   restored = {}
   cells = supernet.supernet_cells(space, stem_stride=1)
   for k in (1, 2):
-    tx = supernet_store.block_optimizer(distill.create_learning_rate_fn(0.01, 0.9, STEPS), 1e-4)
+    tx = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, STEPS), 1e-4)
     size = space_lib.supernet_input_sizes(space, IMAGE, 1)[k - 1]
     fresh = supernet_store.create_block_state(jax.random.PRNGKey(0), tuple(cells[k - 1]), size, tx)
     manager = supernet_store.block_manager(workdir, k - 1)
@@ -74,7 +85,7 @@ def main():
     restored[f'block{k}'] = jax.device_get(state.params)
   if jax.process_index() == 0:
     flat = flax.traverse_util.flatten_dict(restored, sep='/')
-    np.savez(os.path.join(out_dir, f'params_{NUM_PROCESSES}.npz'), **flat)
+    np.savez(os.path.join(out_dir, f'params_{NUM_PROCESSES}_{PROGRAMS}.npz'), **flat)
   print('done', jax.process_index(), jax.device_count())
 
 

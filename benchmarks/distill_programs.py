@@ -1,0 +1,202 @@
+"""The distillation step as one program per layer shape against one program: compile, memory, speed.
+
+  PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
+      [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR]
+
+Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
+does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
+compiles every program: the teacher and paths, each distinct link forward and backward, the loss,
+each block's update), the number of programs compiled in it, the process's peak RSS after it, and
+the median of --steps further steps. --one_program also builds distill.programs='step' (the whole
+step one program) in the same process, afterwards, and measures the same (its first step is its
+compile); for the ImageNet space its XLA:CPU compile took over 16 GiB of host memory on the 24 GiB
+test machine, so it is off by default there. --cache_dir turns on JAX's persistent compilation
+cache as the stages do (programs that took >= 1 s to compile): run twice to measure a restart.
+
+--space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
+224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dna_jax import distill_steps
+from dna_jax import main as main_lib
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax.models import efficientnet
+from dna_jax.models import supernet
+
+SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
+GiB = 1024**3
+
+
+def load() -> str:
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# Phases of JAX's compile log (jax_log_compiles) and how their messages begin.
+PHASES = {
+  'tracing': 'Finished tracing',
+  'lowering': 'Finished jaxpr to MLIR',
+  'compiling': 'Finished XLA compilation',
+}
+
+
+class CompileCounter(logging.Handler):
+  """Counts XLA compilations and sums the seconds JAX logs for each phase (jax_log_compiles)."""
+
+  def __init__(self):
+    super().__init__()
+    self.count = 0
+    self.seconds = dict.fromkeys(PHASES, 0.0)
+
+  def emit(self, record: logging.LogRecord) -> None:
+    message = record.getMessage()
+    for phase, prefix in PHASES.items():
+      match = re.search(r' in ([0-9.]+) sec', message)
+      if message.startswith(prefix) and match:
+        self.seconds[phase] += float(match.group(1))
+        self.count += phase == 'compiling'
+
+
+def measure(step_fn, states, batch, teacher_variables, steps: int, counter: CompileCounter) -> dict[str, float]:
+  before, seconds_before = counter.count, dict(counter.seconds)
+  start = time.perf_counter()
+  new_states, metrics = step_fn(states, batch, teacher_variables)
+  jax.block_until_ready((new_states, metrics))
+  first_s = time.perf_counter() - start
+  compiled = counter.count - before
+  phases = {phase: counter.seconds[phase] - seconds_before[phase] for phase in counter.seconds}
+  rss = peak_rss_gib()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    new_states, metrics = step_fn(new_states, batch, teacher_variables)
+    jax.block_until_ready((new_states, metrics))
+    times.append(time.perf_counter() - start)
+  return {
+    'first_s': first_s,
+    'compiled': compiled,
+    'phases': phases,
+    'rss': rss,
+    'step_s': statistics.median(times),
+    'load': load(),
+  }
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
+  parser.add_argument('--batch', type=int, default=0, help='default: 8 (imagenet) or 128 (small)')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps after the first (median)')
+  parser.add_argument('--parallel', choices=parallel.MODES, default='shard_map')
+  parser.add_argument('--one_program', action='store_true', help="also measure distill.programs='step'")
+  parser.add_argument('--blocks', default='', help="only these blocks, e.g. '3' or '2,3' (default: all)")
+  parser.add_argument('--cache_dir', default='', help="JAX's persistent compilation cache (default: off)")
+  args = parser.parse_args(argv)
+  if args.cache_dir:
+    main_lib.enable_compilation_cache(args.cache_dir)
+  counter = CompileCounter()
+  jax_logger = logging.getLogger('jax')
+  jax_logger.addHandler(counter)
+  jax_logger.setLevel(logging.DEBUG)
+  jax_logger.propagate = False  # counted, not printed
+  jax.config.update('jax_log_compiles', True)
+
+  batch_size = args.batch or (8 if args.space == 'imagenet' else 128)
+  if args.space == 'imagenet':
+    space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
+  else:
+    space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
+  cells = supernet.supernet_cells(space, stem_stride=stem_stride)
+  block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
+  blocks = tuple((k, tuple(cells[k])) for k in block_ids)
+  links = sum(len(cell.units()) for _, block_cells in blocks for cell in block_cells)
+  device = jax.devices()[0]
+  print(
+    f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; space '
+    f'{args.space} ({len(blocks)} blocks, {sum(len(c) for _, c in blocks)} cells, {links} links); teacher '
+    f'{teacher_name}; batch {batch_size}, {image} px; {args.parallel}; cache {args.cache_dir or "off"}; '
+    f'load {load()}',
+    flush=True,
+  )
+  model = efficientnet.variant(teacher_name)
+  rng = np.random.default_rng(0)
+  per_device = parallel.check_global_batch(batch_size, '--batch')
+  images = rng.uniform(0, 1, (jax.local_device_count(), per_device, image, image, 3)).astype(np.float32)
+  batch = parallel.shard_batch({'image': images}, args.parallel)
+  start = time.perf_counter()
+  teacher_variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[0, :1])
+  jax.block_until_ready(teacher_variables)
+  print(f'teacher init {time.perf_counter() - start:.1f} s (compiles {counter.count})', flush=True)
+  sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
+  learning_rates = tuple((f'block{k + 1}', 0.005) for k, _ in blocks)
+  optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
+  start = time.perf_counter()
+  host_states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.key(k), block_cells, sizes[k], optimizer)
+    for k, block_cells in blocks
+  }
+  states = parallel.replicate(parallel.host_copy(host_states), args.parallel)
+  print(
+    f'supernet init {time.perf_counter() - start:.1f} s (compiles so far {counter.count}); '
+    f'peak RSS {peak_rss_gib():.2f} GiB',
+    flush=True,
+  )
+
+  results = {}
+  for programs in ('layer', 'step') if args.one_program else ('layer',):
+    step_fn = distill_steps.parallel_distill_step(
+      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs
+    )
+    results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
+    r = results[programs]
+    print(
+      f"  programs='{programs}': first step {r['first_s']:.1f} s ({r['compiled']} programs compiled; "
+      + ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in r['phases'].items())
+      + '), '
+      + f'then {r["step_s"]:.3f} s/step; peak RSS after the first step {r["rss"]:.2f} GiB; load {r["load"]}',
+      flush=True,
+    )
+  print()
+  print(
+    f'| programs | first step s (traces + compiles) | programs compiled | JAX tracing / lowering / XLA compile s | '
+    f's/step (median of {args.steps}) | '
+    'img/s | peak RSS after the first step GiB | load 1/5/15 min |'
+  )
+  print('|---|---|---|---|---|---|---|---|')
+  for programs, r in results.items():
+    print(
+      f'| {programs} | {r["first_s"]:.1f} | {r["compiled"]} | '
+      + ' / '.join(f'{seconds:.1f}' for seconds in r['phases'].values())
+      + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | '
+      f'{r["rss"]:.2f} | {r["load"]} |'
+    )
+  if 'step' in results:
+    layer, step = results['layer'], results['step']
+    print(
+      f'\none program / per layer shape: first step {step["first_s"] / layer["first_s"]:.2f}x, '
+      f'step time {step["step_s"] / layer["step_s"]:.2f}x (same run)'
+    )
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

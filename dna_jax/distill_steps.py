@@ -1,0 +1,334 @@
+"""The distillation step, as one program or as one program per layer shape.
+
+One step runs the frozen teacher once on the batch and trains every cell of the selected blocks
+against its block outputs (student block k reads teacher block k-1; block 1 reads the image
+through its own stem). Each device samples its own path per cell; gradients and BatchNorm
+statistics are averaged over devices. Both forms compute the same update:
+
+- 'step': `distill_step`, the whole step one program (every op of every cell in it).
+- 'layer': `LayerwiseStep`, a chain of small programs run from Python: the teacher, the paths, then
+  per cell the forward of each link (stem, DS, layer: a `lax.switch` over the candidate ops), the
+  loss, and each link's backward (which recomputes that link's forward, like distill.remat='op'),
+  then one optimizer update per block. Links with the same modules and input shape share one
+  compiled program, so the compile cost grows with the number of distinct layer shapes rather than
+  with the number of layers, cells and ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from dna_jax import images as images_lib
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import supernet
+
+Array = jax.Array
+BlockState = supernet_store.BlockState
+Blocks = tuple[tuple[int, tuple[supernet.SupernetCell, ...]], ...]  # (block index, its cells)
+
+PROGRAMS = ('step', 'layer')
+
+
+def check_programs(programs: str, key: str = 'programs') -> None:
+  """A clear error naming `key` unless `programs` is one of PROGRAMS."""
+  if programs not in PROGRAMS:
+    raise ValueError(f'{key} must be one of {", ".join(PROGRAMS)}, got {programs!r}')
+
+
+def distill_losses(student: Array, target: Array) -> tuple[Array, Array]:
+  """MSE (the training loss) and DNA's relative L1: mean |S - T| / std(T)."""
+  student, target = student.astype(jnp.float32), target.astype(jnp.float32)
+  mse = jnp.mean(jnp.square(student - target))
+  rel_l1 = jnp.mean(jnp.abs(student - target)) / (jnp.std(target) + 1e-8)
+  return mse, rel_l1
+
+
+def create_learning_rate_fn(base_lr: float, decay: float, steps_per_epoch: int, offset: int = 1) -> optax.Schedule:
+  """DNA's schedule: base_lr * decay ** (epoch + offset), staircase, epochs counted from 0.
+
+  offset 1 is the authors': their StepLR steps once before the first epoch trains, so epoch 1 already
+  runs at base_lr * decay.
+  """
+  return optax.exponential_decay(base_lr * decay**offset, steps_per_epoch, decay, staircase=True)
+
+
+def sample_path(rng: Array, step: Array, cell: space_lib.Cell, sampling: str) -> Array:
+  """One op per layer of `cell` ('uniform' or 'fair' sampling); pinned layers keep their op."""
+  if sampling == 'uniform':
+    path = supernet.random_path(jax.random.fold_in(rng, step), cell.layers)
+  else:
+    path = supernet.fair_path(rng, step, cell.layers)
+  return supernet.with_pins(path, cell)
+
+
+def cell_path_rng(seed: int, block_index: int, cell_index: int) -> Array:
+  """The key of one cell's paths on this device (inside a step)."""
+  path_rng = jax.random.fold_in(jax.random.PRNGKey(seed), parallel.device_index())
+  return jax.random.fold_in(path_rng, 64 * block_index + cell_index)
+
+
+def teacher_and_student_inputs(
+  images: Array,
+  teacher_variables: Any,
+  teacher_apply: Callable[[Any, Array], dict[str, Array]],
+  student_normalization: tuple[str, str] | None,
+) -> tuple[dict[str, Array], Array]:
+  """The teacher's block outputs (no gradient) and the images as block 1 of the student reads them.
+
+  The teacher reads the images as the data holds them; the student reads them converted by
+  `student_normalization` (data's, model's), as the child net will.
+  """
+  features = lax.stop_gradient(teacher_apply(teacher_variables, images))
+  if student_normalization is not None:
+    images = images_lib.normalize(images.astype(jnp.float32), *student_normalization)
+  return features, images
+
+
+def update_block(
+  state: BlockState, grads: Any, batch_stats: Any, optimizer: optax.GradientTransformation
+) -> tuple[BlockState, Array]:
+  """The block's optimizer step from device-averaged gradients; returns the new state and gradient norm."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = BlockState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+  return new_state, optax.tree.norm(grads)
+
+
+# ----------------------------------------------------------------------------- one program
+
+
+def distill_step(
+  states: dict[str, BlockState],
+  batch: dict[str, Array],
+  teacher_variables: Any,
+  *,
+  blocks: Blocks,
+  teacher_apply: Callable[[Any, Array], dict[str, Array]],
+  optimizers: dict[str, optax.GradientTransformation],
+  sampling: str,
+  seed: int,
+  student_normalization: tuple[str, str] | None = None,
+) -> tuple[dict[str, BlockState], dict[str, Array]]:
+  """One per-device step over all selected blocks, as one program."""
+  features, images = teacher_and_student_inputs(batch['image'], teacher_variables, teacher_apply, student_normalization)
+  step = next(iter(states.values())).step
+  # Varying like the statistics that the sampled branch computes from this device's batch.
+  batch_stats = parallel.varying({name: state.batch_stats for name, state in states.items()})
+
+  def loss_fn(params):
+    total, aux = 0.0, {}
+    for k, cells in blocks:
+      name = f'block{k + 1}'
+      inputs = images if k == 0 else features[f'block{k}']
+      target = features[name]
+      for c, cell in enumerate(cells):
+        cname = f'cell{c}'
+        path = sample_path(cell_path_rng(seed, k, c), step, cell.cell, sampling)
+        output, new_stats = cell.apply(
+          {'params': params[name][cname], 'batch_stats': batch_stats[name][cname]}, inputs, path, True
+        )
+        mse, rel_l1 = distill_losses(output, target)
+        total = total + mse
+        aux[(name, cname)] = (new_stats, mse, rel_l1)
+    return total, aux
+
+  params = {name: state.params for name, state in states.items()}
+  grads, aux = jax.grad(loss_fn, has_aux=True)(parallel.varying(params))
+  grads = lax.pmean(grads, parallel.AXIS)
+  new_states, metrics = {}, {}
+  for name, state in states.items():
+    batch_stats = {cname: lax.pmean(aux[(name, cname)][0], parallel.AXIS) for cname in state.params}
+    new_states[name], metrics[f'{name}/grad_norm'] = update_block(state, grads[name], batch_stats, optimizers[name])
+    for cname in state.params:
+      metrics[f'{name}/{cname}/mse'] = aux[(name, cname)][1]
+      metrics[f'{name}/{cname}/rel_l1'] = aux[(name, cname)][2]
+  return new_states, lax.pmean(metrics, parallel.AXIS)
+
+
+# ----------------------------------------------------------------------------- one program per layer shape
+
+
+def _link_apply(modules: tuple[Any, ...], params: Any, stats: Any, x: Array, op: Array) -> tuple[Array, Any]:
+  """One link of a cell in training mode: its only module, or candidate op number op[0]."""
+  if len(modules) == 1:
+    return supernet.apply_module(modules[0], params, stats, x, True)
+  names = space_lib.OP_NAMES
+  # Each op rematerialised, as distill.remat='op' does: differentiating `lax.switch` otherwise makes
+  # every branch return the union of all six ops' residuals (zeros for the ops not taken).
+  apply_op = lambda j, x: jax.checkpoint(functools.partial(supernet.apply_module, modules[j], train=True))(
+    params[names[j]], stats[names[j]], x
+  )
+  return supernet.switch_ops(apply_op, stats, op[0], x)
+
+
+def _link_forward(modules: tuple[Any, ...], params: Any, stats: Any, x: Array, op: Array) -> tuple[Array, Any]:
+  """Per device: the link's output and its statistics, averaged over devices."""
+  y, new_stats = _link_apply(modules, params, parallel.varying(stats), x, op)
+  return y, lax.pmean(new_stats, parallel.AXIS)
+
+
+def _link_backward(
+  modules: tuple[Any, ...], input_grad: bool, params: Any, stats: Any, x: Array, op: Array, dy: Array
+) -> tuple[Any, ...]:
+  """Per device: device-averaged parameter gradients (and, if `input_grad`, this device's input gradient)."""
+  stats = parallel.varying(stats)
+  forward = lambda p, x: _link_apply(modules, p, stats, x, op)[0]
+  if input_grad:
+    _, vjp = jax.vjp(forward, parallel.varying(params), x)
+    dparams, dx = vjp(dy)
+    return lax.pmean(dparams, parallel.AXIS), dx
+  _, vjp = jax.vjp(lambda p: forward(p, x), parallel.varying(params))
+  return (lax.pmean(vjp(dy)[0], parallel.AXIS),)
+
+
+def _loss_and_grad(output: Array, target: Array) -> tuple[Array, Array, Array]:
+  """Per device: d MSE / d output, and the MSE and relative L1 averaged over devices."""
+  (mse, rel_l1), d_output = jax.value_and_grad(distill_losses, has_aux=True)(output, target)
+  return d_output, lax.pmean(mse, parallel.AXIS), lax.pmean(rel_l1, parallel.AXIS)
+
+
+# Programs shared by every link (and cell, and step) with the same modules: compiled once per input shape.
+@functools.cache
+def _forward_program(modules: tuple[Any, ...], mode: str) -> Callable[..., Any]:
+  return parallel.per_device(functools.partial(_link_forward, modules), mode, (False, False, True, True), (True, False))
+
+
+@functools.cache
+def _backward_program(modules: tuple[Any, ...], input_grad: bool, mode: str) -> Callable[..., Any]:
+  out = (False, True) if input_grad else (False,)
+  return parallel.per_device(
+    functools.partial(_link_backward, modules, input_grad), mode, (False, False, True, True, True), out
+  )
+
+
+@functools.cache
+def _loss_program(mode: str) -> Callable[..., Any]:
+  return parallel.per_device(_loss_and_grad, mode, (True, True), (True, False, False))
+
+
+class LayerwiseStep:
+  """`distill_step`'s update as a chain of small programs (see the module docstring).
+
+  Called like the data-parallel one-program step: (replicated states, sharded batch, teacher
+  variables) -> (replicated states, replicated metrics). Every process launches the same programs
+  in the same order, as the collectives in them require.
+  """
+
+  def __init__(
+    self,
+    blocks: Blocks,
+    teacher_apply: Callable[[Any, Array], dict[str, Array]],
+    optimizers: dict[str, optax.GradientTransformation],
+    sampling: str,
+    seed: int,
+    mode: str,
+    student_normalization: tuple[str, str] | None = None,
+  ):
+    self.blocks, self.mode = blocks, mode
+
+    def inputs(batch, teacher_variables, step):
+      features, images = teacher_and_student_inputs(
+        batch['image'], teacher_variables, teacher_apply, student_normalization
+      )
+      # One (1,)-shaped op per layer and device, so that links of cells of any length share programs.
+      ops = {}
+      for k, cells in blocks:
+        for c, cell in enumerate(cells):
+          path = sample_path(cell_path_rng(seed, k, c), step, cell.cell, sampling)
+          ops[f'block{k + 1}/cell{c}'] = tuple(path[l][None] for l in range(cell.cell.layers))
+      return features, images, ops
+
+    self.inputs = parallel.per_device(inputs, mode, (True, False, False), (True, True, True))
+    self.updates = {
+      name: parallel.per_device(functools.partial(update_block, optimizer=optimizer), mode, (False,) * 3, (False,) * 2)
+      for name, optimizer in optimizers.items()
+    }
+
+  def train_cell(
+    self, cell: supernet.SupernetCell, params: Any, stats: Any, inputs: Array, target: Array, ops: tuple[Array, ...]
+  ) -> tuple[Any, Any, Array, Array]:
+    """Gradients, new statistics, MSE and relative L1 of one cell along its sampled path."""
+    links = cell.units()
+    link_ops = [ops[max(l, 0)] for _, _, l in links]  # the stem and DS ignore theirs
+    x, link_inputs, new_stats = inputs, [], {}
+    for (name, modules, _), op in zip(links, link_ops):
+      link_inputs.append(x)
+      x, new_stats[name] = _forward_program(modules, self.mode)(params[name], stats[name], x, op)
+    d_x, mse, rel_l1 = _loss_program(self.mode)(x, target)
+    grads = {}
+    for i in reversed(range(len(links))):
+      name, modules, _ = links[i]
+      results = _backward_program(modules, i > 0, self.mode)(
+        params[name], stats[name], link_inputs[i], link_ops[i], d_x
+      )
+      grads[name], d_x = results[0], results[-1]
+    return grads, new_stats, mse, rel_l1
+
+  def __call__(
+    self, states: dict[str, BlockState], batch: dict[str, Array], teacher_variables: Any
+  ) -> tuple[dict[str, BlockState], dict[str, Array]]:
+    features, images, ops = self.inputs(batch, teacher_variables, next(iter(states.values())).step)
+    new_states, metrics = {}, {}
+    for k, cells in self.blocks:
+      name = f'block{k + 1}'
+      state = states[name]
+      grads, stats = {}, {}
+      for c, cell in enumerate(cells):
+        cname = f'cell{c}'
+        inputs = images if k == 0 else features[f'block{k}']
+        grads[cname], stats[cname], mse, rel_l1 = self.train_cell(
+          cell, state.params[cname], state.batch_stats[cname], inputs, features[name], ops[f'{name}/{cname}']
+        )
+        metrics[f'{name}/{cname}/mse'], metrics[f'{name}/{cname}/rel_l1'] = mse, rel_l1
+      new_states[name], metrics[f'{name}/grad_norm'] = self.updates[name](state, grads, stats)
+    return new_states, metrics
+
+
+@functools.cache
+def parallel_distill_step(
+  blocks: Blocks,
+  teacher_model: Any,
+  train_mode_bn: bool,
+  learning_rates: tuple[tuple[str, float], ...],
+  lr_decay: float,
+  lr_decay_offset: int,
+  steps_per_epoch: int,
+  weight_decay: float,
+  sampling: str,
+  seed: int,
+  mode: str,
+  student_normalization: tuple[str, str] | None = None,
+  programs: str = 'step',
+) -> Callable[..., Any]:
+  """The device-parallel distillation step, built once per configuration (so compiled once)."""
+  check_programs(programs)
+  teacher_apply = functools.partial(
+    teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
+  )
+  optimizers = {
+    name: supernet_store.block_optimizer(
+      create_learning_rate_fn(lr, lr_decay, steps_per_epoch, lr_decay_offset), weight_decay
+    )
+    for name, lr in learning_rates
+  }
+  if programs == 'layer':
+    return LayerwiseStep(blocks, teacher_apply, optimizers, sampling, seed, mode, student_normalization)
+  step_fn = functools.partial(
+    distill_step,
+    blocks=blocks,
+    teacher_apply=teacher_apply,
+    optimizers=optimizers,
+    sampling=sampling,
+    seed=seed,
+    student_normalization=student_normalization,
+  )
+  return parallel.data_parallel(step_fn, mode, num_broadcast=1)

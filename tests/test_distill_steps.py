@@ -1,0 +1,130 @@
+"""The distillation step as one program per layer shape equals the one-program step, and reuses its programs."""
+
+import functools
+from unittest import mock
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dna_jax import config_base
+from dna_jax import distill_steps
+from dna_jax import parallel
+from dna_jax import space as space_lib
+from dna_jax import supernet_store
+from dna_jax import teacher as teacher_lib
+from dna_jax.models import efficientnet
+from dna_jax.models import supernet
+from dna_jax.stages import distill
+
+IMAGE = 16
+# Block 1 (stem, DS and two cells) and block 2, whose 2- and 3-layer cells repeat layer shapes.
+SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12'
+
+
+@pytest.fixture(scope='module')
+def setup():
+  space = space_lib.parse_space(SPACE, 8, 8)
+  cells = supernet.supernet_cells(space, stem_stride=1)
+  teacher = efficientnet.variant('tiny', num_classes=10)
+  teacher_variables = jax.jit(lambda r: teacher.init(r, jax.numpy.zeros((1, IMAGE, IMAGE, 3))))(jax.random.PRNGKey(7))
+  sizes = space_lib.supernet_input_sizes(space, IMAGE, 1)
+  blocks = tuple((k, tuple(cells[k])) for k in range(len(cells)))
+  return space, blocks, teacher, teacher_variables, sizes
+
+
+def batches(steps):
+  for step in range(steps):
+    images = np.random.default_rng(step).uniform(0, 1, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
+    yield {'image': images, 'label': np.zeros((8, 2), np.int32)}
+
+
+def run_steps(step_fn, states, mode, teacher_variables, steps):
+  states = parallel.replicate(states, mode)
+  history = []
+  for batch in batches(steps):
+    states, metrics = step_fn(states, parallel.shard_batch(batch, mode), teacher_variables)
+    history.append(jax.device_get(metrics))
+  return parallel.host_copy(states), history
+
+
+def step_arguments(blocks, teacher, optimizer):
+  return dict(
+    blocks=blocks,
+    teacher_apply=functools.partial(teacher_lib.teacher_features, teacher, up_to=len(blocks)),
+    optimizers={f'block{k + 1}': optimizer for k, _ in blocks},
+    sampling='uniform',
+    seed=3,
+    student_normalization=('unit', 'imagenet'),
+  )
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_one_program_per_layer_shape_gives_the_same_update(setup, mode):
+  """Two steps on 8 devices (each its own paths): parameters, statistics and metrics as the one program's."""
+  _, blocks, teacher, teacher_variables, sizes = setup
+  sgd = optax.sgd(1.0)  # the update is minus the gradient: no Adam normalisation hides a difference
+  states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.PRNGKey(k), cells, sizes[k], sgd)
+    for k, cells in blocks
+  }
+  arguments = step_arguments(blocks, teacher, sgd)
+  one_program = parallel.data_parallel(
+    functools.partial(distill_steps.distill_step, **arguments), mode, num_broadcast=1
+  )
+  layerwise = distill_steps.LayerwiseStep(mode=mode, **arguments)
+  expected, expected_history = run_steps(one_program, states, mode, teacher_variables, 2)
+  got, history = run_steps(layerwise, states, mode, teacher_variables, 2)
+  for name in states:
+    assert int(got[name].step) == int(expected[name].step) == 2
+    for part in ('params', 'batch_stats'):
+      jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+        getattr(got[name], part),
+        getattr(expected[name], part),
+      )
+  for metrics, expected_metrics in zip(history, expected_history):
+    assert metrics.keys() == expected_metrics.keys()
+    for key in metrics:
+      np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-4, err_msg=key)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got['block2'].params, states['block2'].params)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_links_of_the_same_shape_share_one_program(setup):
+  """Forward programs are traced once per distinct (modules, input shape), on the first step only."""
+  _, blocks, teacher, teacher_variables, sizes = setup
+  sgd = optax.sgd(0.1)
+  states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.PRNGKey(k), cells, sizes[k], sgd)
+    for k, cells in blocks
+  }
+  traced = []
+  original = distill_steps._link_forward
+
+  def counting(modules, params, stats, x, op):
+    traced.append((modules, x.shape))
+    return original(modules, params, stats, x, op)
+
+  distill_steps._forward_program.cache_clear()
+  with mock.patch.object(distill_steps, '_link_forward', counting):
+    layerwise = distill_steps.LayerwiseStep(mode='pmap', **step_arguments(blocks, teacher, sgd))
+    run_steps(layerwise, states, 'pmap', teacher_variables, 1)
+    first_step = len(traced)
+    run_steps(layerwise, states, 'pmap', teacher_variables, 2)
+  distill_steps._forward_program.cache_clear()
+  links = sum(len(cell.units()) for _, cells in blocks for cell in cells)
+  assert links == 12  # block 1: 2 x (stem, DS) + 1 + 2 layers; block 2: 2 + 3 layers
+  # Distinct: the stem and DS (both cells'); block 1: 8 -> 16 stride 2 (cell 0), 8 -> 8 stride 2 and
+  # 8 -> 16 (cell 1); block 2: 16 -> 12 stride 2 (both cells), 12 -> 24 (both), 12 -> 12 (cell 1).
+  assert first_step == len(set(traced)) == 8
+  assert len(traced) == first_step  # the next two steps traced nothing
+
+
+def test_an_unknown_programs_value_is_refused_before_any_work(tmp_path):
+  config = config_base.get_base_config()
+  config.distill.programs = 'cell'
+  with pytest.raises(ValueError, match=r"distill\.programs must be one of step, layer, got 'cell'"):
+    distill.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())
