@@ -169,14 +169,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       # 'pmap' or 'shard_map' (jit over a device mesh); the same per-device step runs under both.
       parallel='pmap',
       # What the backward pass recomputes (models/supernet.py REMAT): 'op' (every candidate op
-      # rematerialised; fastest measured), 'dots' (1x1 conv outputs kept) or 'none'.
+      # rematerialised; fastest measured), 'dots' (1x1 conv outputs kept) or 'none'. With
+      # programs='layer' every op is rematerialised whatever this says.
       remat='op',
       # 'layer': one program per layer shape, shared by every layer and cell of that shape; 'step': the
       # whole step one program (distill_steps.py). Same update. Measured on a 2-core AMD EPYC
       # (benchmarks/distill_programs.py): the 15-cell ImageNet step (B7 teacher, batch 8) compiles as 61
-      # programs in 246 s within 6.4 GiB of host memory (one program: over 10 minutes and 16 GiB); on
-      # block 3 alone, same run, 'layer' compiled 1.38x and stepped 1.31x faster. On the demo's small
-      # space one program compiled 6% and stepped 1.23x faster, so configs/demo.py uses 'step'.
+      # programs in 246 s within 6.4 GiB of host memory (as one program it was not compiled there; it
+      # took 310 s on a Zen3 and 908 s on a Xeon, where its student part alone passed 18 GiB); on block 3
+      # alone, same run, 'layer' compiled 1.38x and stepped 1.31x faster. On the demo's small space one
+      # program compiled 6% and stepped 1.23x faster, so configs/demo.py uses 'step'.
       programs='layer',
       checkpoint_every_steps=500,
       keep_checkpoints=2,

@@ -85,7 +85,9 @@ def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher, monkeypatch):
   # (seed=1 gives this run its own compiled step, traced with the fixed path.)
   config = make_config(learning_rates='0.05')
   config.seed = 1
-  monkeypatch.setattr(distill, 'sample_path', lambda rng, step, cell, sampling: jnp.zeros((cell.layers,), jnp.int32))
+  monkeypatch.setattr(
+    distill_steps, 'sample_path', lambda rng, step, cell, sampling: jnp.zeros((cell.layers,), jnp.int32)
+  )
   image = np.random.default_rng(0).uniform(0, 255, (8, 2, IMAGE, IMAGE, 3)).astype(np.float32)
   train(config, tmp_path, tiny_teacher, 12, functools.partial(fixed_batches, images=image))
   history = json.loads((tmp_path / 'distill' / 'history.json').read_text())

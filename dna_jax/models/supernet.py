@@ -160,7 +160,9 @@ def apply_module(module: Any, params: Any, batch_stats: Any, x: Array, train: bo
   return y, updates['batch_stats']
 
 
-def candidate_ops(out_channels: int, stride: int, conventions: layers.Conventions, bn_axis_name: str | None = None):
+def candidate_ops(
+  out_channels: int, stride: int, conventions: layers.Conventions, bn_axis_name: str | None = None
+) -> tuple[layers.MBConv, ...]:
   """One `layers.MBConv` per candidate op of `space.OPS` (the input width is the input's)."""
   return tuple(
     layers.MBConv(out_channels, op.expansion, op.kernel, stride, conventions=conventions, bn_axis_name=bn_axis_name)
