@@ -10,3 +10,33 @@ import jax
 
 jax.config.update('jax_disable_most_optimizations', True)
 jax.config.update('jax_platforms', 'cpu')
+
+import gc
+
+import pytest
+
+from dna_jax import cell_rating
+from dna_jax import distill_steps
+
+# Builders that keep compiled programs alive for reuse within a run.
+_PROGRAM_CACHES = (
+  distill_steps._forward_program,
+  distill_steps._backward_program,
+  distill_steps._loss_program,
+  distill_steps.parallel_distill_step,
+  cell_rating.compiled,
+)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  Each XLA:CPU executable holds memory mappings (one test of the per-layer step: about 8,000), and
+  the whole suite in one process passed the kernel's limit of 65,530 and crashed in a compile.
+  """
+  yield
+  for cache in _PROGRAM_CACHES:
+    cache.cache_clear()
+  jax.clear_caches()
+  gc.collect()
