@@ -164,9 +164,7 @@ def _link_apply(modules: tuple[Any, ...], params: Any, stats: Any, x: Array, op:
   names = space_lib.OP_NAMES
   # Each op rematerialised, as distill.remat='op' does: differentiating `lax.switch` otherwise makes
   # every branch return the union of all six ops' residuals (zeros for the ops not taken).
-  apply_op = lambda j, x: jax.checkpoint(functools.partial(supernet.apply_module, modules[j], train=True))(
-    params[names[j]], stats[names[j]], x
-  )
+  apply_op = lambda j, x: supernet.apply_candidate_op(modules[j], params[names[j]], stats[names[j]], x, True, 'op')
   return supernet.switch_ops(apply_op, stats, op[0], x)
 
 

@@ -126,12 +126,8 @@ class SupernetCell:
   def apply_op(self, variables: Variables, l: int, op_id: int, x: Array, train: bool) -> tuple[Array, Any]:
     """Op `op_id` of layer l alone; returns output and that op's updated statistics."""
     name = space_lib.OP_NAMES[op_id]
-    run = functools.partial(apply_module, self.op_module(l, op_id), train=train)
-    if self.remat == 'op':
-      run = jax.checkpoint(run)
-    elif self.remat == 'dots':
-      run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return run(variables['params'][f'layer{l}'][name], variables['batch_stats'][f'layer{l}'][name], x)
+    params, stats = variables['params'][f'layer{l}'][name], variables['batch_stats'][f'layer{l}'][name]
+    return apply_candidate_op(self.op_module(l, op_id), params, stats, x, train, self.remat)
 
   def apply(
     self, variables: Variables, inputs: Array, path: Array, train: bool = False
@@ -158,6 +154,18 @@ def apply_module(module: Any, params: Any, batch_stats: Any, x: Array, train: bo
     return module.apply(variables, x, train=False), batch_stats
   y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
   return y, updates['batch_stats']
+
+
+def apply_candidate_op(
+  module: Any, params: Any, batch_stats: Any, x: Array, train: bool, remat: str
+) -> tuple[Array, Any]:
+  """`apply_module` for a candidate op, with what its backward pass recomputes (`remat`, see REMAT)."""
+  run = functools.partial(apply_module, module, train=train)
+  if remat == 'op':
+    run = jax.checkpoint(run)
+  elif remat == 'dots':
+    run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return run(params, batch_stats, x)
 
 
 def candidate_ops(
