@@ -66,9 +66,21 @@ def create_block_state(
   """Fresh variables for every cell of a block (shapes from a one-image example input)."""
   params, stats = {}, {}
   for c, cell in enumerate(cells):
-    variables = jax.jit(cell.init)(jax.random.fold_in(rng, c), supernet.zeros_like_input(cell, 1, input_size))
+    variables = cell.init(jax.random.fold_in(rng, c), supernet.zeros_like_input(cell, 1, input_size))
     params[f'cell{c}'], stats[f'cell{c}'] = variables['params'], variables['batch_stats']
   return BlockState(jnp.zeros((), jnp.int32), params, stats, optimizer.init(params))
+
+
+def abstract_block_state(
+  cells: Sequence[supernet.SupernetCell], input_size: int, optimizer: optax.GradientTransformation
+) -> BlockState:
+  """`create_block_state`'s shapes and dtypes on this process's first device, computing nothing.
+
+  The restore target of a resumed block: it costs tracing the initializers, not compiling them.
+  """
+  shapes = jax.eval_shape(lambda: create_block_state(jax.random.PRNGKey(0), cells, input_size, optimizer))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), shapes)
 
 
 def block_manager(workdir: str, block_index: int, max_to_keep: int = 2) -> ocp.CheckpointManager:

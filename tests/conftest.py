@@ -17,6 +17,7 @@ import pytest
 
 from dna_jax import cell_rating
 from dna_jax import distill_steps
+from dna_jax.models import supernet
 
 # Builders that keep compiled programs alive for reuse within a run.
 _PROGRAM_CACHES = (
@@ -25,6 +26,7 @@ _PROGRAM_CACHES = (
   distill_steps._loss_program,
   distill_steps.parallel_distill_step,
   cell_rating.compiled,
+  supernet._init_program,
 )
 
 

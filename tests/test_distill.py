@@ -74,10 +74,40 @@ def restore_block(config, workdir, block, teacher):
   manager = supernet_store.block_manager(str(workdir), block - 1, config.distill.keep_checkpoints)
   size = space_lib.supernet_input_sizes(space, IMAGE, 1)[block - 1]
   tx = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 100), 1e-4)
-  fresh = supernet_store.create_block_state(jax.random.PRNGKey(0), tuple(cells[block - 1]), size, tx)
-  state, meta = supernet_store.restore_block(manager, fresh, block - 1)
+  target = supernet_store.abstract_block_state(tuple(cells[block - 1]), size, tx)
+  state, meta = supernet_store.restore_block(manager, target, block - 1)
   manager.close()
   return state, meta
+
+
+def test_supernet_init_shares_a_program_per_link_and_equals_flax_init_module_by_module():
+  cells = supernet.supernet_cells(space_lib.parse_space('2 16 1@8,2@8; 2 24 2@12,3@12', 8, 8), stem_stride=1)
+  block, size = cells[1], 8  # cell0: layers 16->12 (stride 2), 12->24; cell1: 16->12, 12->12, 12->24
+
+  def flax_init(cell, rng, x):  # each module's own flax init, inputs passed on by its forward
+    params, stats = {}, {}
+    for name, modules, _ in cell.units():
+      params[name], stats[name] = {}, {}
+      for op, module in zip(space_lib.OP_NAMES, modules):
+        rng, key = jax.random.split(rng)
+        variables = module.init(key, x)
+        params[name][op], stats[name][op] = variables['params'], variables['batch_stats']
+      x = modules[-1].apply(variables, x)
+    return {'params': params, 'batch_stats': stats}
+
+  supernet._init_program.cache_clear()
+  variables = [
+    cell.init(jax.random.PRNGKey(c), supernet.zeros_like_input(cell, 1, size)) for c, cell in enumerate(block)
+  ]
+  assert supernet._init_program.cache_info().misses == 3  # 5 links, 3 distinct (modules, input shape)
+  for c, cell in enumerate(block):
+    expected = jax.jit(functools.partial(flax_init, cell))(jax.random.PRNGKey(c), jnp.zeros((1, size, size, 16)))
+    assert jax.tree.structure(variables[c]) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, variables[c], expected)
+  stem_cell = cells[0][1]
+  variables = stem_cell.init(jax.random.PRNGKey(5), supernet.zeros_like_input(stem_cell, 1, 8))
+  assert set(variables['params']) == {'stem', 'ds', 'layer0', 'layer1'}
+  assert variables['params']['stem']['conv']['kernel'].shape[:3] == (3, 3, 3)
 
 
 def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher, monkeypatch):

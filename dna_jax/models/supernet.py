@@ -96,23 +96,25 @@ class SupernetCell:
     return tuple(links + [(f'layer{l}', self.layer_modules(l), l) for l in range(self.cell.layers)])
 
   def init(self, rng: Any, inputs: Array) -> Variables:
-    """Variables of every op of every layer, for an example input batch."""
+    """Variables of every op of every layer, for an example input batch (only its shape is read).
+
+    Each link (`units`) is initialised by `init_link`, whose compiled program every link with the
+    same modules and input shape shares: called outside jit, a block compiles one small program per
+    distinct layer shape instead of one program holding every op of each cell.
+    """
     params, stats = {}, {}
-    x = inputs
-    if self.stem is not None:
-      for name, module in zip(('stem', 'ds'), self.stem_modules()):
+    shape = tuple(inputs.shape)
+    for name, modules, l in self.units():
+      keys = []
+      for _ in modules:
         rng, key = jax.random.split(rng)
-        variables = module.init(key, x)
-        params[name], stats[name] = variables['params'], variables['batch_stats']
-        x = module.apply(variables, x)
-    for l in range(self.cell.layers):
-      params[f'layer{l}'], stats[f'layer{l}'] = {}, {}
-      for op_id, name in enumerate(space_lib.OP_NAMES):
-        rng, key = jax.random.split(rng)
-        variables = self.op_module(l, op_id).init(key, x)
-        params[f'layer{l}'][name] = variables['params']
-        stats[f'layer{l}'][name] = variables['batch_stats']
-      x = self.apply_op({'params': params, 'batch_stats': stats}, l, 0, x, train=False)[0]
+        keys.append(key)
+      link_variables, shape = init_link(modules, tuple(keys), shape)
+      if l < 0:  # the stem or DS: one module
+        params[name], stats[name] = link_variables[0]['params'], link_variables[0]['batch_stats']
+      else:
+        params[name] = {op: v['params'] for op, v in zip(space_lib.OP_NAMES, link_variables)}
+        stats[name] = {op: v['batch_stats'] for op, v in zip(space_lib.OP_NAMES, link_variables)}
     return {'params': params, 'batch_stats': stats}
 
   def apply_stem(self, variables: Variables, images: Array, train: bool) -> tuple[Array, dict[str, Any]]:
@@ -145,6 +147,28 @@ class SupernetCell:
       apply_op = lambda op_id, x, l=l: self.apply_op(variables, l, op_id, x, train)
       x, new_stats[f'layer{l}'] = switch_ops(apply_op, variables['batch_stats'][f'layer{l}'], path[l], x)
     return x, new_stats
+
+
+@functools.cache
+def _init_program(
+  modules: tuple[Any, ...], shape: tuple[int, ...]
+) -> tuple[Callable[[tuple[Array, ...]], tuple[Variables, ...]], tuple[int, ...]]:
+  """The modules' `init` for float32 inputs of `shape` as one compiled program, and their output shape."""
+  example = jax.ShapeDtypeStruct(shape, jnp.float32)
+  output, _ = jax.eval_shape(modules[0].init_with_output, jax.random.PRNGKey(0), example)
+  init = lambda keys: tuple(module.init(key, jnp.zeros(shape, jnp.float32)) for module, key in zip(modules, keys))
+  return jax.jit(init), tuple(output.shape)
+
+
+def init_link(
+  modules: tuple[Any, ...], keys: tuple[Array, ...], shape: tuple[int, ...]
+) -> tuple[tuple[Variables, ...], tuple[int, ...]]:
+  """Each module's variables (from its key) for inputs of `shape`, and the link's output shape.
+
+  Only the initializers run (the forward pass that flax's init traces is dead code to XLA).
+  """
+  init, output_shape = _init_program(modules, tuple(shape))
+  return init(keys), output_shape
 
 
 def apply_module(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) -> tuple[Array, Any]:

@@ -134,6 +134,9 @@ def _train_group(
     with jax.profiler.StepTraceAnnotation('distill', step_num=step):
       states, metrics = p_step(states, parallel.shard_batch(batch, dcfg.parallel), teacher_variables)
     pending.append((step, metrics))
+    if step == start + 1:  # where a short run's time goes: tracing and compiling are all in this step
+      jax.block_until_ready(metrics)
+      logging.info('First step (traces and compiles the step) took %.1f s.', time.time() - since)
     for hook in hooks:
       hook(step)
     preempted = training.preemption.check(step, *training.managers.values())
@@ -181,12 +184,19 @@ def train_blocks(
       dcfg.weight_decay,
     )
     managers[name] = supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints)
-    fresh = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
-    restored = supernet_store.restore_block(managers[name], fresh, k)
-    states[name], meta = restored if restored else (fresh, {})
-    elapsed[name] = float(meta.get('elapsed_seconds', 0.0))
+    began = time.time()
+    restored = None
+    if managers[name].all_steps():  # restored into an abstract target: no initializer is compiled or run
+      target = supernet_store.abstract_block_state(all_cells[k], sizes[k], optimizer)
+      restored = supernet_store.restore_block(managers[name], target, k)
     if restored:
+      states[name], meta = restored
       logging.info('%s resumed at step %d of %d.', name, int(states[name].step), total_steps)
+    else:
+      states[name] = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
+      meta = {}
+      logging.info('%s: %d cells initialised in %.1f s.', name, len(all_cells[k]), time.time() - began)
+    elapsed[name] = float(meta.get('elapsed_seconds', 0.0))
   active = {name: s for name, s in states.items() if int(s.step) < total_steps}
   for name in sorted(set(states) - set(active)):
     logging.info('%s already finished (%d steps); skipped.', name, total_steps)
