@@ -7,9 +7,10 @@ Stages: train a tiny EfficientNet teacher (no pretrained one exists for this dat
 distil all 6 cells of 3 blocks -> rate all 336 paths -> exact search under a FLOPs
 budget -> retrain the chosen net from scratch -> evaluate on the test split.
 The space holds 42 x 252 x 42 = 444,528 architectures.
-Expected (measured on 2 CPU cores, fresh workdir, 12 min 58 s in all): teacher 280 s to 86.9%
-test top-1; distill 210 s (about 110 s of it start-up and XLA compilation); rate 71 s; search
-under 1 s; retrain 201 s to 83.5% test top-1; evaluate 9 s. The chosen net is
+Expected (measured on 2 idle AMD EPYC cores, fresh workdir, tfds directory and compilation cache:
+12 min 2 s in all, peak host memory 9.1 GiB): teacher 236 s to 86.9% test top-1; distill 231 s
+(33 s of it initialising the supernet, 83 s the first step's tracing and compilation); rate 57 s;
+search under 1 s; retrain 188 s to 83.5% test top-1; evaluate 6 s. The chosen net is
 16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6 (2.17 MFLOPs, 17,784 params); the run is deterministic.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
