@@ -73,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distill.programs = 'step'
 
   # 250 images per rating call, not all 1,000 at once: the rate stage's peak host memory 14.0 -> 4.6 GiB
-  # and 42 -> 39 s, the same path order in every block (scores within 4.4e-8), the same chosen net
-  # (2-core AMD EPYC, `--config.stages=rate` on a demo workdir).
+  # (`--config.stages=rate` on a demo workdir) and 80 -> 57 s in a fresh demo run, the same path order in
+  # every block (scores within 4.4e-8) and the same chosen net (2-core AMD EPYC).
   config.rate.batch_size = 250
   config.rate.calib_batch_size = 256
   config.rate.chunk_size = 216
