@@ -100,7 +100,8 @@ class SupernetCell:
 
     Each link (`units`) is initialised by `init_link`, whose compiled program every link with the
     same modules and input shape shares: called outside jit, a block compiles one small program per
-    distinct layer shape instead of one program holding every op of each cell.
+    distinct layer shape instead of one program holding every op of each cell (the ImageNet space's
+    15 cells: 132.7 -> 72.4 s on 2 CPU cores, same values; benchmarks/supernet_init.py).
     """
     params, stats = {}, {}
     shape = tuple(inputs.shape)
