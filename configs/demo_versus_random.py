@@ -17,7 +17,10 @@ probability 0.93; partial Kendall tau given FLOPs 0.49 [-0.10, 0.92]; seed noise
 shallow nets train fastest: fewer layers alone ranks the 11 nets with Kendall tau 0.73, and the ratings'
 partial tau given the number of layers is 0.10 [-0.43, 0.77] (benchmarks/rating_signal.py). With
 `--config.versus_random.same_cells=True --config.versus_random.seeds=1` (random nets of the chosen net's
-own cells, 11 runs, 37 min): rank 6 of 11, percentile 50 [20, 80]. README, "Search versus random".
+own cells, 11 runs, 37 min): rank 6 of 11, percentile 50 [20, 80]. With the full retrain recipe
+(`--config.versus_random.epochs=0 --config.versus_random.seeds=1 --config.versus_random.weights=ema`,
+11 runs of 345 steps, 32 min): the chosen net 83.53% is rank 9 of 11 (random nets 82.2-85.2%),
+percentile 20 [0, 50], partial tau given FLOPs -0.09 [-0.59, 0.45]. README, "Search versus random".
 `:local` trains 4 random nets, 1 seed each, for 30 steps (a smoke run).
 """
 
