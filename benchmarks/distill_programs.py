@@ -76,6 +76,17 @@ class CompileCounter(logging.Handler):
         self.count += phase == 'compiling'
 
 
+def count_compiles() -> CompileCounter:
+  """Turns on JAX's compile log and returns a handler that counts and times it (nothing is printed)."""
+  counter = CompileCounter()
+  jax_logger = logging.getLogger('jax')
+  jax_logger.addHandler(counter)
+  jax_logger.setLevel(logging.DEBUG)
+  jax_logger.propagate = False  # counted, not printed
+  jax.config.update('jax_log_compiles', True)
+  return counter
+
+
 def measure(step_fn, states, batch, teacher_variables, steps: int, counter: CompileCounter) -> dict[str, float]:
   before, seconds_before = counter.count, dict(counter.seconds)
   start = time.perf_counter()
@@ -113,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.cache_dir:
     main_lib.enable_compilation_cache(args.cache_dir)
-  counter = CompileCounter()
-  jax_logger = logging.getLogger('jax')
-  jax_logger.addHandler(counter)
-  jax_logger.setLevel(logging.DEBUG)
-  jax_logger.propagate = False  # counted, not printed
-  jax.config.update('jax_log_compiles', True)
+  counter = count_compiles()
 
   batch_size = args.batch or (8 if args.space == 'imagenet' else 128)
   if args.space == 'imagenet':

@@ -20,35 +20,17 @@ the demo space at 32 px (stem stride 1).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import distill_programs
 from dna_jax import distill_steps
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import supernet
-
-SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
-
-
-class CompileCounter(logging.Handler):
-  """Counts XLA compilations in JAX's compile log (jax_log_compiles)."""
-
-  def __init__(self):
-    super().__init__()
-    self.count = 0
-
-  def emit(self, record: logging.LogRecord) -> None:
-    self.count += record.getMessage().startswith('Finished XLA compilation')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +38,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
   parser.add_argument('--blocks', default='', help="only these blocks, e.g. '3' or '3,4,5' (default: all)")
   args = parser.parse_args(argv)
-  counter = CompileCounter()
-  jax_logger = logging.getLogger('jax')
-  jax_logger.addHandler(counter)
-  jax_logger.setLevel(logging.DEBUG)
-  jax_logger.propagate = False  # counted, not printed
-  jax.config.update('jax_log_compiles', True)
+  counter = distill_programs.count_compiles()
 
   if args.space == 'imagenet':
     space, image, stem_stride = space_lib.default_imagenet_space(), 224, 2
   else:
-    space, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 32, 1
+    space, image, stem_stride = space_lib.parse_space(distill_programs.SMALL_SPACE, 16, 8), 32, 1
   cells = supernet.supernet_cells(space, stem_stride=stem_stride)
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
@@ -74,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
   links = sum(len(cell.units()) for k in block_ids for cell in cells[k])
   print(
     f'jax {jax.__version__}; space {args.space}: blocks {[k + 1 for k in block_ids]}, {num_cells} cells, '
-    f'{links} links; load {load()}',
+    f'{links} links; load {distill_programs.load()}',
     flush=True,
   )
 
@@ -91,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
   rows = []
   per_cell, seconds, compiled = initialise(per_cell_program=True)
-  rows.append(('one program per cell, `jax.jit(cell.init)`', seconds, compiled, load()))
+  rows.append(('one program per cell, `jax.jit(cell.init)`', seconds, compiled, distill_programs.load()))
   per_link, seconds, compiled = initialise(per_cell_program=False)
-  rows.append(('one program per link shape, `cell.init`', seconds, compiled, load()))
+  rows.append(('one program per link shape, `cell.init`', seconds, compiled, distill_programs.load()))
   identical = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(per_cell), jax.tree.leaves(per_link)))
 
   optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
@@ -101,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
   for k in block_ids:
     supernet_store.abstract_block_state(tuple(cells[k]), sizes[k], optimizer)
   rows.append(
-    ('abstract restore target, `abstract_block_state`', time.perf_counter() - start, counter.count - before, load())
+    (
+      'abstract restore target, `abstract_block_state`',
+      time.perf_counter() - start,
+      counter.count - before,
+      distill_programs.load(),
+    )
   )
 
   print('\n| initialisation | s | programs compiled | load 1/5/15 min |\n|---|---|---|---|')
