@@ -29,12 +29,14 @@ def test_stages_are_ordered_and_validated():
     stages.parse_stages('distil')
 
 
-@pytest.mark.parametrize('name', ['demo', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0'])
+@pytest.mark.parametrize(
+  'name', ['demo', 'demo_study', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0']
+)
 def test_config_files_load_and_validate(name):
   config = load_config(name)
   assert stages.validate(config)
   assert stages.validate(load_config(name, 'local'))
-  if name != 'demo':
+  if not name.startswith('demo'):
     assert stages.validate(load_config(name, 'authors'))
   with pytest.raises(ValueError, match='unknown config argument'):
     load_config(name, 'bogus')

@@ -319,3 +319,18 @@ def test_tiny_features_up_to_pmap_and_no_gradient():
     model.apply(variables, x[0])
   with pytest.raises(ValueError, match='unknown EfficientNet variant'):
     efficientnet.variant('b8')
+
+
+def test_tiny_deep_has_the_tiny_blocks_with_3_3_2_layers():
+  """The deeper demo teacher: same block widths, strides and feature shapes as 'tiny', deeper blocks."""
+  tiny, deep = efficientnet.variant('tiny'), efficientnet.variant('tiny_deep')
+  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  params = jax.eval_shape(deep.init, jax.random.key(0), x)['params']
+  layers_per_stage = [sum(name.startswith(f'stage{i}_layer') for name in params) for i in range(1, 5)]
+  assert layers_per_stage == [1, 3, 3, 2]
+  assert efficientnet.block_widths(deep) == efficientnet.block_widths(tiny)
+  assert efficientnet.block_strides(deep) == efficientnet.block_strides(tiny)
+  shapes = [
+    jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init_with_output, jax.random.key(0), x)[0]) for m in (tiny, deep)
+  ]
+  assert shapes[0] == shapes[1]

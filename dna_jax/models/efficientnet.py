@@ -67,6 +67,14 @@ TINY_STAGES: tuple[Stage, ...] = (
   Stage(5, 4, 24, 2, 2),
   Stage(3, 4, 32, 1, 1),
 )
+# The same widths with deeper DNA blocks (3, 3, 2 layers): at least as deep as the demo space's deepest
+# cell in every block, so that no student cell imitates a teacher block shallower than itself.
+TINY_DEEP_STAGES: tuple[Stage, ...] = (
+  Stage(3, 1, 8, 1, 1),
+  Stage(3, 4, 16, 2, 3),
+  Stage(5, 4, 24, 2, 3),
+  Stage(3, 4, 32, 1, 2),
+)
 
 
 def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> int:
@@ -226,6 +234,7 @@ EfficientNetTiny = functools.partial(
   dropout_rate=0.1,
   drop_connect_rate=0.1,
 )
+EfficientNetTinyDeep = functools.partial(EfficientNetTiny, stages=TINY_DEEP_STAGES)
 
 VARIANTS = {
   'b0': EfficientNetB0,
@@ -237,6 +246,7 @@ VARIANTS = {
   'b6': EfficientNetB6,
   'b7': EfficientNetB7,
   'tiny': EfficientNetTiny,
+  'tiny_deep': EfficientNetTinyDeep,
 }
 DEFAULT_RESOLUTIONS = {
   'b0': 224,
@@ -248,6 +258,7 @@ DEFAULT_RESOLUTIONS = {
   'b6': 528,
   'b7': 600,
   'tiny': 32,
+  'tiny_deep': 32,
 }
 
 
@@ -260,5 +271,5 @@ def variant_name(name: str) -> str:
 
 
 def variant(name: str, **overrides: Any) -> EfficientNet:
-  """A named variant ('b0'..'b7', 'tiny'), with attribute overrides (e.g. num_classes, up_to)."""
+  """A named variant ('b0'..'b7', 'tiny', 'tiny_deep'), with attribute overrides (e.g. num_classes, up_to)."""
   return VARIANTS[variant_name(name)](**overrides)
