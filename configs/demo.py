@@ -10,7 +10,8 @@ The space holds 42 x 252 x 42 = 444,528 architectures.
 Expected (measured on 2 idle AMD EPYC cores, fresh workdir, tfds directory and compilation cache:
 12 min 2 s in all, peak host memory 9.1 GiB): teacher 236 s to 86.9% test top-1; distill 231 s
 (33 s of it initialising the supernet, 83 s the first step's tracing and compilation); rate 57 s;
-search under 1 s; retrain 188 s to 83.5% test top-1; evaluate 6 s. The chosen net is
+search under 1 s; retrain 188 s to 83.5% test top-1 (with an eval at epoch 1 as well, about 20 s,
+since dropped); evaluate 6 s. The chosen net is
 16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6 (2.17 MFLOPs, 17,784 params); the run is deterministic.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package

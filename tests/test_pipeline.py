@@ -30,7 +30,7 @@ def test_stages_are_ordered_and_validated():
 
 
 @pytest.mark.parametrize(
-  'name', ['demo', 'demo_study', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0']
+  'name', ['demo', 'demo_deep_teacher', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0']
 )
 def test_config_files_load_and_validate(name):
   config = load_config(name)
