@@ -73,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f'## {name} ({ratings.directory})')
     for line in cell_summary(ratings):
       print(f'- {line}')
-    best = search_lib.search(ratings, max_flops=int(args.max_flops))[0]
-    print(f'- search under {args.max_flops / 1e6:.2f} MFLOPs: {best.architecture} ({best.flops / 1e6:.2f} MFLOPs)')
+    try:
+      best = search_lib.search(ratings, max_flops=int(args.max_flops))[0]
+    except ValueError as e:  # a budget outside this space (e.g. below its cheapest net)
+      best = None
+      print(f'- search under {args.max_flops / 1e6:.2f} MFLOPs: none ({e})')
+    else:
+      print(f'- search under {args.max_flops / 1e6:.2f} MFLOPs: {best.architecture} ({best.flops / 1e6:.2f} MFLOPs)')
     scores = np.concatenate([b.score for b in ratings.blocks])
     tau_ref = float(rank_stats.kendall_tau(scores, reference)) if len(scores) == len(reference) else float('nan')
-    row = {'name': name, 'choice': str(best.architecture), 'tau_vs_first': tau_ref}
+    row = {'name': name, 'choice': str(best.architecture) if best else 'none', 'tau_vs_first': tau_ref}
     if nets:
       rated = [ratings_lib.architecture_rating(ratings, arch) for arch in parsed]
       quality = np.array([-r['score'] for r in rated])

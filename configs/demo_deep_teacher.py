@@ -18,7 +18,7 @@ the 1.5 of the README's demo run; teacher, distill, rate and search in 26 min): 
 The shallower cell still wins every block (the gaps shrink by 19-29%), path scores rank with Kendall
 tau 0.78 against the demo's, and the search chooses the demo's net,
 16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6: a teacher block shallower than the student cell is not
-the cause. README, "Search versus random".
+the cause (the half-width layers inside the deeper cells are much of it: README, "Search versus random").
 `:local` is the demo's smoke run with this teacher.
 """
 
