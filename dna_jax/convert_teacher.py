@@ -42,7 +42,6 @@ from dna_jax import workdir as workdir_lib
 from dna_jax.models import efficientnet
 
 KERAS_WEIGHTS_URL = 'https://storage.googleapis.com/keras-applications/'
-KERAS_VARIANTS = ('b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7')
 VERIFY_RESOLUTION = 64
 VERIFY_TOLERANCE = 1e-3
 
@@ -260,7 +259,9 @@ def build_keras_like(keras_model: keras.Model, variant: str, num_classes: int, r
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_enum('variant', None, KERAS_VARIANTS, 'EfficientNet variant.', flag_values=FLAGS, case_sensitive=False)
+flags.DEFINE_enum(
+  'variant', None, efficientnet.KERAS_VARIANTS, 'EfficientNet variant.', flag_values=FLAGS, case_sensitive=False
+)
 flags.DEFINE_string(
   'keras_weights',
   None,

@@ -87,7 +87,7 @@ def read_metadata(directory: str | os.PathLike[str], expected: str = '') -> dict
   """The metadata of a complete teacher checkpoint, or a clear error."""
   path = _path(directory)
   want = f' (expected EfficientNet variant {expected!r})' if expected else ''
-  if expected.startswith('tiny'):
+  if expected and expected not in efficientnet.KERAS_VARIANTS:
     hint = '; train it with the teacher stage (config.stages=teacher,...)'
   else:
     hint = (

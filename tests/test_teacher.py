@@ -321,7 +321,7 @@ def test_tiny_features_up_to_pmap_and_no_gradient():
     efficientnet.variant('b8')
 
 
-def test_tiny_deep_has_the_tiny_blocks_with_3_3_2_layers():
+def test_tiny_deep_has_the_tiny_blocks_with_3_3_2_layers(tmp_path):
   """The deeper demo teacher: same block widths, strides and feature shapes as 'tiny', deeper blocks."""
   tiny, deep = efficientnet.variant('tiny'), efficientnet.variant('tiny_deep')
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
@@ -334,3 +334,8 @@ def test_tiny_deep_has_the_tiny_blocks_with_3_3_2_layers():
     jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init_with_output, jax.random.key(0), x)[0]) for m in (tiny, deep)
   ]
   assert shapes[0] == shapes[1]
+  # A missing teacher of a variant without Keras weights points to the teacher stage, not the converter.
+  with pytest.raises(teacher.TeacherCheckpointError, match=r'train it with the teacher stage'):
+    teacher.read_metadata(tmp_path / 'missing', 'tiny_deep')
+  with pytest.raises(teacher.TeacherCheckpointError, match=r'convert_teacher --variant b0'):
+    teacher.read_metadata(tmp_path / 'missing', 'b0')

@@ -248,6 +248,8 @@ VARIANTS = {
   'tiny': EfficientNetTiny,
   'tiny_deep': EfficientNetTinyDeep,
 }
+# Variants with Keras ImageNet weights (dna_jax.convert_teacher); the others are trained by the teacher stage.
+KERAS_VARIANTS = ('b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7')
 DEFAULT_RESOLUTIONS = {
   'b0': 224,
   'b1': 240,
