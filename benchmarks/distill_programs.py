@@ -1,7 +1,7 @@
 """The distillation step as one program per layer shape against one program: compile, memory, speed.
 
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
-      [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR]
+      [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -12,6 +12,8 @@ step one program) in the same process, afterwards, and measures the same (its fi
 compile); for the ImageNet space its XLA:CPU compile took over 16 GiB of host memory on the 24 GiB
 test machine, so it is off by default there. --cache_dir turns on JAX's persistent compilation
 cache as the stages do (programs that took >= 1 s to compile): run twice to measure a restart.
+--program_cache_dir stores the compiled step programs themselves (`program_cache.ProgramCache`, as the
+distill stage does): a second run loads them without tracing.
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
@@ -32,8 +34,8 @@ import jax
 import numpy as np
 
 from dna_jax import distill_steps
-from dna_jax import main as main_lib
 from dna_jax import parallel
+from dna_jax import program_cache
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import efficientnet
@@ -121,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--one_program', action='store_true', help="also measure distill.programs='step'")
   parser.add_argument('--blocks', default='', help="only these blocks, e.g. '3' or '2,3' (default: all)")
   parser.add_argument('--cache_dir', default='', help="JAX's persistent compilation cache (default: off)")
+  parser.add_argument('--program_cache_dir', default='', help='stored executables (default: off)')
   args = parser.parse_args(argv)
   if args.cache_dir:
-    main_lib.enable_compilation_cache(args.cache_dir)
+    program_cache.enable_compilation_cache(args.cache_dir)
+  cache = program_cache.ProgramCache(args.program_cache_dir) if args.program_cache_dir else None
   counter = count_compiles()
 
   batch_size = args.batch or (8 if args.space == 'imagenet' else 128)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
   results = {}
   for programs in ('layer', 'step') if args.one_program else ('layer',):
     step_fn = distill_steps.parallel_distill_step(
-      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs
+      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs, cache
     )
     results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
     r = results[programs]

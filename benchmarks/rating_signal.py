@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     scores = np.concatenate([b.score for b in ratings.blocks])
     tau_ref = float(rank_stats.kendall_tau(scores, reference)) if len(scores) == len(reference) else float('nan')
     row = {'name': name, 'choice': str(best.architecture) if best else 'none', 'tau_vs_first': tau_ref}
-    if nets:
-      rated = [ratings_lib.architecture_rating(ratings, arch) for arch in parsed]
+    rated = [ratings_lib.architecture_rating(ratings, arch) for arch in parsed]
+    outside = sum(r is None for r in rated)
+    if outside:  # rated on another space (other cells or widths): no rating for these nets
+      print(f'- {outside} of the {len(parsed)} trained nets are not in this space: not set against accuracy')
+    elif nets:
       quality = np.array([-r['score'] for r in rated])
       flops = np.array([r['flops'] for r in rated], np.float64)
       row['tau'] = rank_stats.with_interval(rank_stats.kendall_tau, quality, accuracy, args.resamples, 0)
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     table.append(row)
     print()
   interval = lambda d: f'{d["value"]:.2f} [{d["low"]:.2f}, {d["high"]:.2f}]'
-  if nets:
+  covering = [r for _, r in named if all(ratings_lib.architecture_rating(r, arch) for arch in parsed)]
+  if nets and not covering:
+    print('- no ratings directory holds every trained net: no proxies\n')
+  elif nets:
     # Proxies that need no rating, on the same nets: fewer layers, fewer FLOPs.
-    flops = np.array([ratings_lib.architecture_rating(named[0][1], arch)['flops'] for arch in parsed], np.float64)
+    flops = np.array([ratings_lib.architecture_rating(covering[0], arch)['flops'] for arch in parsed], np.float64)
     for label, proxy in (('fewer layers', -layers_), ('fewer FLOPs', -flops)):
       tau = rank_stats.with_interval(rank_stats.kendall_tau, proxy, accuracy, args.resamples, 0)
       print(f'- proxy "{label}" against accuracy ({len(nets)} nets): Kendall tau {interval(tau)}', end='')
@@ -118,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
   for row in table:
     choice = row['choice'].replace('|', '\\|')  # a Markdown table cell
     line = f'| {row["name"]} | `{choice}` | {row["tau_vs_first"]:.3f} |'
-    if nets:
+    if nets and 'tau' in row:
       line += f' {interval(row["tau"])} | {interval(row["partial"])} | {interval(row["partial_layers"])} |'
+    elif nets:
+      line += ' not in this space | | |'
     print(line)
   return 0
 

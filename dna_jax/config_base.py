@@ -101,6 +101,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: a rerun, a resumed run or the next stage loads compiled programs
   # instead of compiling again. 'auto': $XDG_CACHE_HOME/dna_jax/jax (~/.cache/...); '': off; or a path.
   config.compilation_cache_dir = 'auto'
+  # Compiled executables stored by what built them (program_cache.py): a rerun, a resumed run or the next
+  # stage loads the distillation step without tracing it again. 'auto': $XDG_CACHE_HOME/dna_jax/programs;
+  # '': off; or a path. The files hold native code: the directory must be trusted like the code.
+  config.program_cache_dir = 'auto'
 
   config.data = get_data_config()
 

@@ -12,6 +12,9 @@ statistics are averaged over devices. Both forms compute the same update:
   then one optimizer update per block. Links with the same modules and input shape share one
   compiled program, so the compile cost grows with the number of distinct layer shapes rather than
   with the number of layers, cells and ops.
+
+Given a `program_cache.ProgramCache`, either form stores its compiled programs, described by the
+arguments that built them, and a rerun or resumed run loads them instead of tracing again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import optax
 
 from dna_jax import images as images_lib
 from dna_jax import parallel
+from dna_jax import program_cache
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax import teacher as teacher_lib
@@ -196,21 +200,28 @@ def _loss_and_grad(output: Array, target: Array) -> tuple[Array, Array, Array]:
 
 # Programs shared by every link (and cell, and step) with the same modules: compiled once per input shape.
 @functools.cache
-def _forward_program(modules: tuple[Any, ...], mode: str) -> Callable[..., Any]:
-  return parallel.per_device(functools.partial(_link_forward, modules), mode, (False, False, True, True), (True, False))
+def _forward_program(
+  modules: tuple[Any, ...], mode: str, cache: program_cache.ProgramCache | None = None
+) -> Callable[..., Any]:
+  fn = parallel.per_device(functools.partial(_link_forward, modules), mode, (False, False, True, True), (True, False))
+  return program_cache.wrap(cache, fn, f'distill_link_forward{(modules, mode)!r}')
 
 
 @functools.cache
-def _backward_program(modules: tuple[Any, ...], input_grad: bool, mode: str) -> Callable[..., Any]:
+def _backward_program(
+  modules: tuple[Any, ...], input_grad: bool, mode: str, cache: program_cache.ProgramCache | None = None
+) -> Callable[..., Any]:
   out = (False, True) if input_grad else (False,)
-  return parallel.per_device(
+  fn = parallel.per_device(
     functools.partial(_link_backward, modules, input_grad), mode, (False, False, True, True, True), out
   )
+  return program_cache.wrap(cache, fn, f'distill_link_backward{(modules, input_grad, mode)!r}')
 
 
 @functools.cache
-def _loss_program(mode: str) -> Callable[..., Any]:
-  return parallel.per_device(_loss_and_grad, mode, (True, True), (True, False, False))
+def _loss_program(mode: str, cache: program_cache.ProgramCache | None = None) -> Callable[..., Any]:
+  fn = parallel.per_device(_loss_and_grad, mode, (True, True), (True, False, False))
+  return program_cache.wrap(cache, fn, f'distill_loss{(mode,)!r}')
 
 
 class LayerwiseStep:
@@ -230,8 +241,11 @@ class LayerwiseStep:
     seed: int,
     mode: str,
     student_normalization: tuple[str, str] | None = None,
+    cache: program_cache.ProgramCache | None = None,
+    described: tuple[str, dict[str, str]] = ('', {}),
   ):
-    self.blocks, self.mode = blocks, mode
+    """`described`: descriptions (for `cache`) of the inputs program and of each block's update."""
+    self.blocks, self.mode, self.cache = blocks, mode, cache
 
     def inputs(batch, teacher_variables, step):
       features, images = teacher_and_student_inputs(
@@ -245,9 +259,15 @@ class LayerwiseStep:
           ops[f'block{k + 1}/cell{c}'] = tuple(path[l][None] for l in range(cell.cell.layers))
       return features, images, ops
 
-    self.inputs = parallel.per_device(inputs, mode, (True, False, False), (True, True, True))
+    self.inputs = program_cache.wrap(
+      cache, parallel.per_device(inputs, mode, (True, False, False), (True, True, True)), described[0]
+    )
     self.updates = {
-      name: parallel.per_device(functools.partial(update_block, optimizer=optimizer), mode, (False,) * 3, (False,) * 2)
+      name: program_cache.wrap(
+        cache,
+        parallel.per_device(functools.partial(update_block, optimizer=optimizer), mode, (False,) * 3, (False,) * 2),
+        described[1][name],
+      )
       for name, optimizer in optimizers.items()
     }
 
@@ -260,12 +280,12 @@ class LayerwiseStep:
     x, link_inputs, new_stats = inputs, [], {}
     for (name, modules, _), op in zip(links, link_ops):
       link_inputs.append(x)
-      x, new_stats[name] = _forward_program(modules, self.mode)(params[name], stats[name], x, op)
-    d_x, mse, rel_l1 = _loss_program(self.mode)(x, target)
+      x, new_stats[name] = _forward_program(modules, self.mode, self.cache)(params[name], stats[name], x, op)
+    d_x, mse, rel_l1 = _loss_program(self.mode, self.cache)(x, target)
     grads = {}
     for i in reversed(range(len(links))):
       name, modules, _ = links[i]
-      results = _backward_program(modules, i > 0, self.mode)(
+      results = _backward_program(modules, i > 0, self.mode, self.cache)(
         params[name], stats[name], link_inputs[i], link_ops[i], d_x
       )
       grads[name], d_x = results[0], results[-1]
@@ -306,9 +326,15 @@ def parallel_distill_step(
   mode: str,
   student_normalization: tuple[str, str] | None = None,
   programs: str = 'step',
+  cache: program_cache.ProgramCache | None = None,
 ) -> Callable[..., Any]:
-  """The device-parallel distillation step, built once per configuration (so compiled once)."""
+  """The device-parallel distillation step, built once per configuration (so compiled once).
+
+  With `cache`, its programs are stored and loaded across processes (module docstring).
+  """
   check_programs(programs)
+  teacher_part = (blocks, teacher_model, train_mode_bn, sampling, seed, mode, student_normalization)
+  schedule = (lr_decay, lr_decay_offset, steps_per_epoch, weight_decay)
   teacher_apply = functools.partial(
     teacher_lib.teacher_features, teacher_model, up_to=max(k for k, _ in blocks) + 1, train_mode_bn=train_mode_bn
   )
@@ -319,7 +345,13 @@ def parallel_distill_step(
     for name, lr in learning_rates
   }
   if programs == 'layer':
-    return LayerwiseStep(blocks, teacher_apply, optimizers, sampling, seed, mode, student_normalization)
+    described = (
+      f'distill_inputs{teacher_part!r}',
+      {name: f'distill_update{(lr, *schedule, mode)!r}' for name, lr in learning_rates},
+    )
+    return LayerwiseStep(
+      blocks, teacher_apply, optimizers, sampling, seed, mode, student_normalization, cache, described
+    )
   step_fn = functools.partial(
     distill_step,
     blocks=blocks,
@@ -329,4 +361,5 @@ def parallel_distill_step(
     seed=seed,
     student_normalization=student_normalization,
   )
-  return parallel.data_parallel(step_fn, mode, num_broadcast=1)
+  step = parallel.data_parallel(step_fn, mode, num_broadcast=1)
+  return program_cache.wrap(cache, step, f'distill_step{(teacher_part, learning_rates, schedule)!r}')

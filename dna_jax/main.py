@@ -10,6 +10,7 @@ import jax
 from ml_collections import config_flags
 
 from dna_jax import cli
+from dna_jax import program_cache
 from dna_jax import stages
 
 FLAGS = flags.FlagValues()
@@ -22,31 +23,13 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config', 'workdir'], flag_values=FLAGS)
 
 
-def compilation_cache_dir(setting: str) -> str | None:
-  """Where config.compilation_cache_dir puts JAX's persistent compilation cache (None: off)."""
-  if setting != 'auto':
-    return setting or None
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(root, 'dna_jax', 'jax')
-
-
-def enable_compilation_cache(setting: str) -> None:
-  directory = compilation_cache_dir(setting)
-  if directory is None:
-    return
-  jax.config.update('jax_compilation_cache_dir', directory)
-  # Cache every program that took a second or more to compile: the stages' steps take minutes on CPU.
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.info('JAX compilation cache: %s', directory)
-
-
 def main(argv: list[str]) -> None:
   if argv:
     raise ValueError(f'unexpected arguments: {" ".join(argv)}')
   # Cloud TPU pods (tpu_scripts/ set this): one process per host, joined before any device use.
   if os.environ.get('DNA_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
-  enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+  program_cache.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
   stages.run(FLAGS.config, FLAGS.workdir)
 

@@ -30,6 +30,18 @@ _PROGRAM_CACHES = (
 )
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _caches_in_a_temporary_directory(tmp_path_factory):
+  """Stages store compiled programs under $XDG_CACHE_HOME ('auto'): this session's, not the user's."""
+  before = os.environ.get('XDG_CACHE_HOME')
+  os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('xdg_cache'))
+  yield
+  if before is None:
+    os.environ.pop('XDG_CACHE_HOME')
+  else:
+    os.environ['XDG_CACHE_HOME'] = before
+
+
 @pytest.fixture(autouse=True, scope='module')
 def _release_compiled_programs():
   """Drops every compiled program after each test module.

@@ -23,8 +23,8 @@ IMAGE = 16
 SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12'
 
 
-@pytest.fixture(scope='module')
-def setup():
+def make_setup():
+  """The space, its (block, cells), the teacher, its variables and the cells' input sizes."""
   space = space_lib.parse_space(SPACE, 8, 8)
   cells = supernet.supernet_cells(space, stem_stride=1)
   teacher = efficientnet.variant('tiny', num_classes=10)
@@ -32,6 +32,11 @@ def setup():
   sizes = space_lib.supernet_input_sizes(space, IMAGE, 1)
   blocks = tuple((k, tuple(cells[k])) for k in range(len(cells)))
   return space, blocks, teacher, teacher_variables, sizes
+
+
+@pytest.fixture(scope='module')
+def setup():
+  return make_setup()
 
 
 def batches(steps):

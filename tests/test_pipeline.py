@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from dna_jax import cli
@@ -30,7 +31,20 @@ def test_stages_are_ordered_and_validated():
 
 
 @pytest.mark.parametrize(
-  'name', ['demo', 'demo_deep_teacher', 'imagenet_b7', 'dna_a', 'dna_b', 'dna_c', 'dna_d', 'efficientnet_b0']
+  'name',
+  [
+    'demo',
+    'demo_deep_teacher',
+    'demo_fidelity',
+    'demo_study',
+    'demo_versus_random',
+    'imagenet_b7',
+    'dna_a',
+    'dna_b',
+    'dna_c',
+    'dna_d',
+    'efficientnet_b0',
+  ],
 )
 def test_config_files_load_and_validate(name):
   config = load_config(name)
@@ -147,17 +161,21 @@ def test_library_info_records_are_hidden_but_warnings_and_our_own_kept():
 
 
 def test_compilation_cache_is_on_by_default_and_persists_programs(tmp_path, monkeypatch):
-  from dna_jax import main
+  from dna_jax import program_cache
 
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
   assert load_config('demo').compilation_cache_dir == 'auto'
-  assert main.compilation_cache_dir('auto') == str(tmp_path / 'xdg' / 'dna_jax' / 'jax')
-  assert main.compilation_cache_dir('') is None
-  assert main.compilation_cache_dir('gs://bucket/cache') == 'gs://bucket/cache'
+  assert program_cache.compilation_cache_dir('auto') == str(tmp_path / 'xdg' / 'dna_jax' / 'jax')
+  assert program_cache.compilation_cache_dir('') is None
+  assert program_cache.compilation_cache_dir('gs://bucket/cache') == 'gs://bucket/cache'
+  assert load_config('demo').program_cache_dir == 'auto'
+  assert program_cache.program_cache_dir('auto') == str(tmp_path / 'xdg' / 'dna_jax' / 'programs')
+  assert program_cache.program_cache_dir('') is None
+  assert program_cache.from_config(ml_collections.ConfigDict({'program_cache_dir': ''})) is None
   cache = tmp_path / 'cache'
   program = (
-    'import jax; from dna_jax import main; '
-    f'main.enable_compilation_cache({str(cache)!r}); '
+    'import jax; from dna_jax import program_cache; '
+    f'program_cache.enable_compilation_cache({str(cache)!r}); '
     "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); "
     'print(float(jax.jit(lambda x: x * 2 + 1)(1.0)))'
   )

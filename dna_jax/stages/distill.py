@@ -30,6 +30,7 @@ from dna_jax import distill_steps
 from dna_jax import files
 from dna_jax import input_pipeline
 from dna_jax import parallel
+from dna_jax import program_cache
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax import teacher as teacher_lib
@@ -136,7 +137,7 @@ def _train_group(
     pending.append((step, metrics))
     if step == start + 1:  # where a short run's time goes: tracing and compiling are all in this step
       jax.block_until_ready(metrics)
-      logging.info('First step (traces and compiles the step) took %.1f s.', time.time() - since)
+      logging.info('First step (traces and compiles the step, or loads it compiled) took %.1f s.', time.time() - since)
     for hook in hooks:
       hook(step)
     preempted = training.preemption.check(step, *training.managers.values())
@@ -223,6 +224,7 @@ def train_blocks(
           dcfg.parallel,
           supernet_store.student_normalization(config),
           dcfg.programs,
+          program_cache.from_config(config),
         )
         states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
         if preemption.requested:

@@ -1,0 +1,183 @@
+"""Compiled programs kept across processes: JAX's persistent compilation cache and stored executables.
+
+JAX's persistent compilation cache (`enable_compilation_cache`) skips XLA's compilation on a rerun, but
+JAX still traces and lowers each program to look it up: about 30 s of the demo's distillation step on 2 CPU
+cores (README, "Speed"). `ProgramCache` stores the compiled executable itself, keyed by what
+built it instead of by its HLO: this package's source, the versions of the libraries that trace it, the
+XLA flags and devices, a description of the program (`what`, e.g. the repr of the cells it trains) and
+the abstract values and shardings of its arguments. A rerun, a resumed run or the next stage then loads
+the executable without tracing or compiling. (On XLA:CPU the load itself is not free: 41-43 s for the
+demo's step, most of it XLA deserialising its YNNPACK fusions; README, "Speed".)
+
+A program whose description holds something that differs between processes (an object's address) is
+not stored, nor is anything while JAX runs several processes (a pod slice; not supported yet). A stored
+file that cannot be loaded is compiled again and replaced. The files hold native code and are
+unpickled: a cache directory must be trusted like the code itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import pickle
+import re
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import serialize_executable
+
+_UNSTABLE = re.compile(r' at 0x[0-9a-fA-F]+')
+_LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy')
+
+
+def _cache_root() -> str:
+  return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'dna_jax')
+
+
+def compilation_cache_dir(setting: str) -> str | None:
+  """Where config.compilation_cache_dir puts JAX's persistent compilation cache (None: off)."""
+  if setting != 'auto':
+    return setting or None
+  return os.path.join(_cache_root(), 'jax')
+
+
+def enable_compilation_cache(setting: str) -> None:
+  directory = compilation_cache_dir(setting)
+  if directory is None:
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  # Cache every program that took a second or more to compile: the stages' steps take minutes on CPU.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  logging.info('JAX compilation cache: %s', directory)
+
+
+def program_cache_dir(setting: str) -> str | None:
+  """Where config.program_cache_dir stores compiled executables (None: off)."""
+  if setting != 'auto':
+    return setting or None
+  return os.path.join(_cache_root(), 'programs')
+
+
+@functools.cache
+def environment_digest() -> str:
+  """Digest of everything outside a program's description that shapes its executable."""
+  parts = []
+  package = pathlib.Path(__file__).parent
+  for source in sorted(package.rglob('*.py')):
+    parts.append(f'{source.relative_to(package)}\n{source.read_text()}')
+  for library in _LIBRARIES:
+    parts.append(f'{library}=={importlib.metadata.version(library)}')
+  parts.append(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")} LIBTPU_INIT_ARGS={os.environ.get("LIBTPU_INIT_ARGS", "")}')
+  # Every JAX flag (x64, matmul precision, jax_disable_most_optimizations, ...) but where caches live.
+  parts.append(repr(sorted((k, repr(v)) for k, v in jax.config.values.items() if 'cache' not in k)))
+  devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
+  parts.append(f'devices={devices} process={jax.process_index()}/{jax.process_count()}')
+  return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+
+
+def _abstract(x: Any) -> tuple[Any, ...]:
+  """What a compiled executable fixes about one argument leaf."""
+  if isinstance(x, jax.Array):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      # P() and P(None, None) place an array alike (a jitted step returns the second for the first):
+      # one key for both, and one executable, which accepts either.
+      spec = tuple(sharding.spec)
+      while spec and spec[-1] is None:
+        spec = spec[:-1]
+      return (jax.typeof(x), sharding.mesh, spec, sharding.memory_kind)
+    return (jax.typeof(x), sharding)
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return (tuple(x.shape), str(x.dtype))
+  return (type(x).__name__,)
+
+
+class ProgramCache:
+  """Compiled executables stored under `directory` (see the module docstring).
+
+  `wrap(fn, what)` returns a drop-in for the jitted or pmapped `fn` that compiles each argument
+  signature at most once per process and, across processes, loads what an earlier one stored.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str]):
+    self.directory = epath.Path(directory)
+
+  # Equal caches are one: builders memoized on their arguments (functools.cache) then hand a second
+  # stage in the same process the programs already loaded, instead of loading (and mapping) them again.
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, ProgramCache) and str(other.directory) == str(self.directory)
+
+  def __hash__(self) -> int:
+    return hash(str(self.directory))
+
+  def wrap(self, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    if jax.process_count() > 1:
+      # Under pmap a host array is this process's part of the batch, but a whole value to an executable
+      # compiled ahead of time (tried: the 2-process distillation test failed on the batch's shape).
+      return fn
+    if _UNSTABLE.search(what):
+      logging.info('Not storing the compiled %s: its description holds an object address.', what[:80])
+      return fn
+    base = hashlib.sha256(f'{environment_digest()}\n{what}'.encode()).hexdigest()
+    compiled: dict[Any, Callable[..., Any]] = {}
+
+    def call(*args: Any) -> Any:
+      leaves, treedef = jax.tree.flatten(args)
+      signature = (treedef, tuple(_abstract(x) for x in leaves))
+      program = compiled.get(signature)
+      if program is None:
+        program = compiled[signature] = self._load_or_compile(fn, args, base, signature, what)
+      return program(*args)
+
+    return call
+
+  def _load_or_compile(self, fn: Callable[..., Any], args: tuple[Any, ...], base: str, signature: Any, what: str):
+    described = repr(signature)
+    if _UNSTABLE.search(described):
+      return fn.lower(*args).compile()
+    name = what.split('(', 1)[0][:40]
+    digest = hashlib.sha256(f'{base}\n{described}'.encode()).hexdigest()
+    path = self.directory / f'{digest}.executable'
+    began = time.time()
+    if path.exists():
+      try:
+        payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+        by_id = {d.id: d for d in jax.devices()}
+        devices = [by_id[i] for i in device_ids]
+        program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
+        logging.info('Loaded the compiled %s from %s in %.1f s.', name, path, time.time() - began)
+        return program
+      except Exception as e:  # a truncated file or another jaxlib's: compile it again
+        logging.warning('Cannot load %s (%s: %s); compiling again.', path, type(e).__name__, e)
+    program = fn.lower(*args).compile()
+    compile_seconds = time.time() - began
+    try:
+      payload, in_tree, out_tree = serialize_executable.serialize(program)
+      # The devices it runs on, in order (by default a loaded executable would span every device).
+      device_ids = [d.id for d in program._executable._unloaded_executable.device_list]
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
+      tmp.write_bytes(pickle.dumps((payload, in_tree, out_tree, device_ids)))
+      tmp.replace(path)
+      logging.info('Compiled %s in %.1f s; stored in %s.', name, compile_seconds, path)
+    except Exception as e:  # some programs cannot be serialized: they still run
+      logging.warning('Compiled %s in %.1f s; not stored (%s: %s).', name, compile_seconds, type(e).__name__, e)
+    return program
+
+
+def wrap(cache: ProgramCache | None, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+  """`cache.wrap(fn, what)`, or `fn` itself when there is no cache."""
+  return fn if cache is None else cache.wrap(fn, what)
+
+
+def from_config(config: Any) -> ProgramCache | None:
+  """The stored-executable cache config.program_cache_dir names (None when it is '')."""
+  directory = program_cache_dir(config.program_cache_dir)
+  return None if directory is None else ProgramCache(directory)

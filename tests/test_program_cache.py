@@ -1,0 +1,184 @@
+"""Stored executables: loaded = compiled, across processes, without tracing; bad files are recompiled."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import test_distill_steps
+
+from dna_jax import distill_steps
+from dna_jax import parallel
+from dna_jax import program_cache
+from dna_jax import supernet_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_step(traces: list[int]):
+  """A data-parallel step that counts its traces: (state, batch) -> (state, mean)."""
+
+  def step(state, batch):
+    traces.append(1)
+    mean = lax.pmean(jnp.tanh(batch @ state['w']).mean(), parallel.AXIS)
+    return {'w': state['w'] * 0.5 + mean}, mean
+
+  return step
+
+
+def run(fn, mode, steps=2):
+  state = parallel.replicate({'w': np.eye(4, dtype=np.float32)}, mode)
+  means = []
+  for i in range(steps):
+    batch = parallel.shard_batch({'x': np.full((8, 2, 4), i + 1.0, np.float32)}, mode)['x']
+    state, mean = fn(state, batch)
+    means.append(float(parallel.host_copy(mean)))
+  return parallel.host_copy(state)['w'], means
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_a_stored_program_loads_without_tracing_and_computes_the_same(tmp_path, mode):
+  traces = []
+  expected = run(parallel.data_parallel(make_step(traces), mode), mode)
+  assert len(traces) == 1
+  first = program_cache.ProgramCache(tmp_path).wrap(parallel.data_parallel(make_step(traces), mode), 'step(1)')
+  np.testing.assert_array_equal(run(first, mode)[0], expected[0])
+  assert len(traces) == 2 and len(list(tmp_path.glob('*.executable'))) == 1
+  # A new cache on the same directory (as in a new process) loads it: no trace, same numbers.
+  loaded = program_cache.ProgramCache(tmp_path).wrap(parallel.data_parallel(make_step(traces), mode), 'step(1)')
+  state, means = run(loaded, mode)
+  assert len(traces) == 2
+  np.testing.assert_array_equal(state, expected[0])
+  assert means == expected[1]
+  # Another description is another program; another argument shape another executable.
+  other = program_cache.ProgramCache(tmp_path).wrap(parallel.data_parallel(make_step(traces), mode), 'step(2)')
+  run(other, mode)
+  assert len(traces) == 3 and len(list(tmp_path.glob('*.executable'))) == 2
+
+
+def test_a_corrupt_file_is_compiled_again_and_replaced(tmp_path):
+  traces = []
+  expected = run(parallel.data_parallel(make_step(traces), 'pmap'), 'pmap')
+  program_cache.ProgramCache(tmp_path).wrap(parallel.data_parallel(make_step(traces), 'pmap'), 'step')(
+    *[parallel.replicate({'w': np.eye(4, dtype=np.float32)}, 'pmap'), np.ones((8, 2, 4), np.float32)]
+  )
+  (stored,) = tmp_path.glob('*.executable')
+  stored.write_bytes(stored.read_bytes()[:100])
+  traces.clear()
+  again = program_cache.ProgramCache(tmp_path).wrap(parallel.data_parallel(make_step(traces), 'pmap'), 'step')
+  np.testing.assert_array_equal(run(again, 'pmap')[0], expected[0])
+  assert len(traces) == 1
+  assert stored.stat().st_size > 1000  # replaced by a whole executable
+  assert list(tmp_path.iterdir()) == [stored]  # no temporary file left behind
+
+
+def test_a_description_with_an_object_address_is_not_stored(tmp_path):
+  traces = []
+  fn = parallel.data_parallel(make_step(traces), 'pmap')
+  what = f'step{(lambda: 0)!r}'
+  assert ' at 0x' in what
+  assert program_cache.ProgramCache(tmp_path).wrap(fn, what) is fn
+  assert program_cache.wrap(None, fn, 'step') is fn
+
+
+def test_another_process_loads_what_one_stored(tmp_path):
+  """The key (source, libraries, flags, devices) is the same in a new process: it loads, not traces."""
+  script = textwrap.dedent(f"""
+    import os
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    import jax, jax.numpy as jnp
+    from dna_jax import program_cache
+    traced = []
+    def f(x):
+      traced.append(1)
+      return jnp.sin(x) * 3
+    fn = program_cache.ProgramCache({str(tmp_path)!r}).wrap(jax.jit(f), 'f')
+    print(float(fn(jnp.float32(0.5))), len(traced))
+  """)
+  outputs = []
+  for _ in range(2):
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    outputs.append(out.stdout.split())
+  assert outputs[0][0] == outputs[1][0] == str(float(np.float32(np.sin(np.float32(0.5)) * 3)))
+  assert (outputs[0][1], outputs[1][1]) == ('1', '0')
+
+
+@pytest.mark.parametrize('programs', distill_steps.PROGRAMS)
+def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp_path, programs):
+  """Both forms of the step (one cell): stored when built, loaded (nothing traced) when built again."""
+  _, blocks, teacher, teacher_variables, sizes = test_distill_steps.make_setup()
+  blocks = ((1, blocks[1][1][:1]),)  # block 2's 2-layer cell: the smallest step with every kind of program
+  optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.1, 0.9, 100, 1), 0.0)
+  states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.PRNGKey(k), cells, sizes[k], optimizer)
+    for k, cells in blocks
+  }
+  build = functools.partial(
+    distill_steps.parallel_distill_step,
+    blocks,
+    teacher,
+    False,
+    tuple((f'block{k + 1}', 0.1) for k, _ in blocks),
+    0.9,
+    1,
+    100,
+    0.0,
+    'uniform',
+    3,
+    'pmap',
+    ('unit', 'imagenet'),
+    programs,
+  )
+  compiled = test_distill_steps.run_steps(
+    build(program_cache.ProgramCache(tmp_path)), states, 'pmap', teacher_variables, 2
+  )
+  assert any(tmp_path.glob('*.executable'))
+  traced = []
+
+  def counting(original):
+    def traced_call(*args, **kwargs):
+      traced.append(1)
+      return original(*args, **kwargs)
+
+    return traced_call
+
+  for builder in (
+    distill_steps.parallel_distill_step,
+    distill_steps._forward_program,
+    distill_steps._backward_program,
+    distill_steps._loss_program,
+  ):
+    builder.cache_clear()
+  with (
+    mock.patch.object(distill_steps, '_link_forward', counting(distill_steps._link_forward)),
+    mock.patch.object(distill_steps, 'distill_step', counting(distill_steps.distill_step)),
+  ):
+    loaded = test_distill_steps.run_steps(
+      build(program_cache.ProgramCache(tmp_path)), states, 'pmap', teacher_variables, 2
+    )
+  assert not traced
+  (got, history), (expected, expected_history) = loaded, compiled
+  for name in states:
+    assert int(got[name].step) == 2
+    jax.tree.map(np.testing.assert_array_equal, got[name].params, expected[name].params)
+    jax.tree.map(np.testing.assert_array_equal, got[name].batch_stats, expected[name].batch_stats)
+  for metrics, expected_metrics in zip(history, expected_history, strict=True):
+    assert metrics.keys() == expected_metrics.keys()
+    for key in metrics:
+      np.testing.assert_array_equal(metrics[key], expected_metrics[key], err_msg=key)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got['block2'].params, states['block2'].params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_caches_of_one_directory_are_equal_so_memoized_builders_reuse_their_programs(tmp_path):
+  assert program_cache.ProgramCache(tmp_path) == program_cache.ProgramCache(str(tmp_path))
+  assert hash(program_cache.ProgramCache(tmp_path)) == hash(program_cache.ProgramCache(str(tmp_path)))
+  assert program_cache.ProgramCache(tmp_path) != program_cache.ProgramCache(tmp_path / 'other')
