@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   layers_ = np.array([sum(choice.cell.layers for choice in arch.blocks) for arch in parsed], np.float64)
   reference = np.concatenate([b.score for b in named[0][1].blocks])
   table = []
+  covering = []  # the ratings directories that rate every trained net
   for name, ratings in named:
     print(f'## {name} ({ratings.directory})')
     for line in cell_summary(ratings):
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     outside = sum(r is None for r in rated)
     if outside:  # rated on another space (other cells or widths): no rating for these nets
       print(f'- {outside} of the {len(parsed)} trained nets are not in this space: not set against accuracy')
-    elif nets:
+    else:
+      covering.append(rated)
+    if nets and not outside:
       quality = np.array([-r['score'] for r in rated])
       flops = np.array([r['flops'] for r in rated], np.float64)
       row['tau'] = rank_stats.with_interval(rank_stats.kendall_tau, quality, accuracy, args.resamples, 0)
@@ -100,12 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     table.append(row)
     print()
   interval = lambda d: f'{d["value"]:.2f} [{d["low"]:.2f}, {d["high"]:.2f}]'
-  covering = [r for _, r in named if all(ratings_lib.architecture_rating(r, arch) for arch in parsed)]
   if nets and not covering:
     print('- no ratings directory holds every trained net: no proxies\n')
   elif nets:
     # Proxies that need no rating, on the same nets: fewer layers, fewer FLOPs.
-    flops = np.array([ratings_lib.architecture_rating(covering[0], arch)['flops'] for arch in parsed], np.float64)
+    flops = np.array([r['flops'] for r in covering[0]], np.float64)
     for label, proxy in (('fewer layers', -layers_), ('fewer FLOPs', -flops)):
       tau = rank_stats.with_interval(rank_stats.kendall_tau, proxy, accuracy, args.resamples, 0)
       print(f'- proxy "{label}" against accuracy ({len(nets)} nets): Kendall tau {interval(tau)}', end='')

@@ -245,6 +245,10 @@ class LayerwiseStep:
     described: tuple[str, dict[str, str]] = ('', {}),
   ):
     """`described`: descriptions (for `cache`) of the inputs program and of each block's update."""
+    if cache is not None and (not described[0] or set(described[1]) != set(optimizers)):
+      raise ValueError(
+        f'A program cache needs a description of the inputs program and of each of {sorted(optimizers)}.'
+      )
     self.blocks, self.mode, self.cache = blocks, mode, cache
 
     def inputs(batch, teacher_variables, step):
@@ -266,7 +270,7 @@ class LayerwiseStep:
       name: program_cache.wrap(
         cache,
         parallel.per_device(functools.partial(update_block, optimizer=optimizer), mode, (False,) * 3, (False,) * 2),
-        described[1][name],
+        described[1].get(name, ''),
       )
       for name, optimizer in optimizers.items()
     }

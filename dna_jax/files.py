@@ -6,6 +6,7 @@ callers decide which process writes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -13,14 +14,19 @@ from typing import Any
 from etils import epath
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> epath.Path:
-  """Writes `text` to `path` through a temporary file and a rename: readers never see a partial file."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> epath.Path:
+  """Writes `data` to `path` through a temporary file and a rename: readers never see a partial file."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(path)
   return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> epath.Path:
+  """`text` (UTF-8) written atomically, as atomic_write_bytes."""
+  return atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> epath.Path:
@@ -52,11 +58,7 @@ def pyplot() -> Any:
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> epath.Path:
   """Writes a matplotlib figure as PNG (atomically) and closes it."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
-  with tmp.open('wb') as f:
-    fig.savefig(f, dpi=dpi, format='png')
-  tmp.replace(path)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=dpi, format='png')
   pyplot().close(fig)
-  return path
+  return atomic_write_bytes(path, png.getvalue())

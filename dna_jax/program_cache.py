@@ -33,6 +33,8 @@ from etils import epath
 import jax
 from jax.experimental import serialize_executable
 
+from dna_jax import files
+
 _UNSTABLE = re.compile(r' at 0x[0-9a-fA-F]+')
 _LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy')
 
@@ -162,10 +164,7 @@ class ProgramCache:
       payload, in_tree, out_tree = serialize_executable.serialize(program)
       # The devices it runs on, in order (by default a loaded executable would span every device).
       device_ids = [d.id for d in program._executable._unloaded_executable.device_list]
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
-      tmp.write_bytes(pickle.dumps((payload, in_tree, out_tree, device_ids)))
-      tmp.replace(path)
+      files.atomic_write_bytes(path, pickle.dumps((payload, in_tree, out_tree, device_ids)))
       logging.info('Compiled %s in %.1f s; stored in %s.', name, compile_seconds, path)
     except Exception as e:  # some programs cannot be serialized: they still run
       logging.warning('Compiled %s in %.1f s; not stored (%s: %s).', name, compile_seconds, type(e).__name__, e)
