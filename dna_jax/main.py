@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
   # Cloud TPU pods (tpu_scripts/ set this): one process per host, joined before any device use.
   if os.environ.get('DNA_JAX_DISTRIBUTED'):
     jax.distributed.initialize()
-  program_cache.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+  program_cache.enable_compilation_cache(FLAGS.config.compilation_cache_dir, FLAGS.config.compilation_cache_max_gb)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
   stages.run(FLAGS.config, FLAGS.workdir)
 

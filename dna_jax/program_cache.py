@@ -11,13 +11,15 @@ demo's step, most of it XLA deserialising its YNNPACK fusions; README, "Speed".)
 
 A program whose description holds something that differs between processes (an object's address) is
 not stored, nor is anything while JAX runs several processes (a pod slice; not supported yet). A stored
-file that cannot be loaded is compiled again and replaced. The files hold native code and are
+file that cannot be loaded is compiled again and replaced; beyond a size the least recently used files
+are deleted (`prune`). The files hold native code and are
 unpickled: a cache directory must be trusted like the code itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -50,11 +52,14 @@ def compilation_cache_dir(setting: str) -> str | None:
   return os.path.join(_cache_root(), 'jax')
 
 
-def enable_compilation_cache(setting: str) -> None:
+def enable_compilation_cache(setting: str, max_gb: float = 0.0) -> None:
+  """Turns JAX's persistent compilation cache on in `setting`'s directory; with `max_gb` > 0, JAX deletes
+  its least recently used entries beyond that size."""
   directory = compilation_cache_dir(setting)
   if directory is None:
     return
   jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_compilation_cache_max_size', int(max_gb * 2**30) if max_gb > 0 else -1)
   # Cache every program that took a second or more to compile: the stages' steps take minutes on CPU.
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   logging.info('JAX compilation cache: %s', directory)
@@ -108,16 +113,23 @@ class ProgramCache:
   signature at most once per process and, across processes, loads what an earlier one stored.
   """
 
-  def __init__(self, directory: str | os.PathLike[str]):
+  def __init__(self, directory: str | os.PathLike[str], max_bytes: int | None = None):
+    """`max_bytes`: after storing a program, the least recently used files are deleted until the
+    directory holds at most this much (None: never pruned)."""
     self.directory = epath.Path(directory)
+    self.max_bytes = max_bytes
 
   # Equal caches are one: builders memoized on their arguments (functools.cache) then hand a second
   # stage in the same process the programs already loaded, instead of loading (and mapping) them again.
   def __eq__(self, other: object) -> bool:
-    return isinstance(other, ProgramCache) and str(other.directory) == str(self.directory)
+    return (
+      isinstance(other, ProgramCache)
+      and str(other.directory) == str(self.directory)
+      and other.max_bytes == self.max_bytes
+    )
 
   def __hash__(self) -> int:
-    return hash(str(self.directory))
+    return hash((str(self.directory), self.max_bytes))
 
   def wrap(self, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
     if jax.process_count() > 1:
@@ -155,6 +167,7 @@ class ProgramCache:
         devices = [by_id[i] for i in device_ids]
         program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
         logging.info('Loaded the compiled %s from %s in %.1f s.', name, path, time.time() - began)
+        _mark_used(path)
         return program
       except Exception as e:  # a truncated file or another jaxlib's: compile it again
         logging.warning('Cannot load %s (%s: %s); compiling again.', path, type(e).__name__, e)
@@ -168,7 +181,42 @@ class ProgramCache:
       logging.info('Compiled %s in %.1f s; stored in %s.', name, compile_seconds, path)
     except Exception as e:  # some programs cannot be serialized: they still run
       logging.warning('Compiled %s in %.1f s; not stored (%s: %s).', name, compile_seconds, type(e).__name__, e)
+      return program
+    if self.max_bytes is not None:
+      self.prune(self.max_bytes, keep=path)
     return program
+
+  def prune(self, max_bytes: int, keep: epath.Path | None = None) -> list[epath.Path]:
+    """Deletes the least recently used stored programs until the rest take at most `max_bytes`
+    (`keep` is never deleted); returns the deleted files."""
+    stored = []
+    for path in self.directory.glob('*.executable'):
+      try:
+        info = path.stat()
+      except FileNotFoundError:  # deleted meanwhile by another process pruning the same directory
+        continue
+      stored.append((info.mtime, str(path), info.length, path))
+    total, deleted = sum(length for _, _, length, _ in stored), []
+    for _, _, length, path in sorted(stored, key=lambda item: item[:2]):
+      if total <= max_bytes:
+        break
+      if keep is not None and str(path) == str(keep):
+        continue
+      path.unlink(missing_ok=True)  # or deleted meanwhile by another process
+      total -= length
+      deleted.append(path)
+    if deleted:
+      logging.info(
+        'Pruned %d stored programs from %s (at most %d bytes are kept).', len(deleted), self.directory, max_bytes
+      )
+    return deleted
+
+
+def _mark_used(path: epath.Path) -> None:
+  """Sets a loaded file's modification time to now, the order in which `prune` keeps files."""
+  # On a remote file system (gs://) or a read-only directory this fails, and pruning goes by age.
+  with contextlib.suppress(OSError):
+    os.utime(os.fspath(path))
 
 
 def wrap(cache: ProgramCache | None, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
@@ -179,4 +227,6 @@ def wrap(cache: ProgramCache | None, fn: Callable[..., Any], what: str) -> Calla
 def from_config(config: Any) -> ProgramCache | None:
   """The stored-executable cache config.program_cache_dir names (None when it is '')."""
   directory = program_cache_dir(config.program_cache_dir)
-  return None if directory is None else ProgramCache(directory)
+  if directory is None:
+    return None
+  return ProgramCache(directory, None if config.program_cache_max_gb <= 0 else int(config.program_cache_max_gb * 2**30))

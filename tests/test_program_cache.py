@@ -182,3 +182,28 @@ def test_caches_of_one_directory_are_equal_so_memoized_builders_reuse_their_prog
   assert program_cache.ProgramCache(tmp_path) == program_cache.ProgramCache(str(tmp_path))
   assert hash(program_cache.ProgramCache(tmp_path)) == hash(program_cache.ProgramCache(str(tmp_path)))
   assert program_cache.ProgramCache(tmp_path) != program_cache.ProgramCache(tmp_path / 'other')
+
+
+def test_pruning_deletes_the_least_recently_used_programs_beyond_the_size(tmp_path):
+  cache = program_cache.ProgramCache(tmp_path)
+  for i in range(3):
+    run(cache.wrap(parallel.data_parallel(make_step([]), 'pmap'), f'step({i})'), 'pmap', steps=1)
+  stored = sorted(tmp_path.glob('*.executable'), key=lambda p: p.stat().st_mtime_ns)
+  assert len(stored) == 3
+  for age, path in zip((300, 200, 100), stored):  # oldest first, whole seconds apart
+    os.utime(path, (path.stat().st_atime - age, path.stat().st_mtime - age))
+  # Loading the oldest marks it used: the second oldest goes first.
+  oldest_what = 'step(0)'
+  traces = []
+  run(cache.wrap(parallel.data_parallel(make_step(traces), 'pmap'), oldest_what), 'pmap', steps=1)
+  assert not traces and stored[0].exists()
+  size = stored[0].stat().st_size
+  deleted = cache.prune(2 * size + size // 2)
+  assert [str(p) for p in deleted] == [str(stored[1])] and stored[0].exists() and stored[2].exists()
+  assert cache.prune(10 * size) == []
+  # Storing under a limit below one file keeps only the file just stored.
+  small = program_cache.ProgramCache(tmp_path, max_bytes=1)
+  run(small.wrap(parallel.data_parallel(make_step([]), 'pmap'), 'step(3)'), 'pmap', steps=1)
+  (kept,) = tmp_path.glob('*.executable')
+  assert kept not in (stored[0], stored[2])
+  assert small != cache and program_cache.ProgramCache(tmp_path, max_bytes=1) == small

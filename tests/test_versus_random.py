@@ -170,9 +170,9 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
   raw.versus_random.weights = 'best'
   with pytest.raises(ValueError, match=r"versus_random.weights must be one of \['ema', 'raw'\], got 'best'"):
     versus_random.run(raw, str(workdir))
-  with pytest.raises(ValueError, match='delete'):
+  with pytest.raises(ValueError, match='a larger num_random extends the study'):
     config = study_config()
-    config.versus_random.num_random = 6
+    config.versus_random.num_random = 4
     versus_random.run(config, str(workdir))
   # A run made with another recipe, or with none recorded, is refused, never mixed into the study.
   other = study_config()
@@ -183,6 +183,46 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
   result.write_text(json.dumps({k: v for k, v in json.loads(result.read_text()).items() if k != 'recipe'}))
   with pytest.raises(ValueError, match='records no recipe'):
     versus_random.run(study_config(), str(workdir))
+
+
+def test_a_larger_num_random_extends_the_study_and_trains_only_the_new_nets(searched, tmp_path, monkeypatch):
+  source, ratings = searched
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  for name in ('ratings', 'search'):
+    os.symlink(os.path.join(source, name), workdir / name)
+  calls = []
+
+  def fake_train(config, arch, directory, seed, epochs):
+    calls.append((str(arch), seed))
+    return {'accuracy': 0.9 - 0.1 * ratings_lib.architecture_rating(ratings, arch)['score'], 'raw_accuracy': 0.5}
+
+  monkeypatch.setattr(studies, 'train_architecture', fake_train)
+  versus_random.run(study_config(), str(workdir))
+  first = json.loads((workdir / 'versus_random' / 'picked.json').read_text())['nets']
+  calls.clear()
+  grown = study_config()
+  grown.versus_random.num_random = 8
+  versus_random.run(grown, str(workdir))
+  report = json.loads((workdir / 'versus_random' / 'summary.json').read_text())
+  nets = json.loads((workdir / 'versus_random' / 'picked.json').read_text())['nets']
+  assert nets[: len(first)] == first and len(nets) == len(first) + 3
+  # only the three new nets are trained, each with both seeds
+  assert sorted(calls) == sorted((n['arch'], s) for n in nets[len(first) :] for s in (3, 4))
+  assert report['num_random'] == 8 and len(report['nets']) == len(nets)
+  # the same nets as a study picked with 8 from the start
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  for name in ('ratings', 'search'):
+    os.symlink(os.path.join(source, name), fresh / name)
+  assert versus_random.pick(grown, str(fresh), ratings) == nets
+  # a study whose saved nets the sampler no longer draws first is refused, not mixed
+  picked = workdir / 'versus_random' / 'picked.json'
+  saved = json.loads(picked.read_text())
+  saved['settings']['num_random'], saved['nets'] = 5, [first[0], first[1], *first[:1:-1]]
+  picked.write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match='cannot be extended'):
+    versus_random.pick(grown, str(workdir), ratings)
 
 
 def test_same_cells_picks_random_nets_of_the_chosen_nets_cells(searched, tmp_path):

@@ -18,7 +18,8 @@ Targets (README): percentile above 90 with its interval above 50, partial tau ab
 interval.
 
 Layout of WORKDIR/versus_random/:
-  picked.json         the nets, written before any training; a rerun reads it, never re-picks
+  picked.json         the nets, written before any training; a rerun reads it, never re-picks (a larger
+                      num_random adds nets after the saved ones)
   runs/I_seedS/       one training run (studies.py): resumed when killed, never retrained when done
   runs.csv            arch,role,flops,params,score,seed,accuracy: one row per run (role searched|random)
   summary.json        the statistics above
@@ -71,21 +72,59 @@ def _record(ratings: ratings_lib.Ratings, arch: space_lib.Architecture, index: i
 
 
 def pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.Ratings) -> list[dict[str, Any]]:
-  """The search's top-k, then the random equal-cost nets; read from picked.json when it exists."""
+  """The search's top-k, then the random equal-cost nets; read from picked.json when it exists.
+
+  A study picked with fewer random nets (all else equal) is extended: the equal-cost sampler draws the
+  same nets first from the same seed, so the saved nets keep their indices and finished runs, and only
+  the new nets are trained.
+  """
   vc = config.versus_random
   paths = workdir_lib.Workdir(workdir)
   path = paths.versus_random / 'picked.json'
   settings = {'num_random': vc.num_random, 'tolerance': vc.tolerance, 'top_k': vc.top_k, 'seed': config.seed}
   if vc.same_cells:  # only when set: studies picked before the option existed resume unchanged
     settings['same_cells'] = True
+  saved = None
   if path.exists():
     saved = json.loads(path.read_text())
-    if saved['settings'] != settings:
+    if saved['settings'] == settings:
+      return saved['nets']
+    grown = {**saved['settings'], 'num_random': vc.num_random} == settings
+    if not grown or vc.num_random < saved['settings']['num_random']:
       raise ValueError(
         f'{path} was picked with {saved["settings"]}, the config asks for {settings}: restore those values to '
-        f'resume, or delete {path.parent} to start a new study'
+        f'resume (a larger num_random extends the study), or delete {path.parent} to start a new study'
       )
-    return saved['nets']
+  nets = _pick_anew(config, paths, ratings)
+  if saved is not None:
+    if [n['arch'] for n in nets[: len(saved['nets'])]] != [n['arch'] for n in saved['nets']]:
+      raise ValueError(
+        f'{path}: the nets picked now do not begin with the saved ones (the ratings or the search changed since '
+        f'the study began), so the study cannot be extended; delete {path.parent} to start a new study'
+      )
+    logging.info(
+      'Extending the study from %d to %d random nets; the runs of the first %d nets are kept.',
+      saved['settings']['num_random'],
+      vc.num_random,
+      len(saved['nets']),
+    )
+  if jax.process_index() == 0:
+    files.write_json(path, {'settings': settings, 'ratings': ratings.directory, 'nets': nets})
+  logging.info(
+    'Picked the search top-%d and %d random nets within %.0f%% of %d FLOPs, written to %s.',
+    vc.top_k,
+    vc.num_random,
+    100 * vc.tolerance,
+    nets[0]['flops'],
+    path,
+  )
+  return nets
+
+
+def _pick_anew(
+  config: ml_collections.ConfigDict, paths: workdir_lib.Workdir, ratings: ratings_lib.Ratings
+) -> list[dict[str, Any]]:
+  vc = config.versus_random
   searched = []
   for rank in range(1, vc.top_k + 1):
     if not paths.arch(rank).exists():
@@ -99,18 +138,9 @@ def pick(config: ml_collections.ConfigDict, workdir: str, ratings: ratings_lib.R
   rng = np.random.default_rng(config.seed)
   cells = space_lib.locate(ratings.space, searched[0]) if vc.same_cells else None
   rows = random_nets.equal_cost(ratings, nets[0]['flops'], vc.tolerance, vc.num_random, rng, exclude, vc.draws, cells)
-  nets += [_record(ratings, random_nets.architecture(ratings, r), len(nets) + i, 'random') for i, r in enumerate(rows)]
-  if jax.process_index() == 0:
-    files.write_json(path, {'settings': settings, 'ratings': ratings.directory, 'nets': nets})
-  logging.info(
-    'Picked the search top-%d and %d random nets within %.0f%% of %d FLOPs, written to %s.',
-    vc.top_k,
-    vc.num_random,
-    100 * vc.tolerance,
-    nets[0]['flops'],
-    path,
-  )
-  return nets
+  return nets + [
+    _record(ratings, random_nets.architecture(ratings, r), len(nets) + i, 'random') for i, r in enumerate(rows)
+  ]
 
 
 def accuracy_table(
