@@ -108,6 +108,14 @@ def test_same_cell_sampler_keeps_the_cells_and_the_band(searched):
     random_nets.equal_cost(ratings, target, 1e-9, 6, np.random.default_rng(7), draws=100, cells=cells)
 
 
+def study_workdir(source: str, directory):
+  """A workdir that links the rating and search outputs of `source`, as a study reads them."""
+  directory.mkdir()
+  for name in ('ratings', 'search'):
+    os.symlink(os.path.join(source, name), directory / name)
+  return directory
+
+
 class Killed(Exception):
   """Stands for the process being killed mid-study."""
 
@@ -121,10 +129,7 @@ def study_config():
 
 def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeypatch):
   source, ratings = searched
-  workdir = tmp_path / 'work'
-  workdir.mkdir()
-  for name in ('ratings', 'search'):
-    os.symlink(os.path.join(source, name), workdir / name)
+  workdir = study_workdir(source, tmp_path / 'work')
   calls = []
 
   def fake_train(config, arch, directory, seed, epochs, kill_at=None):
@@ -187,10 +192,7 @@ def test_study_resumes_after_kill_without_retraining(searched, tmp_path, monkeyp
 
 def test_a_larger_num_random_extends_the_study_and_trains_only_the_new_nets(searched, tmp_path, monkeypatch):
   source, ratings = searched
-  workdir = tmp_path / 'work'
-  workdir.mkdir()
-  for name in ('ratings', 'search'):
-    os.symlink(os.path.join(source, name), workdir / name)
+  workdir = study_workdir(source, tmp_path / 'work')
   calls = []
 
   def fake_train(config, arch, directory, seed, epochs):
@@ -211,10 +213,7 @@ def test_a_larger_num_random_extends_the_study_and_trains_only_the_new_nets(sear
   assert sorted(calls) == sorted((n['arch'], s) for n in nets[len(first) :] for s in (3, 4))
   assert report['num_random'] == 8 and len(report['nets']) == len(nets)
   # the same nets as a study picked with 8 from the start
-  fresh = tmp_path / 'fresh'
-  fresh.mkdir()
-  for name in ('ratings', 'search'):
-    os.symlink(os.path.join(source, name), fresh / name)
+  fresh = study_workdir(source, tmp_path / 'fresh')
   assert versus_random.pick(grown, str(fresh), ratings) == nets
   # a study whose saved nets the sampler no longer draws first is refused, not mixed
   picked = workdir / 'versus_random' / 'picked.json'
@@ -227,10 +226,7 @@ def test_a_larger_num_random_extends_the_study_and_trains_only_the_new_nets(sear
 
 def test_same_cells_picks_random_nets_of_the_chosen_nets_cells(searched, tmp_path):
   source, ratings = searched
-  workdir = tmp_path / 'work'
-  workdir.mkdir()
-  for name in ('ratings', 'search'):
-    os.symlink(os.path.join(source, name), workdir / name)
+  workdir = study_workdir(source, tmp_path / 'work')
   config = study_config()
   config.versus_random.same_cells = True
   nets = versus_random.pick(config, str(workdir), ratings)
