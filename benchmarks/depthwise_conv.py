@@ -6,9 +6,11 @@ For k3/k5/k7 at strides 1 and 2 (TF-SAME padding): jit(value_and_grad) of sum(si
 respect to both x and w, for
   native:    XLA's grouped convolution (`feature_group_count = C`), what TPU and GPU use;
   autodiff:  the shift-and-add sum of k*k strided windows, differentiated by JAX (`layers.shift_add`);
-  hand:      the same forward with its hand-written gradient (`layers.shift_add_vjp`);
-  shift_add: what the supernet, child nets and teacher use on CPU (`layers.depthwise_conv(..., 'shift_add')`:
-             the faster of the two for each kernel and stride).
+  hand:      the same forward with its hand-written gradient (`layers.shift_add_vjp`), whose kernel
+             gradient sums the batch a few examples at a time (`layers.tap_sums`);
+  hand_whole_batch: the same, summing the kernel gradient over the whole batch at once (as before);
+  shift_add: what the supernet, child nets and teacher use on CPU (`layers.depthwise_conv(..., 'shift_add')`,
+             now the hand-written gradient at every kernel and stride).
 Prints compile seconds, the fastest of --steps runs after a warm-up, and the largest relative
 difference of values and gradients from `native`.
 """
@@ -16,6 +18,7 @@ difference of values and gradients from `native`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -35,11 +38,23 @@ def padded_shift_add(function):
   return conv
 
 
+@contextlib.contextmanager
+def whole_batch_tap_sums():
+  """While tracing: `layers.tap_sums` sums the whole batch at once."""
+  chunk_bytes = layers.TAP_SUM_CHUNK_BYTES
+  layers.TAP_SUM_CHUNK_BYTES = 2**62
+  try:
+    yield
+  finally:
+    layers.TAP_SUM_CHUNK_BYTES = chunk_bytes
+
+
 IMPLEMENTATIONS = {
-  'native': lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'native'),
-  'autodiff': padded_shift_add(layers.shift_add),
-  'hand': padded_shift_add(layers.shift_add_vjp),
-  'shift_add': lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'shift_add'),
+  'native': (lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'native'), contextlib.nullcontext),
+  'autodiff': (padded_shift_add(layers.shift_add), contextlib.nullcontext),
+  'hand': (padded_shift_add(layers.shift_add_vjp), contextlib.nullcontext),
+  'hand_whole_batch': (padded_shift_add(layers.shift_add_vjp), whole_batch_tap_sums),
+  'shift_add': (lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'shift_add'), contextlib.nullcontext),
 }
 
 
@@ -61,10 +76,11 @@ def main() -> None:
     for stride in (1, 2):
       w = jax.random.normal(jax.random.key(1), (k, k, 1, args.channels))
       reference = None
-      for name, conv in IMPLEMENTATIONS.items():
+      for name, (conv, tracing) in IMPLEMENTATIONS.items():
         loss = lambda x, w, conv=conv, stride=stride: jnp.sum(jnp.sin(conv(x, w, stride)))
         start = time.perf_counter()
-        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile()
+        with tracing():
+          compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile()
         compile_s = time.perf_counter() - start
         result = jax.block_until_ready(compiled(x, w))
         times = []

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--depthwise_baseline',
     action='store_true',
-    help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff (on CPU)',
+    help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff, and with its '
+    'kernel gradient summed over the whole batch at once (on CPU)',
   )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
@@ -284,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         base_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
         base = compile_and_time(base_fn, (full_states, batch_in, teacher_vars), args.steps)
       row('(a0) full step, depthwise gradient by autodiff', base, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+      # The hand-written gradient summing each kernel gradient over the whole batch at once (as before
+      # `layers.tap_sums` summed a few examples at a time).
+      with mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
+        whole_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
+        whole = compile_and_time(whole_fn, (full_states, batch_in, teacher_vars), args.steps)
+      row(
+        '(a1) full step, kernel gradients summed over the whole batch',
+        whole,
+        batch,
+        2 * t_macs[num_blocks] + 6 * s_macs,
+      )
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   mem_stats = device.memory_stats() or {}
   device_peak = mem_stats.get('peak_bytes_in_use')

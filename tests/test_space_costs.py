@@ -12,6 +12,7 @@ import pytest
 
 from dna_jax import costs
 from dna_jax import describe
+from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax.models import child
 from dna_jax.models import layers
@@ -258,6 +259,50 @@ def test_hand_written_depthwise_gradient_equals_autodiff():
     grads = [jax.grad(loss, (0, 1))(padded, w, conv) for conv in (layers.shift_add, layers.shift_add_vjp)]
     for autodiff, hand in zip(*grads):
       np.testing.assert_allclose(hand, autodiff, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_gradient_summed_a_few_examples_at_a_time_equals_autodiff(monkeypatch):
+  """layers.tap_sums over chunks of examples (a scan) gives the whole batch's kernel gradient."""
+  rng = np.random.default_rng(2)
+  batch, channels = 6, 4
+  for kernel, stride, size in [(3, 1, 10), (5, 2, 11), (7, 1, 12)]:
+    padded = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, channels)), jnp.float32)
+    out = (size - kernel) // stride + 1
+    weights = jnp.asarray(rng.normal(size=(batch, out, out, channels)), jnp.float32)
+
+    def kernel_grad(conv, p=padded, w=w, stride=stride, out=out, weights=weights):
+      loss = lambda w: jnp.sum(jnp.tanh(conv(p, w, stride, (out, out))) * weights)
+      return jax.jit(jax.grad(loss))(w)
+
+    autodiff = kernel_grad(layers.shift_add)
+    example_bytes = out * out * channels * 4
+    # 1 and 2 examples per chunk divide the batch; 4 does not, so chunks of 3; then the whole batch.
+    for examples in (1, 2, 4, batch):
+      monkeypatch.setattr(layers, 'TAP_SUM_CHUNK_BYTES', examples * example_bytes)
+      np.testing.assert_allclose(kernel_grad(layers.shift_add_vjp), autodiff, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(autodiff))) > 1.0
+
+
+def test_kernel_gradient_in_chunks_under_shard_map(monkeypatch):
+  """Per-device kernel gradients (varying over the data axis) summed in chunks, then over devices."""
+  rng = np.random.default_rng(3)
+  devices, per_device, size, channels = jax.device_count(), 4, 8, 3
+  padded = jnp.asarray(rng.normal(size=(devices * per_device, size, size, channels)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, channels)), jnp.float32)
+
+  def kernel_grad(conv):
+    def per_device_grad(p, w):
+      loss = lambda w: jnp.sum(jnp.tanh(conv(p, w, 1, (size - 2, size - 2))))
+      return jax.lax.psum(jax.grad(loss)(parallel.varying(w)), parallel.AXIS)
+
+    mesh, spec = parallel.make_mesh(), jax.sharding.PartitionSpec
+    sharded = jax.shard_map(per_device_grad, mesh=mesh, in_specs=(spec(parallel.AXIS), spec()), out_specs=spec())
+    put = lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))
+    return jax.jit(sharded)(put(padded, spec(parallel.AXIS)), put(w, spec()))
+
+  monkeypatch.setattr(layers, 'TAP_SUM_CHUNK_BYTES', (size - 2) ** 2 * channels * 4)  # one example per chunk
+  np.testing.assert_allclose(kernel_grad(layers.shift_add_vjp), kernel_grad(layers.shift_add), rtol=1e-5, atol=1e-5)
 
 
 def test_supernet_cell_macs_match_the_child_costs():

@@ -81,12 +81,10 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
       x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1]
     )
   padded, out_size = pad_for_shift_add(x, k, stride, padding)
-  # The hand-written gradient where it is faster (benchmarks/depthwise_conv.py, 8x32x32x96 fwd+bwd on a
-  # 2-core CPU: k3 s1 112 -> 35 ms, s2 k3/k5/k7 57/23/53 -> 10/13/32 ms); JAX's own for k5 and k7 at
-  # stride 1 (63 and 103 ms against 83 and 123).
-  if stride > 1 or k == 3:
-    return shift_add_vjp(padded, kernel, stride, out_size)
-  return shift_add(padded, kernel, stride, out_size)
+  # The hand-written gradient, faster than JAX's own for every kernel and stride since its kernel
+  # gradient sums a few examples at a time (benchmarks/depthwise_conv.py, 8x32x32x96 fwd+bwd on a 2-core
+  # CPU: k3/k5/k7 at stride 1 69/53/94 -> 18/28/40 ms, at stride 2 20/12/37 -> 6/9/13 ms).
+  return shift_add_vjp(padded, kernel, stride, out_size)
 
 
 def pad_for_shift_add(x: Array, k: int, stride: int, padding: str) -> tuple[Array, tuple[int, int]]:
@@ -135,13 +133,41 @@ def _shift_add_backward(stride, out_size, residuals, grad):
     [(0, 0, 0), (k - 1, k - 1 + spare[0], stride - 1), (k - 1, k - 1 + spare[1], stride - 1), (0, 0, 0)],
   )
   d_padded = shift_add(dilated, kernel[::-1, ::-1], 1, padded.shape[1:3])
-  d_kernel = jnp.stack(
-    [jnp.sum(w * grad, axis=(0, 1, 2), dtype=jnp.float32) for _, w in _windows(padded, k, stride, out_size)]
-  )
+  d_kernel = tap_sums(padded, grad, k, stride, out_size)
   return d_padded, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 shift_add_vjp.defvjp(_shift_add_forward, _shift_add_backward)
+
+
+# Summed over the whole batch at once, XLA:CPU writes each tap's window out in full before reducing it
+# (a k*k-fold copy of the input). Summed a few examples at a time, the windows stay in cache:
+# benchmarks/depthwise_conv.py --kernel_grad measures it.
+TAP_SUM_CHUNK_BYTES = 512 * 1024
+
+
+def tap_sums(padded: Array, grad: Array, k: int, stride: int, out_size: tuple[int, int]) -> Array:
+  """(k*k, C) float32: for each kernel tap, its window of `padded` times `grad`, summed over N, H, W.
+
+  The batch is summed in chunks of examples whose output gradient spans about TAP_SUM_CHUNK_BYTES.
+  """
+
+  def sums(padded_chunk: Array, grad_chunk: Array) -> Array:
+    windows = _windows(padded_chunk, k, stride, out_size)
+    return jnp.stack([jnp.sum(w * grad_chunk, axis=(0, 1, 2), dtype=jnp.float32) for _, w in windows])
+
+  examples = grad.shape[0]
+  per_example = max(1, grad[0].size * grad.dtype.itemsize)
+  chunk = max(
+    [d for d in range(1, examples + 1) if examples % d == 0 and d * per_example <= TAP_SUM_CHUNK_BYTES] or [1]
+  )
+  if chunk == examples:
+    return sums(padded, grad)
+  padded_chunks, grad_chunks = (x.reshape(examples // chunk, chunk, *x.shape[1:]) for x in (padded, grad))
+  # zeros_like(grad): under shard_map the carry varies over the data axis, as the body's sums do.
+  start = jnp.zeros_like(grad, jnp.float32, shape=(k * k, grad.shape[-1]))
+  total, _ = lax.scan(lambda acc, xs: (acc + sums(*xs), None), start, (padded_chunks, grad_chunks))
+  return total
 
 
 class DepthwiseConv(nn.Module):
