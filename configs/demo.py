@@ -13,6 +13,9 @@ Expected (measured on 2 idle AMD EPYC cores, fresh workdir, tfds directory and c
 search under 1 s; retrain 188 s to 83.5% test top-1 (with an eval at epoch 1 as well, about 20 s,
 since dropped); evaluate 6 s. The chosen net is
 16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6 (2.17 MFLOPs, 17,784 params); the run is deterministic.
+Rerun since with depthwise kernel gradients summed a few examples at a time (training steps 1.25x and
+1.51x faster in benchmarks/train_step.py) on a slow day of the same machine kind: 19 min 10 s (every
+stage 1.46-1.67x slower than above, the gradient-free rate stage too), the same net and accuracies.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
