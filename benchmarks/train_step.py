@@ -26,8 +26,8 @@ from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import trainer
 from dna_jax.models import child
-from dna_jax.models import efficientnet
 from dna_jax.models import layers
+from dna_jax.stages import teacher as teacher_stage
 
 DEMO_CHOICE = '16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6'
 
@@ -39,15 +39,7 @@ def load() -> str:
 def model_for(net: str, arch: str):
   config = demo.get_config()
   if net == 'teacher':
-    conventions = layers.conventions_from_config(config.model.to_dict() | {'padding': 'tf_same', 'bn_epsilon': 1e-3})
-    return efficientnet.variant(
-      efficientnet.variant_name(config.teacher.variant),
-      bn_axis_name=parallel.AXIS,
-      num_classes=10,
-      stem_stride=config.teacher.stem_stride,
-      keras_input=False,
-      conventions=conventions,
-    ), config.teacher.training
+    return teacher_stage.teacher_model(config, 10, parallel.AXIS), config.teacher.training
   return child.child_for_training(space_lib.from_string(arch), 10, config, parallel.AXIS), config.retrain
 
 

@@ -33,6 +33,21 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.teacher.checkpoint or os.fspath(workdir_lib.Workdir(workdir).teacher)
 
 
+def teacher_model(config: ml_collections.ConfigDict, num_classes: int, bn_axis_name: str | None = None) -> Any:
+  """The demo teacher as this stage trains it (`bn_axis_name` set) and saves it (None)."""
+  conventions = layers.conventions_from_config(
+    config.model.to_dict() | {'padding': 'tf_same', 'bn_epsilon': 1e-3, 'bn_momentum': config.model.bn_momentum}
+  )
+  return efficientnet.variant(
+    efficientnet.variant_name(config.teacher.variant),
+    bn_axis_name=bn_axis_name,
+    num_classes=num_classes,
+    stem_stride=config.teacher.stem_stride,
+    keras_input=False,
+    conventions=conventions,
+  )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the teacher, writes its checkpoint and returns its eval top-1/top-5 (EMA and raw weights)."""
   tc = config.teacher.training
@@ -49,13 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   parallel.check_global_batch(tc.batch_size, 'teacher.training.batch_size')
   num_classes = input_pipeline.check_dataset(config.data)
   variant = efficientnet.variant_name(config.teacher.variant)
-  conventions = layers.conventions_from_config(
-    config.model.to_dict() | {'padding': 'tf_same', 'bn_epsilon': 1e-3, 'bn_momentum': config.model.bn_momentum}
-  )
-  overrides = dict(
-    num_classes=num_classes, stem_stride=config.teacher.stem_stride, keras_input=False, conventions=conventions
-  )
-  model = efficientnet.variant(variant, bn_axis_name=parallel.AXIS, **overrides)
+  model = teacher_model(config, num_classes, bn_axis_name=parallel.AXIS)
   data = trainer.dataset(config.data, tc)
   state, results = trainer.train_and_evaluate(
     model, tc, workdir_lib.Workdir(workdir).teacher_training, data, seed=config.seed
@@ -74,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   teacher_lib.save(
     directory,
-    efficientnet.variant(variant, **overrides),
+    teacher_model(config, num_classes),
     trainer.variables_of(state, ema=True),
     metadata,
     overwrite=True,
