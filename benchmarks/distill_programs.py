@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import machine_load
 from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import program_cache
@@ -43,14 +42,6 @@ from dna_jax.models import supernet
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 GiB = 1024**3
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
-
-
-def peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # Phases of JAX's compile log (jax_log_compiles) and how their messages begin.
@@ -97,7 +88,7 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
   first_s = time.perf_counter() - start
   compiled = counter.count - before
   phases = {phase: counter.seconds[phase] - seconds_before[phase] for phase in counter.seconds}
-  rss = peak_rss_gib()
+  rss = machine_load.peak_rss_gib()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -110,7 +101,7 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
     'phases': phases,
     'rss': rss,
     'step_s': statistics.median(times),
-    'load': load(),
+    'load': machine_load.load(),
   }
 
 
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; space '
     f'{args.space} ({len(blocks)} blocks, {sum(len(c) for _, c in blocks)} cells, {links} links); teacher '
     f'{teacher_name}; batch {batch_size}, {image} px; {args.parallel}; cache {args.cache_dir or "off"}; '
-    f'load {load()}',
+    f'load {machine_load.load()}',
     flush=True,
   )
   model = efficientnet.variant(teacher_name)
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
   states = parallel.replicate(parallel.host_copy(host_states), args.parallel)
   print(
     f'supernet init {time.perf_counter() - start:.1f} s (compiles so far {counter.count}); '
-    f'peak RSS {peak_rss_gib():.2f} GiB',
+    f'peak RSS {machine_load.peak_rss_gib():.2f} GiB',
     flush=True,
   )
 

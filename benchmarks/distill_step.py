@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import resource
 import statistics
 import sys
@@ -48,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine_load
 from dna_jax import costs
 from dna_jax import distill_steps
 from dna_jax import parallel
@@ -60,10 +60,6 @@ from dna_jax.models import supernet
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 GiB = 1024**3
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
 
 def xla_flops(compiled) -> float:
@@ -99,7 +95,7 @@ def compile_and_time(fn, args, steps: int) -> dict[str, float]:
     'step_s': statistics.median(times),
     'min_s': min(times),
     'flops': xla_flops(compiled),
-    'load': load(),
+    'load': machine_load.load(),
     'memory': memory,
   }
 
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; '
     f'space {args.space} ({num_blocks} blocks, {num_cells} cells); teacher '
     f'{"B7" if args.space == "imagenet" else "tiny"} ({args.teacher_bn} BN); batch {batch}, {image} px, '
-    f'{args.dtype}; peak {args.peak_gflops:g} GFLOP/s; load average at start {load()}',
+    f'{args.dtype}; peak {args.peak_gflops:g} GFLOP/s; load average at start {machine_load.load()}',
     flush=True,
   )
 
@@ -448,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
       f'- aliased {memory["alias"] / GiB:.2f}; compiled in {memory["compile_s"]:.0f} s, not run); '
       f'{"fits" if total < 16 * GiB else "does NOT fit"} a 16 GiB TPU v5e chip |'
     )
-  print(f'| peak RSS of the process at end | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB |')
-  print(f'| load average at end | {load()} |')
+  print(f'| peak RSS of the process at end | {machine_load.peak_rss_gib():.2f} GiB |')
+  print(f'| load average at end | {machine_load.load()} |')
   return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from benchmarks import machine_load
 from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -42,10 +42,6 @@ OPTIONS = {
   'XNNPACK': {'xla_cpu_use_xnnpack': True},
   'no fusion emitters': {'xla_cpu_use_fusion_emitters': False},
 }
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
 
 def timed_runs(fn, args, repeats: int) -> float:
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
   op = sharded(np.array([space_lib.NUM_OPS - 1], np.int32))  # k7e6, the costliest
   print(
     f'jax {jax.__version__}; ImageNet block {args.block}, layer {args.layer} of a {cell.cell.layers}-layer cell: '
-    f'{shape} -> {out_shape}; load {load()}',
+    f'{shape} -> {out_shape}; load {machine_load.load()}',
     flush=True,
   )
 
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         continue
       seconds = time.perf_counter() - start
       run = timed_runs(compiled, program_args, args.repeats)
-      print(f'| {what} | {name} | {seconds:.2f} | {1e3 * run:.1f} | {load()} |', flush=True)
+      print(f'| {what} | {name} | {seconds:.2f} | {1e3 * run:.1f} | {machine_load.load()} |', flush=True)
 
   print('\n| one op, forward + gradient | depthwise conv | compile s | run ms | lowered lines |\n|---|---|---|---|---|')
   x_local = jnp.asarray(rng.normal(size=shape).astype(np.float32))

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import resource
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine_load
 from dna_jax import cell_rating
 from dna_jax import costs
 from dna_jax import space as space_lib
@@ -60,10 +59,6 @@ from dna_jax.models import supernet
 
 NUM_OPS = space_lib.NUM_OPS
 BLOCK = 4  # block 5 (0-based index)
-
-
-def load() -> str:
-  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
 
 def timed(fn, *args):
@@ -102,7 +97,7 @@ def measure_naive(cell, variables, data, num_paths: int, seed: int) -> dict[str,
     'path_s': statistics.mean(times),
     'median_s': statistics.median(times),
     'n': num_paths,
-    'load': load(),
+    'load': machine_load.load(),
   }
 
 
@@ -125,7 +120,7 @@ def measure_rate_cell(cell, variables, data, chunk: int, repeats: int) -> dict[s
     'cell_s': steady,
     'calib_s': calib_s,
     'how': f'measured, whole cell, median of {repeats}',
-    'load': load(),
+    'load': machine_load.load(),
   }
 
 
@@ -167,7 +162,7 @@ def measure_pieces(cell, variables, data, chunk: int, subtrees: int) -> dict[str
     'compile_s': compile_s,
     'cell_s': compose(apply_times, sub_s),
     'calib_s': compose(calib_times, sub_calib_s),
-    'load': load(),
+    'load': machine_load.load(),
     'how': f'pieces measured, composed: {parts} + {NUM_OPS**lead} x {sub_s:.3f} s (subtree, mean of {subtrees})',
   }
 
@@ -233,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0]
   print(
     f'device: {device.platform} {device.device_kind}; jax {jax.__version__}; batch {args.batch}, calib '
-    f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {load()}',
+    f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {machine_load.load()}',
     flush=True,
   )
 
@@ -304,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
       teacher[up_to] = statistics.median(times)
       print(
         f'  teacher B7 up_to={up_to}, batch {args.batch}: {teacher[up_to]:.3f} s (compile '
-        f'{first - teacher[up_to]:.1f} s), load {load()}',
+        f'{first - teacher[up_to]:.1f} s), load {machine_load.load()}',
         flush=True,
       )
   t5, t6 = teacher.get(BLOCK + 1, 0.0), teacher.get(len(space.blocks), 0.0)
@@ -401,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
       )
   for line in memory_lines:
     print(f'- {line}')
-  print(
-    f'- peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; '
-    f'load average at end {load()}'
-  )
+  print(f'- peak RSS of the process: {machine_load.peak_rss_gib():.2f} GiB; load average at end {machine_load.load()}')
   return 0
 
 

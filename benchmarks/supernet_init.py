@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks import distill_programs
+from benchmarks import machine_load
 from dna_jax import distill_steps
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
   links = sum(len(cell.units()) for k in block_ids for cell in cells[k])
   print(
     f'jax {jax.__version__}; space {args.space}: blocks {[k + 1 for k in block_ids]}, {num_cells} cells, '
-    f'{links} links; load {distill_programs.load()}',
+    f'{links} links; load {machine_load.load()}',
     flush=True,
   )
 
@@ -68,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
   rows = []
   per_cell, seconds, compiled = initialise(per_cell_program=True)
-  rows.append(('one program per cell, `jax.jit(cell.init)`', seconds, compiled, distill_programs.load()))
+  rows.append(('one program per cell, `jax.jit(cell.init)`', seconds, compiled, machine_load.load()))
   per_link, seconds, compiled = initialise(per_cell_program=False)
-  rows.append(('one program per link shape, `cell.init`', seconds, compiled, distill_programs.load()))
+  rows.append(('one program per link shape, `cell.init`', seconds, compiled, machine_load.load()))
   identical = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(per_cell), jax.tree.leaves(per_link)))
 
   optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
       'abstract restore target, `abstract_block_state`',
       time.perf_counter() - start,
       counter.count - before,
-      distill_programs.load(),
+      machine_load.load(),
     )
   )
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import time
 from unittest import mock
 
 import jax
 
+from benchmarks import machine_load
 from configs import demo
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -30,10 +30,6 @@ from dna_jax.models import layers
 from dna_jax.stages import teacher as teacher_stage
 
 DEMO_CHOICE = '16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6'
-
-
-def load() -> str:
-  return '/'.join(f'{v:.1f}' for v in os.getloadavg())
 
 
 def model_for(net: str, arch: str):
@@ -88,10 +84,10 @@ def main() -> None:
   print('| kernel gradients | compile + first step s | s/step | load |')
   print('|---|---|---|---|')
   chunked = time_step(model, tc, batch, args.steps)
-  print(f'| a few examples at a time | {chunked[0]:.1f} | {chunked[1]:.3f} | {load()} |', flush=True)
+  print(f'| a few examples at a time | {chunked[0]:.1f} | {chunked[1]:.3f} | {machine_load.load()} |', flush=True)
   with mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
     whole = time_step(model, tc, batch, args.steps)
-  print(f'| the whole batch at once | {whole[0]:.1f} | {whole[1]:.3f} | {load()} |')
+  print(f'| the whole batch at once | {whole[0]:.1f} | {whole[1]:.3f} | {machine_load.load()} |')
   print(f'ratio: {whole[1] / chunked[1]:.2f}x per step')
 
 
