@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
+      [--profile_dir DIR]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -13,7 +14,9 @@ compile); for the ImageNet space its XLA:CPU compile took over 16 GiB of host me
 test machine, so it is off by default there. --cache_dir turns on JAX's persistent compilation
 cache as the stages do (programs that took >= 1 s to compile): run twice to measure a restart.
 --program_cache_dir stores the compiled step programs themselves (`program_cache.ProgramCache`, as the
-distill stage does): a second run loads them without tracing.
+distill stage does): a second run loads them without tracing. --profile_dir writes a profiler trace of
+one more step of the per-layer programs (open it in TensorBoard's profile plugin or Perfetto; on CPU,
+XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true adds every kernel to it).
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--blocks', default='', help="only these blocks, e.g. '3' or '2,3' (default: all)")
   parser.add_argument('--cache_dir', default='', help="JAX's persistent compilation cache (default: off)")
   parser.add_argument('--program_cache_dir', default='', help='stored executables (default: off)')
+  parser.add_argument('--profile_dir', default='', help='trace one more step here (default: off)')
   args = parser.parse_args(argv)
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
       + f'then {r["step_s"]:.3f} s/step; peak RSS after the first step {r["rss"]:.2f} GiB; load {r["load"]}',
       flush=True,
     )
+    if args.profile_dir and programs == 'layer':
+      with jax.profiler.trace(args.profile_dir):
+        jax.block_until_ready(step_fn(states, batch, teacher_variables))
+      print(f'  profiled one step in {args.profile_dir}', flush=True)
   print()
   print(
     f'| programs | first step s (traces + compiles) | programs compiled | JAX tracing / lowering / XLA compile s | '

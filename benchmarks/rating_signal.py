@@ -9,8 +9,10 @@ and the median path score (does one cell win because it is shallower?); the sear
 versus_random study's runs.csv: nets trained from scratch, several seeds each), every trained net is
 rated with each directory's scores and its summed rating is set against its mean test accuracy:
 Kendall tau and the partial tau given FLOPs and given the number of layers, with 95% bootstrap
-intervals over the nets; the same for the proxies "fewer layers" and "fewer FLOPs". The trained
-nets stay fixed; only the ratings change, so no net is trained again.
+intervals over the nets; the same for the proxies "fewer layers" and "fewer FLOPs"; and, where every
+net has two seeds or more, the noise ceiling: Kendall tau of the nets' accuracies under one seed
+against another (how well one training ranks the nets against a second one). The trained nets stay
+fixed; only the ratings change, so no net is trained again.
 """
 
 from __future__ import annotations
@@ -40,13 +42,22 @@ def cell_summary(ratings: ratings_lib.Ratings) -> list[str]:
   return lines
 
 
-def trained_nets(path: str) -> dict[str, list[float]]:
-  """Mean accuracy per architecture of a versus_random runs.csv: {arch: [accuracy per seed]}."""
-  runs = collections.defaultdict(list)
+def trained_nets(path: str) -> dict[str, dict[int, float]]:
+  """The test accuracies of a versus_random runs.csv: {arch: {seed: accuracy}}."""
+  runs = collections.defaultdict(dict)
   with open(path, newline='') as f:
     for row in csv.DictReader(f):
-      runs[row['arch']].append(float(row['accuracy']))
+      runs[row['arch']][int(row['seed'])] = float(row['accuracy'])
   return dict(runs)
+
+
+def seed_to_seed_tau(nets: dict[str, dict[int, float]], resamples: int) -> dict[str, float] | None:
+  """Kendall tau of the nets' accuracies under the first two seeds they all share; None if fewer."""
+  shared = sorted(set.intersection(*(set(seeds) for seeds in nets.values())))
+  if len(shared) < 2:
+    return None
+  first, second = ([nets[a][seed] for a in sorted(nets)] for seed in shared[:2])
+  return rank_stats.with_interval(rank_stats.kendall_tau, first, second, resamples, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
   nets = trained_nets(args.runs) if args.runs else {}
   archs = sorted(nets)
   parsed = [space_lib.from_string(a) for a in archs]
-  accuracy = np.array([np.mean(nets[a]) for a in archs])
+  accuracy = np.array([np.mean(list(nets[a].values())) for a in archs])
   layers_ = np.array([sum(choice.cell.layers for choice in arch.blocks) for arch in parsed], np.float64)
   reference = np.concatenate([b.score for b in named[0][1].blocks])
   table = []
@@ -117,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f', partial tau given FLOPs {interval(partial)}', end='')
       print()
+    ceiling = seed_to_seed_tau(nets, args.resamples)
+    if ceiling:
+      print(
+        f'- noise ceiling, accuracy under one seed against another ({len(nets)} nets): Kendall tau {interval(ceiling)}'
+      )
     print()
   header = '| ratings | search choice | tau of all path scores vs the first |'
   if nets:
