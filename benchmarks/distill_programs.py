@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
-      [--profile_dir DIR]
+      [--profile_dir DIR] [--concurrent_cells 2]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -16,7 +16,10 @@ cache as the stages do (programs that took >= 1 s to compile): run twice to meas
 --program_cache_dir stores the compiled step programs themselves (`program_cache.ProgramCache`, as the
 distill stage does): a second run loads them without tracing. --profile_dir writes a profiler trace of
 one more step of the per-layer programs (open it in TensorBoard's profile plugin or Perfetto; on CPU,
-XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true adds every kernel to it).
+XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true adds every kernel to it). --concurrent_cells N (on one
+device) also times the per-layer step with N cells at once (`distill.concurrent_cells`), its steps
+alternating with the one-cell-at-a-time step's in the same run, and checks that both give the same
+update bit for bit.
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
@@ -108,6 +111,31 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
   }
 
 
+def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
+  """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians."""
+  build = lambda n: distill_steps.parallel_distill_step(
+    blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, 'layer', cache, n
+  )
+  steps = {1: build(1), args.concurrent_cells: build(args.concurrent_cells)}
+  outputs = {n: jax.block_until_ready(step(states, batch, teacher_variables)) for n, step in steps.items()}
+  times = {n: [] for n in steps}
+  for _ in range(args.steps):
+    for n, step in steps.items():
+      start = time.perf_counter()
+      outputs[n] = jax.block_until_ready(step(states, batch, teacher_variables))
+      times[n].append(time.perf_counter() - start)
+  same = all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(outputs[1]), jax.tree.leaves(outputs[args.concurrent_cells]))
+  )
+  print(f'\n| cells at once | s/step (median of {args.steps}, alternating) | all steps | load |')
+  print('|---|---|---|---|')
+  for n, measured in times.items():
+    median = statistics.median(measured)
+    print(f'| {n} | {median:.3f} | {", ".join(f"{t:.2f}" for t in measured)} | {machine_load.load()} |')
+  ratio = statistics.median(times[1]) / statistics.median(times[args.concurrent_cells])
+  print(f'\n{args.concurrent_cells} cells at once: {ratio:.2f}x (same run); the same update bit for bit: {same}')
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
@@ -119,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--cache_dir', default='', help="JAX's persistent compilation cache (default: off)")
   parser.add_argument('--program_cache_dir', default='', help='stored executables (default: off)')
   parser.add_argument('--profile_dir', default='', help='trace one more step here (default: off)')
+  parser.add_argument('--concurrent_cells', type=int, default=1, help='also time N cells at once (default: off)')
   args = parser.parse_args(argv)
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
@@ -198,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
       + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | '
       f'{r["rss"]:.2f} | {r["load"]} |'
     )
+  if args.concurrent_cells > 1:
+    compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)
   if 'step' in results:
     layer, step = results['layer'], results['step']
     print(

@@ -189,6 +189,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # alone, same run, 'layer' compiled 1.38x and stepped 1.31x faster. On the demo's small space one
       # program compiled 6% and stepped 1.23x faster, so configs/demo.py uses 'step'.
       programs='layer',
+      # With programs='layer' on one device of one process (a CPU host; ignored elsewhere): how many
+      # cells run at once, from as many threads. The 15-cell ImageNet step on 2 CPU cores: 1.06x with 2
+      # (benchmarks/distill_programs.py --concurrent_cells 2, same run, 7.85 vs 8.35 s; bit-identical).
+      concurrent_cells=2,
       checkpoint_every_steps=500,
       keep_checkpoints=2,
       log_every_steps=50,

@@ -1,6 +1,10 @@
 """The distillation step as one program per layer shape equals the one-program step, and reuses its programs."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 import jax
@@ -18,6 +22,7 @@ from dna_jax.models import efficientnet
 from dna_jax.models import supernet
 from dna_jax.stages import distill
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = 16
 # Block 1 (stem, DS and two cells) and block 2, whose 2- and 3-layer cells repeat layer shapes.
 SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12'
@@ -133,3 +138,58 @@ def test_an_unknown_programs_value_is_refused_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r"distill\.programs must be one of step, layer, got 'cell'"):
     distill.run(config, str(tmp_path))
   assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('value', [0, -1])
+def test_a_bad_concurrent_cells_value_is_refused_before_any_work(tmp_path, value):
+  config = config_base.get_base_config()
+  config.distill.concurrent_cells = value
+  with pytest.raises(ValueError, match=r'distill\.concurrent_cells must be a whole number of at least 1'):
+    distill.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
+def test_cells_launched_from_two_threads_give_the_same_steps_bit_for_bit(tmp_path):
+  """On one device, concurrent_cells=2 runs cells from two threads after the first step; same numbers."""
+  script = textwrap.dedent("""
+    import os, sys, threading
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+    import jax
+    jax.config.update('jax_disable_most_optimizations', True)
+    import numpy as np, optax
+    sys.path.insert(0, 'tests')
+    import test_distill_steps as t
+    from dna_jax import distill_steps, parallel, supernet_store
+    _, blocks, teacher, teacher_variables, sizes = t.make_setup()
+    blocks = blocks[:1]  # its two cells can run at once
+    sgd = optax.sgd(1.0)
+    threads = []
+    original = distill_steps.LayerwiseStep.train_cell
+    def recording(self, *args):
+      threads.append(threading.current_thread() is threading.main_thread())
+      return original(self, *args)
+    distill_steps.LayerwiseStep.train_cell = recording
+    results = []
+    for concurrent_cells in (1, 2):
+      step = distill_steps.LayerwiseStep(mode='shard_map', concurrent_cells=concurrent_cells,
+                                         **t.step_arguments(blocks, teacher, sgd))
+      assert (step.cell_threads is None) == (concurrent_cells == 1)
+      states = parallel.replicate({f'block{k + 1}': supernet_store.create_block_state(
+          jax.random.PRNGKey(k), cells, sizes[k], sgd) for k, cells in blocks}, 'shard_map')
+      history = []
+      for i in range(3):
+        images = np.random.default_rng(i).uniform(0, 1, (1, 16, t.IMAGE, t.IMAGE, 3)).astype(np.float32)
+        states, metrics = step(states, parallel.shard_batch({'image': images}, 'shard_map'), teacher_variables)
+        history.append(jax.device_get(metrics))
+      results.append((jax.tree.leaves(parallel.host_copy(states)), history))
+    (first, first_history), (second, second_history) = results
+    assert len(first) == len(second) and all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(h[k], g[k]) for h, g in zip(first_history, second_history) for k in h)
+    cells = sum(len(c) for _, c in blocks)
+    # Sequential: all 3 steps on the main thread; threaded: the first step there, the next two not.
+    assert threads == [True] * 3 * cells + [True] * cells + [False] * 2 * cells, threads
+    print('same')
+  """)
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split()[-1] == 'same'

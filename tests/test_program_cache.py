@@ -207,3 +207,62 @@ def test_pruning_deletes_the_least_recently_used_programs_beyond_the_size(tmp_pa
   (kept,) = tmp_path.glob('*.executable')
   assert kept not in (stored[0], stored[2])
   assert small != cache and program_cache.ProgramCache(tmp_path, max_bytes=1) == small
+
+
+def test_calls_try_the_last_program_and_fall_back_to_the_signature_when_it_refuses(tmp_path):
+  """A call with the last call's argument types runs its program without working out the signature;
+  other shapes, dtypes, structures and placements each get their own program, as before."""
+  traced = []
+
+  def f(x):
+    traced.append(jax.tree.map(jnp.shape, x))
+    return jax.tree.map(lambda v: v * 2 + v.sum(), x)
+
+  fn = program_cache.ProgramCache(tmp_path).wrap(jax.jit(f), 'f')
+  cases = [
+    np.arange(3, dtype=np.float32),
+    np.arange(4, dtype=np.float32),
+    np.arange(3, dtype=np.int32),
+    (np.arange(3, dtype=np.float32), np.ones(2, np.float32)),
+    jax.device_put(np.arange(3, dtype=np.float32), jax.devices()[1]),
+  ]
+  with mock.patch.object(program_cache, '_abstract', wraps=program_cache._abstract) as abstract:
+    for _ in range(2):
+      for x in cases:
+        got = fn(x)
+        expected = jax.tree.map(lambda v: v * 2 + v.sum(), x)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+        assert jax.tree.map(lambda v: v.dtype, got) == jax.tree.map(lambda v: np.asarray(v).dtype, x)
+    # One program per case (the two placements share a trace), reused in the second round.
+    assert len(traced) == 4 and len(list(tmp_path.glob('*.executable'))) == 5
+    calls = abstract.call_count
+    for _ in range(3):
+      fn(cases[-1])
+    assert abstract.call_count == calls  # the same types as the last call: no signature worked out
+
+
+def test_a_program_from_jax_s_persistent_cache_is_not_stored_again(tmp_path):
+  """Stored after JAX's persistent cache handed it back, an executable failed when run in a new process
+  ("Function add_rsqrt_fusion not found" on XLA:CPU): such a program is not stored, and every run computes."""
+  script = textwrap.dedent(f"""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from dna_jax import program_cache
+    program_cache.enable_compilation_cache({str(tmp_path / 'jax')!r})
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    def f(x, w):
+      y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jax.nn.relu(y * jax.lax.rsqrt(jnp.mean(y**2) + 1e-3)).sum()
+    fn = jax.jit(f)
+    if sys.argv[1] == 'stored':
+      fn = program_cache.ProgramCache({str(tmp_path / 'programs')!r}).wrap(fn, 'f')
+    x, w = np.ones((2, 16, 16, 8), np.float32), np.full((3, 3, 8, 8), 0.1, np.float32)
+    print(float(fn(x, w)))
+  """)
+  outputs = []
+  for use in ('jit', 'stored', 'stored'):  # JAX's cache filled; hit through the program cache; again
+    out = subprocess.run([sys.executable, '-c', script, use], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    outputs.append(out.stdout.split()[-1])
+  assert outputs[0] == outputs[1] == outputs[2]
+  assert not list((tmp_path / 'programs').glob('*.executable'))

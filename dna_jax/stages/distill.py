@@ -225,6 +225,7 @@ def train_blocks(
           supernet_store.student_normalization(config),
           dcfg.programs,
           program_cache.from_config(config),
+          dcfg.concurrent_cells,
         )
         states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
         if preemption.requested:
@@ -269,6 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   space_lib.parse_block_numbers(config.distill.blocks, len(space.blocks), 'distill.blocks')
   supernet.check_remat(config.distill.remat, 'distill.remat')
   distill_steps.check_programs(config.distill.programs, 'distill.programs')
+  distill_steps.check_concurrent_cells(config.distill.concurrent_cells, 'distill.concurrent_cells')
   parse_learning_rates(config.distill.learning_rates, len(space.blocks))
   parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
   input_pipeline.check_dataset(config.data)
