@@ -112,7 +112,10 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
 
 
 def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
-  """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians."""
+  """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians.
+
+  The one-at-a-time step is the one `main` measured (the builder is memoized on its arguments).
+  """
   build = lambda n: distill_steps.parallel_distill_step(
     blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, 'layer', cache, n
   )
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   results = {}
   for programs in ('layer', 'step') if args.one_program else ('layer',):
     step_fn = distill_steps.parallel_distill_step(
-      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs, cache
+      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs, cache, 1
     )
     results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
     r = results[programs]
