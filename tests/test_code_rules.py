@@ -36,3 +36,15 @@ def test_no_module_is_much_larger_than_500_lines():
           sizes[os.path.relpath(path, ROOT)] = sum(1 for _ in f)
   too_large = {path: lines for path, lines in sizes.items() if lines > LARGEST_MODULE_LINES}
   assert not too_large, too_large
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  marker = '<!-- test-command -->\n```bash\n'
+  assert readme.count(marker) == 1
+  command = readme.split(marker, 1)[1].split('\n```', 1)[0].strip()
+  assert command.startswith('python3 -m venv .venv') and 'pytest' in command
+  with open(os.path.join(ROOT, '.ci', 'run')) as f:
+    ci_lines = [line.strip() for line in f]
+  assert command in ci_lines
