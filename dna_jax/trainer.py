@@ -470,6 +470,7 @@ def train_and_evaluate(
       for step in range(start + 1, total_steps + 1):
         state, metrics = p_step(state, next(batches))
         run.window.append((step, metrics))
+        parallel.wait_for_steps_in_flight(run.window)
         run.report(step)
         if step % tc.log_every_steps == 0:
           _flush(run, step)

@@ -1,4 +1,4 @@
-"""Rules that keep the code's shape: import contracts (pyproject.toml), ruff lint and format, module size."""
+"""Rules that keep the code's shape: import contracts (pyproject.toml), ruff lint and format, module size, CI = README."""
 
 import os
 import subprocess

@@ -130,6 +130,19 @@ def test_resume_equals_uninterrupted(whole_run, tmp_path, monkeypatch):
   assert results['best'] == whole_run['results']['best']
 
 
+def test_a_training_loop_waits_until_at_most_two_steps_are_unfinished():
+  """So progress reports count finished steps: JAX would otherwise run ahead until the next metrics fetch."""
+  slow_step = jax.jit(lambda x: functools.reduce(lambda y, _: jnp.tanh(y @ y), range(20), x))
+  x = jnp.full((600, 600), 1e-3, jnp.float32)
+  pending = []
+  for step in range(1, 6):
+    x = slow_step(x)
+    pending.append((step, {'x': x}))
+    parallel.wait_for_steps_in_flight(pending)
+    assert all(m['x'].is_ready() for s, m in pending if s <= step - parallel.STEPS_IN_FLIGHT), step
+  jax.block_until_ready(x)
+
+
 def test_pmap_shard_map_and_one_device_give_the_same_update_and_ema():
   tc = make_config().retrain
   lr_fn = trainer.create_learning_rate_fn(tc, 4)

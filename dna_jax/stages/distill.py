@@ -135,6 +135,7 @@ def _train_group(
     with jax.profiler.StepTraceAnnotation('distill', step_num=step):
       states, metrics = p_step(states, parallel.shard_batch(batch, dcfg.parallel), teacher_variables)
     pending.append((step, metrics))
+    parallel.wait_for_steps_in_flight(pending)
     if step == start + 1:  # where a short run's time goes: tracing and compiling are all in this step
       jax.block_until_ready(metrics)
       logging.info('First step (traces and compiles the step, or loads it compiled) took %.1f s.', time.time() - since)
