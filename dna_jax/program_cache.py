@@ -31,6 +31,7 @@ import os
 import pathlib
 import pickle
 import re
+import threading
 import time
 from typing import Any
 
@@ -235,11 +236,15 @@ class ProgramCache:
 
 @contextlib.contextmanager
 def _persistent_cache_hits() -> Iterator[list[str]]:
-  """Collects JAX's persistent compilation cache hits (one entry each) while the block runs."""
+  """Collects JAX's persistent compilation cache hits (one entry each) of this thread while the block runs.
+
+  (The distill stage compiles its step in one thread while another initialises the supernets.)
+  """
   hits: list[str] = []
+  thread = threading.get_ident()
 
   def listener(event: str, **kwargs: Any) -> None:
-    if event == _CACHE_HIT_EVENT:
+    if event == _CACHE_HIT_EVENT and threading.get_ident() == thread:
       hits.append(event)
 
   jax.monitoring.register_event_listener(listener)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +196,23 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_teacher):
     assert int(a.step) == int(b.step) == 4
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.params, b.params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.batch_stats, b.batch_stats)
+
+
+def test_compiling_while_initialising_trains_the_same_blocks(tmp_path, tiny_teacher, caplog):
+  # A fresh run compiles (and once runs, on zeros) its step in a second thread while the supernets
+  # are initialised; the trained blocks must not depend on it, and a resumed run does not do it.
+  caplog.set_level(logging.INFO)
+  for overlap in (True, False):
+    train(make_config(compile_while_initialising=overlap), tmp_path / str(overlap), tiny_teacher, 2)
+    assert ('in a second thread during initialisation' in caplog.text) == overlap
+    caplog.clear()
+  for block in (1, 2, 3):
+    a, _ = restore_block(make_config(), tmp_path / 'True', block, tiny_teacher)
+    b, _ = restore_block(make_config(), tmp_path / 'False', block, tiny_teacher)
+    assert int(a.step) == int(b.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats), (b.params, b.batch_stats))
+  train(make_config(epochs=2), tmp_path / 'True', tiny_teacher, 2)  # resumed at step 2
+  assert 'resumed at step 2' in caplog.text and 'second thread' not in caplog.text
 
 
 def test_training_one_block_leaves_the_others_alone(tmp_path, tiny_teacher):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from unittest import mock
 
 import jax
@@ -176,6 +177,17 @@ def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp
       np.testing.assert_array_equal(metrics[key], expected_metrics[key], err_msg=key)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got['block2'].params, states['block2'].params)
   assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_persistent_cache_hits_count_for_the_compiling_thread_only():
+  # The distill stage compiles its step in one thread while another initialises (and may hit JAX's cache).
+  with program_cache._persistent_cache_hits() as hits:
+    other = threading.Thread(target=jax.monitoring.record_event, args=(program_cache._CACHE_HIT_EVENT,))
+    other.start()
+    other.join()
+    assert hits == []
+    jax.monitoring.record_event(program_cache._CACHE_HIT_EVENT)
+  assert len(hits) == 1
 
 
 def test_caches_of_one_directory_are_equal_so_memoized_builders_reuse_their_programs(tmp_path):

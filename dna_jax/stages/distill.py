@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Iterator
+import concurrent.futures
 import dataclasses
+import itertools
 import json
+import threading
 import time
 from typing import Any
 
@@ -155,6 +158,44 @@ def _train_group(
   return states
 
 
+def _in_background(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+  """`fn(*args)` in a daemon thread (an error exit does not wait for it); its future."""
+  future: concurrent.futures.Future = concurrent.futures.Future()
+
+  def run() -> None:
+    try:
+      future.set_result(fn(*args))
+    except BaseException as e:
+      future.set_exception(e)
+
+  threading.Thread(target=run, name='compile_distill_step', daemon=True).start()
+  return future
+
+
+def _compile_step(
+  p_step: Callable[..., Any],
+  blocks: dict[str, tuple[Any, int, Any]],
+  batch: dict[str, np.ndarray],
+  teacher_variables: Any,
+  mode: str,
+) -> float:
+  """Runs `p_step` once on all-zero block states (the result is dropped), so that it is traced and
+  compiled (or loaded) while the caller initialises the real states; returns the seconds it took.
+
+  `blocks`: name -> (cells, input size, optimizer) of each block the step trains. Initialising and
+  compiling each keep about one of XLA:CPU's threads busy, so on 2 cores they overlap well (README).
+  """
+  began = time.time()
+  zeros = {
+    name: jax.tree.map(
+      lambda leaf: np.zeros(leaf.shape, leaf.dtype), supernet_store.abstract_block_state(cells, size, optimizer)
+    )
+    for name, (cells, size, optimizer) in blocks.items()
+  }
+  jax.block_until_ready(p_step(parallel.replicate(zeros, mode), parallel.shard_batch(batch, mode), teacher_variables))
+  return time.time() - began
+
+
 def train_blocks(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -177,28 +218,73 @@ def train_blocks(
   total_steps = dcfg.epochs * steps_per_epoch
   sizes = space_lib.supernet_input_sizes(space, config.data.image_size, config.space.stem_stride)
   paths = workdir_lib.Workdir(workdir)
-  managers, states, elapsed = {}, {}, {}
-  rng = jax.random.PRNGKey(config.seed)
-  for k in space_lib.parse_block_numbers(dcfg.blocks, len(space.blocks), 'distill.blocks'):
-    name = f'block{k + 1}'
-    optimizer = supernet_store.block_optimizer(
+  selected = space_lib.parse_block_numbers(dcfg.blocks, len(space.blocks), 'distill.blocks')
+  optimizers = {
+    k: supernet_store.block_optimizer(
       distill_steps.create_learning_rate_fn(rates[k], dcfg.lr_decay, steps_per_epoch, dcfg.lr_decay_offset),
       dcfg.weight_decay,
     )
-    managers[name] = supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints)
+    for k in selected
+  }
+  managers = {f'block{k + 1}': supernet_store.block_manager(workdir, k, dcfg.keep_checkpoints) for k in selected}
+
+  def build_step(block_ids: list[int]) -> Callable[..., Any]:
+    return distill_steps.parallel_distill_step(
+      tuple((k, tuple(all_cells[k])) for k in block_ids),
+      teacher_model,
+      config.teacher.train_mode_bn,
+      tuple((f'block{k + 1}', rates[k]) for k in block_ids),
+      dcfg.lr_decay,
+      dcfg.lr_decay_offset,
+      steps_per_epoch,
+      dcfg.weight_decay,
+      dcfg.sampling,
+      config.seed,
+      dcfg.parallel,
+      supernet_store.student_normalization(config),
+      dcfg.programs,
+      program_cache.from_config(config),
+      dcfg.concurrent_cells,
+    )
+
+  batches: dict[int, Iterator[dict[str, np.ndarray]]] = {}  # data streams opened early, by start step
+  compiling = None
+  fresh = not any(manager.all_steps() for manager in managers.values())
+  if fresh and total_steps > 0 and dcfg.compile_while_initialising and jax.process_count() == 1:
+    stream = data(0)
+    first = next(stream)
+    batches[0] = itertools.chain([first], stream)
+    abstract = {f'block{k + 1}': (all_cells[k], sizes[k], optimizers[k]) for k in selected}
+    compiling = _in_background(
+      _compile_step, build_step(sorted(selected)), abstract, first, teacher_variables, dcfg.parallel
+    )
+  states, elapsed = {}, {}
+  rng = jax.random.PRNGKey(config.seed)
+  for k in selected:
+    name = f'block{k + 1}'
     began = time.time()
     restored = None
     if managers[name].all_steps():  # restored into an abstract target: no initializer is compiled or run
-      target = supernet_store.abstract_block_state(all_cells[k], sizes[k], optimizer)
+      target = supernet_store.abstract_block_state(all_cells[k], sizes[k], optimizers[k])
       restored = supernet_store.restore_block(managers[name], target, k)
     if restored:
       states[name], meta = restored
       logging.info('%s resumed at step %d of %d.', name, int(states[name].step), total_steps)
     else:
-      states[name] = supernet_store.create_block_state(jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizer)
+      states[name] = supernet_store.create_block_state(
+        jax.random.fold_in(rng, k), all_cells[k], sizes[k], optimizers[k]
+      )
       meta = {}
       logging.info('%s: %d cells initialised in %.1f s.', name, len(all_cells[k]), time.time() - began)
     elapsed[name] = float(meta.get('elapsed_seconds', 0.0))
+  if compiling is not None:
+    waited = time.time()
+    seconds = compiling.result()
+    logging.info(
+      'The step was traced and compiled in a second thread during initialisation: %.1f s (then waited %.1f s).',
+      seconds,
+      time.time() - waited,
+    )
   active = {name: s for name, s in states.items() if int(s.step) < total_steps}
   for name in sorted(set(states) - set(active)):
     logging.info('%s already finished (%d steps); skipped.', name, total_steps)
@@ -210,25 +296,9 @@ def train_blocks(
       # Blocks restored at different steps train in separate groups, each from its own data position.
       for start in sorted({int(s.step) for s in active.values()}):
         group = {name: s for name, s in active.items() if int(s.step) == start}
-        block_ids = sorted(int(name[5:]) - 1 for name in group)
-        p_step = distill_steps.parallel_distill_step(
-          tuple((k, tuple(all_cells[k])) for k in block_ids),
-          teacher_model,
-          config.teacher.train_mode_bn,
-          tuple((f'block{k + 1}', rates[k]) for k in block_ids),
-          dcfg.lr_decay,
-          dcfg.lr_decay_offset,
-          steps_per_epoch,
-          dcfg.weight_decay,
-          dcfg.sampling,
-          config.seed,
-          dcfg.parallel,
-          supernet_store.student_normalization(config),
-          dcfg.programs,
-          program_cache.from_config(config),
-          dcfg.concurrent_cells,
-        )
-        states.update(_train_group(training, group, p_step, data(start), teacher_variables, start))
+        p_step = build_step(sorted(int(name[5:]) - 1 for name in group))
+        stream = batches.pop(start, None) or data(start)
+        states.update(_train_group(training, group, p_step, stream, teacher_variables, start))
         if preemption.requested:
           break
     finally:
