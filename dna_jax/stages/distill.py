@@ -3,7 +3,8 @@
 Each step (distill_steps.py) runs the frozen teacher once on the batch and trains all selected
 cells of all blocks against its block outputs, as one program or as one program per layer shape
 (distill.programs). Each block is checkpointed on its own (supernet_store.py), so blocks can be
-trained, resumed and rated independently.
+trained, resumed and rated independently. A fresh run of one process traces and compiles the step in
+a second thread while the supernets are initialised (distill.compile_while_initialising).
 
 Writes WORKDIR/distill/block_K/ (Orbax), distill/tb/ (TensorBoard), distill/history.json and
 distill/loss_curves.png.
@@ -183,7 +184,8 @@ def _compile_step(
   compiled (or loaded) while the caller initialises the real states; returns the seconds it took.
 
   `blocks`: name -> (cells, input size, optimizer) of each block the step trains. Initialising and
-  compiling each keep about one of XLA:CPU's threads busy, so on 2 cores they overlap well (README).
+  compiling each leave part of 2 CPU cores idle, so they partly overlap: on the demo's stage 16 of
+  the 37 s a full overlap would save (README, Performance).
   """
   began = time.time()
   zeros = {
