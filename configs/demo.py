@@ -18,6 +18,8 @@ Rerun since with depthwise kernel gradients summed a few examples at a time (tra
 stage 1.46-1.67x slower than above, the gradient-free rate stage too), the same net and accuracies.
 On 2 idle Intel Xeon cores (AVX-512, the machine kind where it once took 31 min 26 s): 17 min 56 s, peak
 8.9 GiB; teacher 366 s, distill 357 s, rate 87 s, retrain 244 s, evaluate 14 s; the same net and accuracies.
+On a faster day of that machine kind, with the distill step compiled while the supernets initialise:
+12 min 11 s, peak 8.8 GiB; teacher 251 s, distill 228 s, rate 56 s, retrain 183 s, evaluate 8 s; the same.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
