@@ -142,7 +142,11 @@ def _train_group(
     parallel.wait_for_steps_in_flight(pending)
     if step == start + 1:  # where a short run's time goes: tracing and compiling are all in this step
       jax.block_until_ready(metrics)
-      logging.info('First step (traces and compiles the step, or loads it compiled) took %.1f s.', time.time() - since)
+      logging.info(
+        'First step (traces and compiles the step unless that was done during initialisation, or loads it '
+        'compiled) took %.1f s.',
+        time.time() - since,
+      )
     for hook in hooks:
       hook(step)
     preempted = training.preemption.check(step, *training.managers.values())
@@ -256,9 +260,9 @@ def train_blocks(
     stream = data(0)
     first = next(stream)
     batches[0] = itertools.chain([first], stream)
-    abstract = {f'block{k + 1}': (all_cells[k], sizes[k], optimizers[k]) for k in selected}
+    blocks = {f'block{k + 1}': (all_cells[k], sizes[k], optimizers[k]) for k in selected}
     compiling = _in_background(
-      _compile_step, build_step(sorted(selected)), abstract, first, teacher_variables, dcfg.parallel
+      _compile_step, build_step(sorted(selected)), blocks, first, teacher_variables, dcfg.parallel
     )
   states, elapsed = {}, {}
   rng = jax.random.PRNGKey(config.seed)
