@@ -7,8 +7,10 @@ respect to both x and w, for
   native:    XLA's grouped convolution (`feature_group_count = C`), what TPU and GPU use;
   autodiff:  the shift-and-add sum of k*k strided windows, differentiated by JAX (`layers.shift_add`);
   hand:      the same forward with its hand-written gradient (`layers.shift_add_vjp`), whose kernel
-             gradient sums the batch a few examples at a time (`layers.tap_sums`);
-  hand_whole_batch: the same, summing the kernel gradient over the whole batch at once (as before);
+             gradient sums the batch a few examples at a time, all k*k taps in one reduction
+             (`layers.tap_sums`);
+  hand_per_tap: the same with one reduction per tap (as before; `tap_sum_baselines.per_tap`);
+  hand_whole_batch: one reduction per tap over the whole batch at once (before that);
   shift_add: what the supernet, child nets and teacher use on CPU (`layers.depthwise_conv(..., 'shift_add')`,
              now the hand-written gradient at every kernel and stride).
 Prints compile seconds, the fastest of --steps runs after a warm-up, and the largest relative
@@ -18,6 +20,7 @@ difference of values and gradients from `native`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import contextlib
 import os
 import time
@@ -26,6 +29,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
+from benchmarks import tap_sum_baselines
 from dna_jax.models import layers
 
 
@@ -39,14 +43,18 @@ def padded_shift_add(function):
   return conv
 
 
+@contextlib.contextmanager
+def whole_batch_per_tap() -> Iterator[None]:
+  with tap_sum_baselines.per_tap(), mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):  # read while tracing
+    yield
+
+
 IMPLEMENTATIONS = {
   'native': (lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'native'), contextlib.nullcontext),
   'autodiff': (padded_shift_add(layers.shift_add), contextlib.nullcontext),
   'hand': (padded_shift_add(layers.shift_add_vjp), contextlib.nullcontext),
-  'hand_whole_batch': (
-    padded_shift_add(layers.shift_add_vjp),
-    lambda: mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62),  # read while tracing
-  ),
+  'hand_per_tap': (padded_shift_add(layers.shift_add_vjp), tap_sum_baselines.per_tap),
+  'hand_whole_batch': (padded_shift_add(layers.shift_add_vjp), whole_batch_per_tap),
   'shift_add': (lambda x, w, s: layers.depthwise_conv(x, w, s, 'tf_same', 'shift_add'), contextlib.nullcontext),
 }
 

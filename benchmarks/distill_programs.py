@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
-      [--profile_dir DIR] [--concurrent_cells 2]
+      [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -19,7 +19,9 @@ one more step of the per-layer programs (open it in TensorBoard's profile plugin
 XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true adds every kernel to it). --concurrent_cells N (on one
 device) also times the per-layer step with N cells at once (`distill.concurrent_cells`), its steps
 alternating with the one-cell-at-a-time step's in the same run, and checks that both give the same
-update bit for bit.
+update bit for bit. --per_tap_baseline also builds the per-layer step with each depthwise kernel gradient
+summed by one reduction per tap (`tap_sum_baselines.per_tap`, as before `layers.tap_sums` summed all
+taps in one reduction) in the same process, afterwards, with no program cache, and measures the same.
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
@@ -28,6 +30,7 @@ update bit for bit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import statistics
@@ -38,6 +41,7 @@ import jax
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks import tap_sum_baselines
 from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import program_cache
@@ -151,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--program_cache_dir', default='', help='stored executables (default: off)')
   parser.add_argument('--profile_dir', default='', help='trace one more step here (default: off)')
   parser.add_argument('--concurrent_cells', type=int, default=1, help='also time N cells at once (default: off)')
+  parser.add_argument(
+    '--per_tap_baseline', action='store_true', help='also measure one reduction per depthwise kernel tap (as before)'
+  )
   args = parser.parse_args(argv)
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
@@ -199,11 +206,33 @@ def main(argv: list[str] | None = None) -> int:
   )
 
   results = {}
-  for programs in ('layer', 'step') if args.one_program else ('layer',):
-    step_fn = distill_steps.parallel_distill_step(
-      blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, programs, cache, 1
-    )
-    results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
+  variants = [('layer', cache, contextlib.nullcontext)]
+  variants += [('step', cache, contextlib.nullcontext)] if args.one_program else []
+  variants += [('layer, one reduction per tap', None, tap_sum_baselines.per_tap)] if args.per_tap_baseline else []
+  for programs, variant_cache, tracing in variants:
+    if tracing is not contextlib.nullcontext:
+      for builder in vars(distill_steps).values():  # memoized program builders: build afresh
+        if hasattr(builder, 'cache_clear'):
+          builder.cache_clear()
+    with tracing():
+      step_fn = distill_steps.parallel_distill_step(
+        blocks,
+        model,
+        False,
+        learning_rates,
+        0.9,
+        1,
+        1000,
+        1e-4,
+        'uniform',
+        0,
+        args.parallel,
+        None,
+        programs.split(',')[0],
+        variant_cache,
+        1,
+      )
+      results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
     r = results[programs]
     print(
       f"  programs='{programs}': first step {r['first_s']:.1f} s ({r['compiled']} programs compiled; "
@@ -229,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
       + ' / '.join(f'{seconds:.1f}' for seconds in r['phases'].values())
       + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | '
       f'{r["rss"]:.2f} | {r["load"]} |'
+    )
+  if args.per_tap_baseline:
+    layer, per_tap = results['layer'], results['layer, one reduction per tap']
+    print(
+      f'\none reduction per tap / all taps in one reduction: first step {per_tap["first_s"] / layer["first_s"]:.2f}x, '
+      f'step time {per_tap["step_s"] / layer["step_s"]:.2f}x (same run)'
     )
   if args.concurrent_cells > 1:
     compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)

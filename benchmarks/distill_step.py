@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks import tap_sum_baselines
 from dna_jax import costs
 from dna_jax import distill_steps
 from dna_jax import parallel
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--depthwise_baseline',
     action='store_true',
-    help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff, and with its '
-    'kernel gradient summed over the whole batch at once (on CPU)',
+    help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff, with its kernel '
+    'gradient summed by one reduction per tap, and that over the whole batch at once (on CPU)',
   )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
@@ -281,13 +282,24 @@ def main(argv: list[str] | None = None) -> int:
         base_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
         base = compile_and_time(base_fn, (full_states, batch_in, teacher_vars), args.steps)
       row('(a0) full step, depthwise gradient by autodiff', base, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
-      # The hand-written gradient summing each kernel gradient over the whole batch at once (as before
-      # `layers.tap_sums` summed a few examples at a time).
-      with mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
+      # The hand-written gradient with one reduction per kernel tap (as before `layers.tap_sums` summed
+      # all taps in one reduction).
+      with tap_sum_baselines.per_tap():
+        per_tap_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
+        per_tap = compile_and_time(per_tap_fn, (full_states, batch_in, teacher_vars), args.steps)
+      row(
+        '(a2) full step, one reduction per kernel tap, a few examples at a time',
+        per_tap,
+        batch,
+        2 * t_macs[num_blocks] + 6 * s_macs,
+      )
+      # One reduction per tap over the whole batch at once (as before `layers.tap_sums` summed a few
+      # examples at a time).
+      with tap_sum_baselines.per_tap(), mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
         whole_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
         whole = compile_and_time(whole_fn, (full_states, batch_in, teacher_vars), args.steps)
       row(
-        '(a1) full step, kernel gradients summed over the whole batch',
+        '(a1) full step, one reduction per kernel tap over the whole batch',
         whole,
         batch,
         2 * t_macs[num_blocks] + 6 * s_macs,

@@ -5,9 +5,10 @@
 `--net teacher` (default): the demo's tiny EfficientNet teacher; `--net child`: the demo's chosen net
 (`--arch`), as retrain trains it. Both at the demo's batch (256) and image size (32 px), random images
 and labels, `trainer.train_step` under `parallel.data_parallel` exactly as training runs it. Times the
-step with `layers.tap_sums` summing each depthwise kernel gradient a few examples at a time (what the
-code does) and over the whole batch at once (as before), in the same process; prints compile seconds,
-the median step and the load average.
+step with each depthwise kernel gradient (`layers.tap_sums`) summed a few examples at a time in one
+reduction for all k*k taps (what the code does), with one reduction per tap (as before:
+`tap_sum_baselines.per_tap`), and with one reduction per tap over the whole batch at once (before
+that), in the same process; prints compile seconds, the median step and the load average.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from unittest import mock
 import jax
 
 from benchmarks import machine_load
+from benchmarks import tap_sum_baselines
 from configs import demo
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -83,12 +85,26 @@ def main() -> None:
   print(f'{args.net} ({args.arch if args.net == "child" else "tiny EfficientNet"}), batch {args.batch}, 32 px')
   print('| kernel gradients | compile + first step s | s/step | load |')
   print('|---|---|---|---|')
-  chunked = time_step(model, tc, batch, args.steps)
-  print(f'| a few examples at a time | {chunked[0]:.1f} | {chunked[1]:.3f} | {machine_load.load()} |', flush=True)
-  with mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
+  one_pass = time_step(model, tc, batch, args.steps)
+  print(
+    f'| a few examples at a time, all taps in one reduction | {one_pass[0]:.1f} | {one_pass[1]:.3f} '
+    f'| {machine_load.load()} |',
+    flush=True,
+  )
+  with tap_sum_baselines.per_tap():
+    per_tap = time_step(model, tc, batch, args.steps)
+  print(
+    f'| a few examples at a time, one reduction per tap | {per_tap[0]:.1f} | {per_tap[1]:.3f} '
+    f'| {machine_load.load()} |',
+    flush=True,
+  )
+  with tap_sum_baselines.per_tap(), mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
     whole = time_step(model, tc, batch, args.steps)
-  print(f'| the whole batch at once | {whole[0]:.1f} | {whole[1]:.3f} | {machine_load.load()} |')
-  print(f'ratio: {whole[1] / chunked[1]:.2f}x per step')
+  print(f'| the whole batch at once, one reduction per tap | {whole[0]:.1f} | {whole[1]:.3f} | {machine_load.load()} |')
+  print(
+    f'per step: {per_tap[1] / one_pass[1]:.2f}x against one reduction per tap, '
+    f'{whole[1] / one_pass[1]:.2f}x against the whole batch at once'
+  )
 
 
 if __name__ == '__main__':
