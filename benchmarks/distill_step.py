@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/distill_step.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--dtype float32|bfloat16] [--teacher_bn inference|train] [--remat op|dots|none]
-      [--depthwise_baseline] [--skip_separate] [--memory_batch 64] [--no_full] [--peak_gflops 157]
+      [--depthwise_baseline] [--matmul_baseline] [--skip_separate] [--memory_batch 64] [--no_full] [--peak_gflops 157]
 
 --space imagenet: all 15 cells of `space.default_imagenet_space()`, EfficientNet-B7 teacher, 224 px
 (batch 8 by default). --space small: the demo space '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     help='also time (a) with the shift-and-add depthwise conv differentiated by autodiff, with its kernel '
     'gradient summed by one reduction per tap, and that over the whole batch at once (on CPU)',
   )
+  parser.add_argument(
+    '--matmul_baseline',
+    action='store_true',
+    help="also time (a) with every 1x1 convolution as Dense's own 4-D contraction (as before; on CPU)",
+  )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
   parser.add_argument(
@@ -303,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         whole,
         batch,
         2 * t_macs[num_blocks] + 6 * s_macs,
+      )
+    if args.matmul_baseline:
+      # The same step with every 1x1 convolution differentiated as Dense's own 4-D contraction (as before
+      # `layers.channels_matmul` made it one 2-D matmul on CPU).
+      with mock.patch.object(layers, 'channels_matmul', jax.lax.dot_general):
+        dense_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
+        dense = compile_and_time(dense_fn, (full_states, batch_in, teacher_vars), args.steps)
+      row(
+        "(a3) full step, 1x1 convolutions as Dense's 4-D contraction", dense, batch, 2 * t_macs[num_blocks] + 6 * s_macs
       )
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   mem_stats = device.memory_stats() or {}

@@ -1,19 +1,21 @@
-"""The classifier training step (teacher, retrain, studies) on CPU: depthwise kernel gradients in chunks or not.
+"""The classifier training step (teacher, retrain, studies) on CPU: its 1x1 and depthwise gradients, now and before.
 
   PYTHONPATH=. python benchmarks/train_step.py [--net teacher|child] [--steps 10]
 
 `--net teacher` (default): the demo's tiny EfficientNet teacher; `--net child`: the demo's chosen net
 (`--arch`), as retrain trains it. Both at the demo's batch (256) and image size (32 px), random images
 and labels, `trainer.train_step` under `parallel.data_parallel` exactly as training runs it. Times the
-step with each depthwise kernel gradient (`layers.tap_sums`) summed a few examples at a time in one
-reduction for all k*k taps (what the code does), with one reduction per tap (as before:
-`tap_sum_baselines.per_tap`), and with one reduction per tap over the whole batch at once (before
-that), in the same process; prints compile seconds, the median step and the load average.
+step as the code runs it (1x1 convolutions as one 2-D matmul over the rows, `layers.channels_matmul`;
+each depthwise kernel gradient, `layers.tap_sums`, summed a few examples at a time in one reduction
+for all k*k taps) and with what came before, one change at a time: Dense's own 4-D contraction; then
+also one reduction per tap (`tap_sum_baselines.per_tap`); then also over the whole batch at once. All
+in the same process; prints compile seconds, the median step and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -83,27 +85,35 @@ def main() -> None:
     'label': jax.random.randint(keys[1], (devices, args.batch // devices), 0, 10),
   }
   print(f'{args.net} ({args.arch if args.net == "child" else "tiny EfficientNet"}), batch {args.batch}, 32 px')
-  print('| kernel gradients | compile + first step s | s/step | load |')
+  print('| 1x1 convolutions; depthwise kernel gradients | compile + first step s | s/step | load |')
   print('|---|---|---|---|')
-  one_pass = time_step(model, tc, batch, args.steps)
+  before_flat = lambda: mock.patch.object(layers, 'channels_matmul', jax.lax.dot_general)
+  whole_batch = lambda: mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62)
+  # (short name, what the step does, what is patched in), each change undone on top of the one before.
+  variants = [
+    ('the code', 'one 2-D matmul; a few examples at a time, all taps in one reduction', ()),
+    ('4-D contraction', "Dense's 4-D contraction (before); the same", (before_flat,)),
+    (
+      'and per tap',
+      "Dense's 4-D contraction; one reduction per tap (before that)",
+      (before_flat, tap_sum_baselines.per_tap),
+    ),
+    (
+      'and whole batch',
+      "Dense's 4-D contraction; one reduction per tap, the whole batch at once",
+      (before_flat, tap_sum_baselines.per_tap, whole_batch),
+    ),
+  ]
+  steps = {}
+  for short, name, patches in variants:
+    with contextlib.ExitStack() as stack:
+      for patch in patches:
+        stack.enter_context(patch())
+      first, steps[short] = time_step(model, tc, batch, args.steps)
+    print(f'| {name} | {first:.1f} | {steps[short]:.3f} | {machine_load.load()} |', flush=True)
   print(
-    f'| a few examples at a time, all taps in one reduction | {one_pass[0]:.1f} | {one_pass[1]:.3f} '
-    f'| {machine_load.load()} |',
-    flush=True,
-  )
-  with tap_sum_baselines.per_tap():
-    per_tap = time_step(model, tc, batch, args.steps)
-  print(
-    f'| a few examples at a time, one reduction per tap | {per_tap[0]:.1f} | {per_tap[1]:.3f} '
-    f'| {machine_load.load()} |',
-    flush=True,
-  )
-  with tap_sum_baselines.per_tap(), mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
-    whole = time_step(model, tc, batch, args.steps)
-  print(f'| the whole batch at once, one reduction per tap | {whole[0]:.1f} | {whole[1]:.3f} | {machine_load.load()} |')
-  print(
-    f'per step: {per_tap[1] / one_pass[1]:.2f}x against one reduction per tap, '
-    f'{whole[1] / one_pass[1]:.2f}x against the whole batch at once'
+    'per step, the code is faster than: '
+    + ', '.join(f'{short} {seconds / steps["the code"]:.2f}x' for short, seconds in list(steps.items())[1:])
   )
 
 
