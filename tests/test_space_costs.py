@@ -316,3 +316,27 @@ def test_supernet_cell_macs_match_the_child_costs():
     assert sum(per_layer[l][op] for l, op in enumerate(ops)) == expected
   stem_macs, _ = costs.supernet_cell_macs(shapes, size, stem=(16, 8, 1))
   assert stem_macs == costs.fixed_cost(16, 8, 8, size, 1, 1, stem_stride=1).macs - 8 * 1
+
+
+def test_pointwise_is_one_2d_matmul_on_cpu_with_dense_values_and_gradients():
+  """layers.channels_matmul: the rows flattened into one 2-D matmul, equal to Dense's own contraction."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 5, 6, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+  numbers = (((3,), (0,)), ((), ()))
+  weights = jnp.asarray(rng.normal(size=(3, 5, 6, 7)), jnp.float32)
+
+  def value_and_grads(dot):
+    loss = lambda x, k: jnp.sum(jnp.tanh(dot(x, k, numbers)) * weights)
+    return jax.value_and_grad(loss, (0, 1))(x, kernel)
+
+  (ours, our_grads), (dense, dense_grads) = (value_and_grads(d) for d in (layers.channels_matmul, jax.lax.dot_general))
+  np.testing.assert_allclose(ours, dense, rtol=1e-5)
+  for a, b in zip(our_grads, dense_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(lambda x, k: layers.channels_matmul(x, k, numbers))(x, kernel)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert [d.invars[0].aval.shape for d in dots] == [(90, 4)]
+  # In a model: the same variables as a plain Dense layer.
+  variables = layers.pointwise(7, 'conv', layers.KERAS).init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables) == {'params': {'kernel': (4, 7)}}

@@ -223,8 +223,9 @@ def channels_matmul(
 
   Differentiated as an (N, H, W, C) contraction, the kernel's gradient contracts three axes, and
   XLA:CPU wrote the output gradient out transposed before the matmul; with the rows flattened first it
-  is one matmul over the rows. Same-run on a 2-core Xeon: the demo teacher's training step 1.30x and
-  the chosen child net's 1.17x faster (benchmarks/train_step.py).
+  is one matmul over the rows. Same-run on a 2-core Xeon: the demo teacher's training step 1.22x, the
+  chosen child net's 1.18x and the demo's distillation step 1.15x faster (benchmarks/train_step.py,
+  distill_step.py --matmul_baseline).
   """
   dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
   if jax.default_backend() != 'cpu' or x.ndim == 2 or dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
