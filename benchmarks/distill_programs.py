@@ -90,6 +90,13 @@ def count_compiles() -> CompileCounter:
   return counter
 
 
+def clear_program_builders() -> None:
+  """Forgets `distill_steps`' memoized programs and builders, so that the next step is traced afresh."""
+  for builder in vars(distill_steps).values():
+    if hasattr(builder, 'cache_clear'):
+      builder.cache_clear()
+
+
 def measure(step_fn, states, batch, teacher_variables, steps: int, counter: CompileCounter) -> dict[str, float]:
   before, seconds_before = counter.count, dict(counter.seconds)
   start = time.perf_counter()
@@ -210,10 +217,9 @@ def main(argv: list[str] | None = None) -> int:
   variants += [('step', cache, contextlib.nullcontext)] if args.one_program else []
   variants += [('layer, one reduction per tap', None, tap_sum_baselines.per_tap)] if args.per_tap_baseline else []
   for programs, variant_cache, tracing in variants:
-    if tracing is not contextlib.nullcontext:
-      for builder in vars(distill_steps).values():  # memoized program builders: build afresh
-        if hasattr(builder, 'cache_clear'):
-          builder.cache_clear()
+    baseline = tracing is not contextlib.nullcontext
+    if baseline:
+      clear_program_builders()
     with tracing():
       step_fn = distill_steps.parallel_distill_step(
         blocks,
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         1,
       )
       results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
+    if baseline:
+      clear_program_builders()  # what is built next traces the code's formulation again
     r = results[programs]
     print(
       f"  programs='{programs}': first step {r['first_s']:.1f} s ({r['compiled']} programs compiled; "

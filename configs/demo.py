@@ -23,7 +23,7 @@ On a faster day of that machine kind, with the distill step compiled while the s
 On a fast day of that machine kind, with every depthwise kernel gradient's taps summed in one reduction
 and 1x1 convolutions as one 2-D matmul (layers.tap_sums, layers.channels_matmul): 9 min 9 s, peak 8.2
 GiB; teacher 190 s, distill 169 s, rate 49 s, retrain 129 s, evaluate 8 s; the same net, top 5 and
-accuracies (the ratings moved by float rounding: scores by up to 0.006).
+accuracies (the ratings moved by float rounding: scores by up to 0.006). A second run: 8 min 43 s.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
