@@ -161,7 +161,11 @@ def tap_sums(padded: Array, grad: Array, k: int, stride: int, out_size: tuple[in
     # One reduction with k*k results, not one per tap: XLA:CPU then reads each chunk once, with every
     # window and product fused in, instead of copying each tap's window out first. Same-run on a 2-core
     # Xeon: the demo's distillation step 1.20x faster and compiled 1.38x faster (80.4 -> 58.1 s), the
-    # chosen child net's training step 1.16x (benchmarks/distill_step.py, train_step.py).
+    # chosen child net's training step 1.16x (benchmarks/distill_step.py, train_step.py). Only on chunks
+    # that fit in cache: over a whole large array XLA:CPU's variadic reduction reads it with strides,
+    # 8-36x slower than its ordinary reductions (mean and mean square of 8x112x112x96 and larger). Where
+    # one example's gradient alone passes TAP_SUM_CHUNK_BYTES it is still one chunk: at ImageNet shapes
+    # 2.3-3.3x faster than one reduction per tap, except 112 px x 96 channels, k3, stride 2 (1.3x slower).
     totals = lax.reduce(products, zeros, lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0, 1, 2))
     return jnp.stack(totals)
 
