@@ -36,6 +36,7 @@ memory_analysis at --batch, temp extrapolated linearly to --memory_batch (all la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import resource
 import statistics
@@ -280,43 +281,37 @@ def main(argv: list[str] | None = None) -> int:
   if not args.no_full:
     full = compile_and_time(full_fn, (full_states, batch_in, teacher_vars), args.steps)
     row(f'(a) full step: teacher once + {num_cells} cells', full, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+
+    def time_patched_full_step(label: str, *patches: contextlib.AbstractContextManager) -> None:
+      """Row (a) again, the step traced with `patches` active, in the same process and at the same load."""
+      with contextlib.ExitStack() as stack:
+        for patch in patches:
+          stack.enter_context(patch)
+        fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
+        result = compile_and_time(fn, (full_states, batch_in, teacher_vars), args.steps)
+      row(label, result, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
+
     if args.depthwise_baseline:
-      # The same step with every shift-and-add depthwise conv differentiated by JAX (as before its
-      # hand-written gradient), in the same process and at the same load.
-      with mock.patch.object(layers, 'shift_add_vjp', layers.shift_add):
-        base_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
-        base = compile_and_time(base_fn, (full_states, batch_in, teacher_vars), args.steps)
-      row('(a0) full step, depthwise gradient by autodiff', base, batch, 2 * t_macs[num_blocks] + 6 * s_macs)
-      # The hand-written gradient with one reduction per kernel tap (as before `layers.tap_sums` summed
-      # all taps in one reduction).
-      with tap_sum_baselines.per_tap():
-        per_tap_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
-        per_tap = compile_and_time(per_tap_fn, (full_states, batch_in, teacher_vars), args.steps)
-      row(
-        '(a2) full step, one reduction per kernel tap, a few examples at a time',
-        per_tap,
-        batch,
-        2 * t_macs[num_blocks] + 6 * s_macs,
+      # Every shift-and-add depthwise conv differentiated by JAX (as before its hand-written gradient).
+      time_patched_full_step(
+        '(a0) full step, depthwise gradient by autodiff', mock.patch.object(layers, 'shift_add_vjp', layers.shift_add)
       )
-      # One reduction per tap over the whole batch at once (as before `layers.tap_sums` summed a few
-      # examples at a time).
-      with tap_sum_baselines.per_tap(), mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62):
-        whole_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
-        whole = compile_and_time(whole_fn, (full_states, batch_in, teacher_vars), args.steps)
-      row(
+      # One reduction per kernel tap (as before `layers.tap_sums` summed all taps in one reduction).
+      time_patched_full_step(
+        '(a2) full step, one reduction per kernel tap, a few examples at a time', tap_sum_baselines.per_tap()
+      )
+      # That over the whole batch at once (as before `layers.tap_sums` summed a few examples at a time).
+      time_patched_full_step(
         '(a1) full step, one reduction per kernel tap over the whole batch',
-        whole,
-        batch,
-        2 * t_macs[num_blocks] + 6 * s_macs,
+        tap_sum_baselines.per_tap(),
+        mock.patch.object(layers, 'TAP_SUM_CHUNK_BYTES', 2**62),
       )
     if args.matmul_baseline:
-      # The same step with every 1x1 convolution differentiated as Dense's own 4-D contraction (as before
+      # Every 1x1 convolution differentiated as Dense's own 4-D contraction (as before
       # `layers.channels_matmul` made it one 2-D matmul on CPU).
-      with mock.patch.object(layers, 'channels_matmul', jax.lax.dot_general):
-        dense_fn, _ = make_step(all_ids, teacher_apply_for(num_blocks))
-        dense = compile_and_time(dense_fn, (full_states, batch_in, teacher_vars), args.steps)
-      row(
-        "(a3) full step, 1x1 convolutions as Dense's 4-D contraction", dense, batch, 2 * t_macs[num_blocks] + 6 * s_macs
+      time_patched_full_step(
+        "(a3) full step, 1x1 convolutions as Dense's 4-D contraction",
+        mock.patch.object(layers, 'channels_matmul', jax.lax.dot_general),
       )
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   mem_stats = device.memory_stats() or {}

@@ -12,30 +12,19 @@ import contextlib
 from unittest import mock
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from dna_jax.models import layers
 
 
 def per_tap_sums(padded: jax.Array, grad: jax.Array, k: int, stride: int, out_size: tuple[int, int]) -> jax.Array:
-  """`layers.tap_sums` as it was: one reduction per tap, over chunks of TAP_SUM_CHUNK_BYTES."""
+  """`layers.tap_sums` as it was: one reduction per tap, in the same chunks of examples."""
 
   def sums(padded_chunk: jax.Array, grad_chunk: jax.Array) -> jax.Array:
     windows = layers.strided_windows(padded_chunk, k, stride, out_size)
     return jnp.stack([jnp.sum(w * grad_chunk, axis=(0, 1, 2), dtype=jnp.float32) for _, w in windows])
 
-  examples = grad.shape[0]
-  per_example = max(1, grad[0].size * grad.dtype.itemsize)
-  chunk = max(
-    [d for d in range(1, examples + 1) if examples % d == 0 and d * per_example <= layers.TAP_SUM_CHUNK_BYTES] or [1]
-  )
-  if chunk == examples:
-    return sums(padded, grad)
-  padded_chunks, grad_chunks = (x.reshape(examples // chunk, chunk, *x.shape[1:]) for x in (padded, grad))
-  start = jnp.zeros_like(grad, jnp.float32, shape=(k * k, grad.shape[-1]))
-  total, _ = lax.scan(lambda acc, xs: (acc + sums(*xs), None), start, (padded_chunks, grad_chunks))
-  return total
+  return layers.sum_example_chunks(sums, padded, grad, k)
 
 
 @contextlib.contextmanager

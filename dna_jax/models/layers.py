@@ -9,6 +9,7 @@ faster than a 1x1 `lax.conv` on CPU and identical in result).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 from typing import Any
@@ -146,6 +147,23 @@ shift_add_vjp.defvjp(_shift_add_forward, _shift_add_backward)
 TAP_SUM_CHUNK_BYTES = 512 * 1024
 
 
+def sum_example_chunks(sums: Callable[[Array, Array], Array], padded: Array, grad: Array, k: int) -> Array:
+  """`sums(padded_chunk, grad_chunk)` ((k*k, C) float32) added up over chunks of examples whose output
+  gradient spans about TAP_SUM_CHUNK_BYTES (one chunk when the whole batch fits)."""
+  examples = grad.shape[0]
+  per_example = max(1, grad[0].size * grad.dtype.itemsize)
+  chunk = max(
+    [d for d in range(1, examples + 1) if examples % d == 0 and d * per_example <= TAP_SUM_CHUNK_BYTES] or [1]
+  )
+  if chunk == examples:
+    return sums(padded, grad)
+  padded_chunks, grad_chunks = (x.reshape(examples // chunk, chunk, *x.shape[1:]) for x in (padded, grad))
+  # zeros_like(grad): under shard_map the carry varies over the data axis, as the body's sums do.
+  start = jnp.zeros_like(grad, jnp.float32, shape=(k * k, grad.shape[-1]))
+  total, _ = lax.scan(lambda acc, xs: (acc + sums(*xs), None), start, (padded_chunks, grad_chunks))
+  return total
+
+
 def tap_sums(padded: Array, grad: Array, k: int, stride: int, out_size: tuple[int, int]) -> Array:
   """(k*k, C) float32: for each kernel tap, its window of `padded` times `grad`, summed over N, H, W.
 
@@ -169,18 +187,7 @@ def tap_sums(padded: Array, grad: Array, k: int, stride: int, out_size: tuple[in
     totals = lax.reduce(products, zeros, lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0, 1, 2))
     return jnp.stack(totals)
 
-  examples = grad.shape[0]
-  per_example = max(1, grad[0].size * grad.dtype.itemsize)
-  chunk = max(
-    [d for d in range(1, examples + 1) if examples % d == 0 and d * per_example <= TAP_SUM_CHUNK_BYTES] or [1]
-  )
-  if chunk == examples:
-    return sums(padded, grad)
-  padded_chunks, grad_chunks = (x.reshape(examples // chunk, chunk, *x.shape[1:]) for x in (padded, grad))
-  # zeros_like(grad): under shard_map the carry varies over the data axis, as the body's sums do.
-  start = jnp.zeros_like(grad, jnp.float32, shape=(k * k, grad.shape[-1]))
-  total, _ = lax.scan(lambda acc, xs: (acc + sums(*xs), None), start, (padded_chunks, grad_chunks))
-  return total
+  return sum_example_chunks(sums, padded, grad, k)
 
 
 class DepthwiseConv(nn.Module):
