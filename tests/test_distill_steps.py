@@ -62,7 +62,7 @@ def run_steps(step_fn, states, mode, teacher_variables, steps):
 def step_arguments(blocks, teacher, optimizer):
   return dict(
     blocks=blocks,
-    teacher_apply=functools.partial(teacher_lib.teacher_features, teacher, up_to=len(blocks)),
+    teacher_apply=functools.partial(teacher_lib.teacher_features, teacher, up_to=max(k for k, _ in blocks) + 1),
     optimizers={f'block{k + 1}': optimizer for k, _ in blocks},
     sampling='uniform',
     seed=3,
@@ -100,6 +100,47 @@ def test_one_program_per_layer_shape_gives_the_same_update(setup, mode):
       np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-4, err_msg=key)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got['block2'].params, states['block2'].params)
   assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_adam_on_each_link_gives_the_block_update(setup):
+  """Each link's optimizer step on its own (with its part of the Adam state) equals the block's step."""
+  _, blocks, teacher, teacher_variables, sizes = setup
+  blocks = blocks[1:]  # block 2: cells of 2 and 3 layers
+  adam = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 1), 0.1)
+  states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.PRNGKey(k), cells, sizes[k], adam)
+    for k, cells in blocks
+  }
+  arguments = step_arguments(blocks, teacher, adam)
+  one_program = parallel.data_parallel(
+    functools.partial(distill_steps.distill_step, **arguments), 'shard_map', num_broadcast=1
+  )
+  expected, expected_history = run_steps(one_program, states, 'shard_map', teacher_variables, 3)
+  got, history = run_steps(
+    distill_steps.LayerwiseStep(mode='shard_map', **arguments), states, 'shard_map', teacher_variables, 3
+  )
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, expected)
+  for metrics, expected_metrics in zip(history, expected_history):
+    np.testing.assert_allclose(metrics['block2/grad_norm'], expected_metrics['block2/grad_norm'], rtol=1e-5)
+  mu = got['block2'].opt_state[1].mu
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(mu)) > 0  # Adam's statistics moved
+  assert int(got['block2'].opt_state[1].count) == 3
+
+
+def test_a_links_part_of_the_optimizer_state_goes_back_in_its_place():
+  params = {'cell0': {'layer0': {'w': np.ones(2)}, 'layer1': {'w': np.ones(3)}}, 'cell1': {'layer0': {'w': np.ones(4)}}}
+  adam = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 1), 0.1)
+  state = jax.tree.map(np.asarray, adam.init(params))
+  state = jax.tree.map(lambda x: x + np.arange(x.size).reshape(x.shape), state)  # every leaf distinct
+  parts = {
+    (cell, link): distill_steps.link_opt_state(state, params, cell, link) for cell in params for link in params[cell]
+  }
+  assert jax.tree.structure(parts['cell1', 'layer0']) == jax.tree.structure(adam.init(params['cell1']['layer0']))
+  np.testing.assert_array_equal(parts['cell0', 'layer1'][1].nu['w'], state[1].nu['cell0']['layer1']['w'])
+  rebuilt = distill_steps.block_opt_state(state, params, parts)
+  assert jax.tree.structure(rebuilt) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, rebuilt, state)
 
 
 def test_links_of_the_same_shape_share_one_program(setup):
