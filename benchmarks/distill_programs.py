@@ -2,13 +2,14 @@
 
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
-      [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline]
+      [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
-compiles every program: the teacher and paths, each distinct link forward and backward, the loss,
-each block's update), the number of programs compiled in it, the process's peak RSS after it, and
-the median of --steps further steps. --one_program also builds distill.programs='step' (the whole
+compiles every program: the teacher and paths, each distinct link forward, backward and optimizer
+update, the loss, each block's step count and gradient norm), the number of programs compiled in it
+(and, after the tables, their tracing, lowering and XLA compile seconds by traced function), the
+process's peak RSS after it, and the median of --steps further steps. --one_program also builds distill.programs='step' (the whole
 step one program) in the same process, afterwards, and measures the same (its first step is its
 compile); for the ImageNet space its XLA:CPU compile took over 16 GiB of host memory on the 24 GiB
 test machine, so it is off by default there. --cache_dir turns on JAX's persistent compilation
@@ -22,6 +23,9 @@ alternating with the one-cell-at-a-time step's in the same run, and checks that 
 update bit for bit. --per_tap_baseline also builds the per-layer step with each depthwise kernel gradient
 summed by one reduction per tap (`tap_sum_baselines.per_tap`, as before `layers.tap_sums` summed all
 taps in one reduction) in the same process, afterwards, with no program cache, and measures the same.
+
+--compile_threads N (default 2, as distill.compile_threads): the per-layer step traces its programs ahead
+of the first step while N threads compile them (0: each compiles when first called).
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
@@ -62,21 +66,31 @@ PHASES = {
 }
 
 
+# The traced function's name in each phase's message: "f for jit", "jit(f)".
+PROGRAM_NAME = re.compile(r'(?:tracing |conversion |compilation of )(?:jit\()?([^ ()]+)')
+
+
 class CompileCounter(logging.Handler):
-  """Counts XLA compilations and sums the seconds JAX logs for each phase (jax_log_compiles)."""
+  """Counts XLA compilations and sums the seconds JAX logs for each phase (jax_log_compiles), in all
+  and by the name of the traced function (`by_program`: name -> compilations, then each phase's seconds)."""
 
   def __init__(self):
     super().__init__()
     self.count = 0
     self.seconds = dict.fromkeys(PHASES, 0.0)
+    self.by_program: dict[str, list[float]] = {}
 
   def emit(self, record: logging.LogRecord) -> None:
     message = record.getMessage()
-    for phase, prefix in PHASES.items():
+    for i, (phase, prefix) in enumerate(PHASES.items()):
       match = re.search(r' in ([0-9.]+) sec', message)
       if message.startswith(prefix) and match:
         self.seconds[phase] += float(match.group(1))
         self.count += phase == 'compiling'
+        name = PROGRAM_NAME.search(message)
+        row = self.by_program.setdefault(name.group(1) if name else '?', [0, 0.0, 0.0, 0.0])
+        row[0] += phase == 'compiling'
+        row[1 + i] += float(match.group(1))
 
 
 def count_compiles() -> CompileCounter:
@@ -99,12 +113,18 @@ def clear_program_builders() -> None:
 
 def measure(step_fn, states, batch, teacher_variables, steps: int, counter: CompileCounter) -> dict[str, float]:
   before, seconds_before = counter.count, dict(counter.seconds)
+  by_program_before = {name: list(row) for name, row in counter.by_program.items()}
   start = time.perf_counter()
   new_states, metrics = step_fn(states, batch, teacher_variables)
   jax.block_until_ready((new_states, metrics))
   first_s = time.perf_counter() - start
   compiled = counter.count - before
   phases = {phase: counter.seconds[phase] - seconds_before[phase] for phase in counter.seconds}
+  by_program = {}
+  for name, row in counter.by_program.items():
+    earlier = by_program_before.get(name, [0, 0.0, 0.0, 0.0])
+    if row != earlier:
+      by_program[name] = [now - then for now, then in zip(row, earlier)]
   rss = machine_load.peak_rss_gib()
   times = []
   for _ in range(steps):
@@ -116,6 +136,7 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
     'first_s': first_s,
     'compiled': compiled,
     'phases': phases,
+    'by_program': by_program,
     'rss': rss,
     'step_s': statistics.median(times),
     'load': machine_load.load(),
@@ -128,7 +149,22 @@ def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states,
   The one-at-a-time step is the one `main` measured (the builder is memoized on its arguments).
   """
   build = lambda n: distill_steps.parallel_distill_step(
-    blocks, model, False, learning_rates, 0.9, 1, 1000, 1e-4, 'uniform', 0, args.parallel, None, 'layer', cache, n
+    blocks,
+    model,
+    False,
+    learning_rates,
+    0.9,
+    1,
+    1000,
+    1e-4,
+    'uniform',
+    0,
+    args.parallel,
+    None,
+    'layer',
+    cache,
+    n,
+    args.compile_threads,
   )
   steps = {1: build(1), args.concurrent_cells: build(args.concurrent_cells)}
   outputs = {n: jax.block_until_ready(step(states, batch, teacher_variables)) for n, step in steps.items()}
@@ -162,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--program_cache_dir', default='', help='stored executables (default: off)')
   parser.add_argument('--profile_dir', default='', help='trace one more step here (default: off)')
   parser.add_argument('--concurrent_cells', type=int, default=1, help='also time N cells at once (default: off)')
+  parser.add_argument(
+    '--compile_threads', type=int, default=2, help='threads compiling while the next programs are traced (0: off)'
+  )
   parser.add_argument(
     '--per_tap_baseline', action='store_true', help='also measure one reduction per depthwise kernel tap (as before)'
   )
@@ -237,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         programs.split(',')[0],
         variant_cache,
         1,
+        args.compile_threads,
       )
       results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
     if baseline:
@@ -267,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
       + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | '
       f'{r["rss"]:.2f} | {r["load"]} |'
     )
+  for programs, r in results.items():
+    print(f"\nprograms='{programs}', first step by traced function:\n")
+    print('| function | programs compiled | JAX tracing / lowering / XLA compile s |\n|---|---|---|')
+    for name, (count, *seconds) in sorted(r['by_program'].items(), key=lambda item: -sum(item[1][1:])):
+      print(f'| {name} | {count:.0f} | ' + ' / '.join(f'{s:.1f}' for s in seconds) + ' |')
   if args.per_tap_baseline:
     layer, per_tap = results['layer'], results['layer, one reduction per tap']
     print(

@@ -179,7 +179,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       parallel='pmap',
       # What the backward pass recomputes (models/supernet.py REMAT): 'op' (every candidate op
       # rematerialised; fastest measured), 'dots' (1x1 conv outputs kept) or 'none'. With
-      # programs='layer' every op is rematerialised whatever this says.
+      # programs='layer' each link's backward program recomputes its sampled op whatever this says.
       remat='op',
       # 'layer': one program per layer shape, shared by every layer and cell of that shape; 'step': the
       # whole step one program (distill_steps.py). Same update. Measured on a 2-core AMD EPYC
@@ -193,6 +193,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # cells run at once, from as many threads. The 15-cell ImageNet step on 2 CPU cores: 1.06x with 2
       # (benchmarks/distill_programs.py --concurrent_cells 2, same run, 7.85 vs 8.35 s; bit-identical).
       concurrent_cells=2,
+      # With programs='layer' under shard_map in one process: before the first step, every program is
+      # traced from the arguments' shapes while this many threads compile them (0: each compiles when
+      # first called). The 15-cell ImageNet step's first step on 2 idle Xeon cores (one cold run each,
+      # benchmarks/distill_programs.py --compile_threads N): 104.4 s with 0, 96.2 s with 1, 88.3 s with 2.
+      compile_threads=2,
       # Trace and compile the step in a second thread (running it once on all-zero states) while the
       # supernets are initialised, on a fresh run of one process. The demo's distill stage (20 steps,
       # empty caches, 2 idle Xeon cores, one run each): 147.5 -> 131.1 s; each slowed the other down

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Iterator
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -96,8 +97,9 @@ def environment_digest() -> str:
 
 
 def _abstract(x: Any) -> tuple[Any, ...]:
-  """What a compiled executable fixes about one argument leaf."""
-  if isinstance(x, jax.Array):
+  """What a compiled executable fixes about one argument leaf (an array, or a `jax.ShapeDtypeStruct`
+  with a sharding standing for one)."""
+  if isinstance(x, jax.Array) or (isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None):
     sharding = x.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
       # P() and P(None, None) place an array alike (a jitted step returns the second for the first):
@@ -146,7 +148,8 @@ class ProgramCache:
       logging.info('Not storing the compiled %s: its description holds an object address.', what[:80])
       return fn
     base = hashlib.sha256(f'{environment_digest()}\n{what}'.encode()).hexdigest()
-    compiled: dict[Any, Callable[..., Any]] = {}
+    # signature -> its program, or the future of one that another thread compiles (`ahead`)
+    compiled: dict[Any, Any] = {}
     last_used: list[Callable[..., Any]] = []
 
     def call(*args: Any) -> Any:
@@ -158,38 +161,73 @@ class ProgramCache:
           return last_used[0](*args)
         except (TypeError, ValueError):
           pass
-      leaves, treedef = jax.tree.flatten(args)
-      signature = (treedef, tuple(_abstract(x) for x in leaves))
+      signature = signature_of(args)
       program = compiled.get(signature)
       if program is None:
-        program = compiled[signature] = self._load_or_compile(fn, args, base, signature, what)
+        program = self._load(base, signature, what)
+        if program is None:
+          program = self._compile_and_store(fn.lower(*args), base, signature, what)
+      elif isinstance(program, concurrent.futures.Future):
+        program = program.result()
+      compiled[signature] = program
       last_used[:] = [program]
       return program(*args)
 
+    def ahead(compile_in: concurrent.futures.Executor, *args: Any) -> tuple[Any, concurrent.futures.Future | None]:
+      """For arguments (or `jax.ShapeDtypeStruct`s with shardings): the program's output shapes, and
+      the future of its compilation in `compile_in` (None when it is loaded or known already)."""
+      signature = signature_of(args)
+      program = compiled.get(signature)
+      if isinstance(program, concurrent.futures.Future):
+        return program.out_info, None  # set below, when it was submitted
+      if program is None:
+        program = compiled[signature] = self._load(base, signature, what)
+      if program is not None:
+        return program.out_info, None
+      lowered = fn.trace(*args).lower()
+      future = compile_in.submit(self._compile_and_store, lowered, base, signature, what)
+      future.out_info = lowered.out_info
+      compiled[signature] = future
+      return lowered.out_info, future
+
+    call.ahead = ahead
     return call
 
-  def _load_or_compile(self, fn: Callable[..., Any], args: tuple[Any, ...], base: str, signature: Any, what: str):
+  def _path(self, base: str, signature: Any) -> epath.Path | None:
+    """Where the program of `signature` is stored (None: not stored, its signature is unstable)."""
     described = repr(signature)
     if _UNSTABLE.search(described):
-      return fn.lower(*args).compile()
-    name = what.split('(', 1)[0][:40]
+      return None
     digest = hashlib.sha256(f'{base}\n{described}'.encode()).hexdigest()
-    path = self.directory / f'{digest}.executable'
+    return self.directory / f'{digest}.executable'
+
+  def _load(self, base: str, signature: Any, what: str) -> Any:
+    """The stored program of `signature`, or None."""
+    path = self._path(base, signature)
+    if path is None or not path.exists():
+      return None
     began = time.time()
-    if path.exists():
-      try:
-        payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
-        by_id = {d.id: d for d in jax.devices()}
-        devices = [by_id[i] for i in device_ids]
-        program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
-        logging.info('Loaded the compiled %s from %s in %.1f s.', name, path, time.time() - began)
-        _mark_used(path)
-        return program
-      except Exception as e:  # a truncated file or another jaxlib's: compile it again
-        logging.warning('Cannot load %s (%s: %s); compiling again.', path, type(e).__name__, e)
+    try:
+      payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+      by_id = {d.id: d for d in jax.devices()}
+      devices = [by_id[i] for i in device_ids]
+      program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
+    except Exception as e:  # a truncated file or another jaxlib's: compile it again
+      logging.warning('Cannot load %s (%s: %s); compiling again.', path, type(e).__name__, e)
+      return None
+    logging.info('Loaded the compiled %s from %s in %.1f s.', _name(what), path, time.time() - began)
+    _mark_used(path)
+    return program
+
+  def _compile_and_store(self, lowered: Any, base: str, signature: Any, what: str) -> Any:
+    """`lowered` compiled, and stored unless JAX's persistent cache handed it back (module docstring)."""
+    path, name = self._path(base, signature), _name(what)
+    began = time.time()
     with _persistent_cache_hits() as hits:
-      program = fn.lower(*args).compile()
+      program = lowered.compile()
     compile_seconds = time.time() - began
+    if path is None:
+      return program
     if hits:
       logging.info(
         "Took %s from JAX's compilation cache in %.1f s; not stored (module docstring).", name, compile_seconds
@@ -232,6 +270,16 @@ class ProgramCache:
         'Pruned %d stored programs from %s (at most %d bytes are kept).', len(deleted), self.directory, max_bytes
       )
     return deleted
+
+
+def signature_of(args: tuple[Any, ...]) -> tuple[Any, ...]:
+  """What a compiled executable fixes about its arguments: their tree and each leaf's `_abstract`."""
+  leaves, treedef = jax.tree.flatten(args)
+  return (treedef, tuple(_abstract(x) for x in leaves))
+
+
+def _name(what: str) -> str:
+  return what.split('(', 1)[0][:40]
 
 
 @contextlib.contextmanager

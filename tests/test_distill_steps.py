@@ -1,6 +1,7 @@
 """The distillation step as one program per layer shape equals the one-program step, and reuses its programs."""
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -128,6 +129,58 @@ def test_adam_on_each_link_gives_the_block_update(setup):
   assert int(got['block2'].opt_state[1].count) == 3
 
 
+class CompileLog(logging.Handler):
+  """The names of the programs XLA compiles while it is attached to JAX's logger."""
+
+  def __init__(self):
+    super().__init__()
+    self.compiled: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if record.getMessage().startswith('Finished XLA compilation of '):
+      self.compiled.append(record.getMessage().split()[4])
+
+
+def test_compiling_ahead_compiles_every_program_once_before_the_first_step_and_changes_nothing(setup):
+  """compile_threads: the same programs compiled, all before the first step runs, and the same two steps."""
+  _, blocks, teacher, teacher_variables, sizes = setup
+  adam = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 1), 0.1)
+  states = {
+    f'block{k + 1}': supernet_store.create_block_state(jax.random.PRNGKey(k), cells, sizes[k], adam)
+    for k, cells in blocks
+  }
+  log, jax_logger = CompileLog(), logging.getLogger('jax')
+  results, compiled, after_ahead = {}, {}, []
+  jax_logger.addHandler(log)
+  jax.config.update('jax_log_compiles', True)  # for every thread (a `with` would set it for this one)
+  try:
+    for ahead in (False, True):
+      jax.clear_caches()
+      for builder in vars(distill_steps).values():
+        if hasattr(builder, 'cache_clear'):
+          builder.cache_clear()
+      step = distill_steps.LayerwiseStep(
+        mode='shard_map', compile_threads=2 * ahead, **step_arguments(blocks, teacher, adam)
+      )
+      if ahead:
+        step._compile_ahead = lambda *args, run=step._compile_ahead: (
+          run(*args),
+          after_ahead.append(len(log.compiled)),
+        )
+      start = len(log.compiled)
+      results[ahead] = run_steps(step, states, 'shard_map', teacher_variables, 2)
+      compiled[ahead] = sorted(log.compiled[start:])
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    jax_logger.removeHandler(log)
+  assert compiled[True] == compiled[False]
+  assert len([name for name in compiled[True] if 'link_backward' in name]) == 8  # links of distinct shapes
+  assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
+  (expected, expected_history), (got, history) = results[False], results[True]
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
+  assert all(np.array_equal(h[k], g[k]) for h, g in zip(history, expected_history) for k in h)
+
+
 def test_a_links_part_of_the_optimizer_state_goes_back_in_its_place():
   params = {'cell0': {'layer0': {'w': np.ones(2)}, 'layer1': {'w': np.ones(3)}}, 'cell1': {'layer0': {'w': np.ones(4)}}}
   adam = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.01, 0.9, 1), 0.1)
@@ -186,6 +239,15 @@ def test_a_bad_concurrent_cells_value_is_refused_before_any_work(tmp_path, value
   config = config_base.get_base_config()
   config.distill.concurrent_cells = value
   with pytest.raises(ValueError, match=r'distill\.concurrent_cells must be a whole number of at least 1'):
+    distill.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('value', [-1, -4])
+def test_a_bad_compile_threads_value_is_refused_before_any_work(tmp_path, value):
+  config = config_base.get_base_config()
+  config.distill.compile_threads = value
+  with pytest.raises(ValueError, match=r'distill\.compile_threads must be a whole number of at least 0'):
     distill.run(config, str(tmp_path))
   assert not any(tmp_path.iterdir())
 

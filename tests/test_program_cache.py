@@ -112,9 +112,12 @@ def test_another_process_loads_what_one_stored(tmp_path):
   assert (outputs[0][1], outputs[1][1]) == ('1', '0')
 
 
-@pytest.mark.parametrize('programs', distill_steps.PROGRAMS)
-def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp_path, programs):
-  """Both forms of the step (one cell): stored when built, loaded (nothing traced) when built again."""
+@pytest.mark.parametrize(
+  'programs, mode, compile_threads', [('step', 'pmap', 0), ('layer', 'pmap', 0), ('layer', 'shard_map', 2)]
+)
+def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp_path, programs, mode, compile_threads):
+  """Both forms of the step (one cell): stored when built, loaded (nothing traced) when built again; the
+  per-layer one also with its programs compiled ahead of the first step, in other threads."""
   _, blocks, teacher, teacher_variables, sizes = test_distill_steps.make_setup()
   blocks = ((1, blocks[1][1][:1]),)  # block 2's 2-layer cell: the smallest step with every kind of program
   optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.1, 0.9, 100, 1), 0.0)
@@ -134,12 +137,13 @@ def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp
     0.0,
     'uniform',
     3,
-    'pmap',
+    mode,
     ('unit', 'imagenet'),
     programs,
+    compile_threads=compile_threads,
   )
   compiled = test_distill_steps.run_steps(
-    build(program_cache.ProgramCache(tmp_path)), states, 'pmap', teacher_variables, 2
+    build(cache=program_cache.ProgramCache(tmp_path)), states, mode, teacher_variables, 2
   )
   assert any(tmp_path.glob('*.executable'))
   traced = []
@@ -163,7 +167,7 @@ def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp
     mock.patch.object(distill_steps, 'distill_step', counting(distill_steps.distill_step)),
   ):
     loaded = test_distill_steps.run_steps(
-      build(program_cache.ProgramCache(tmp_path)), states, 'pmap', teacher_variables, 2
+      build(cache=program_cache.ProgramCache(tmp_path)), states, mode, teacher_variables, 2
     )
   assert not traced
   (got, history), (expected, expected_history) = loaded, compiled

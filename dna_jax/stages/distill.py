@@ -251,6 +251,7 @@ def train_blocks(
       dcfg.programs,
       program_cache.from_config(config),
       dcfg.concurrent_cells,
+      dcfg.compile_threads,
     )
 
   batches: dict[int, Iterator[dict[str, np.ndarray]]] = {}  # data streams opened early, by start step
@@ -348,6 +349,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   supernet.check_remat(config.distill.remat, 'distill.remat')
   distill_steps.check_programs(config.distill.programs, 'distill.programs')
   distill_steps.check_concurrent_cells(config.distill.concurrent_cells, 'distill.concurrent_cells')
+  distill_steps.check_compile_threads(config.distill.compile_threads, 'distill.compile_threads')
   parse_learning_rates(config.distill.learning_rates, len(space.blocks))
   parallel.check_global_batch(config.distill.batch_size, 'distill.batch_size')
   input_pipeline.check_dataset(config.data)
