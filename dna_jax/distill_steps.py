@@ -255,37 +255,6 @@ def _step_and_grad_norm(step: Array, squared_norms: tuple[Array, ...]) -> tuple[
   return step + 1, jnp.sqrt(sum(squared_norms))
 
 
-def _block_tree_test(params: dict[str, Any]) -> Callable[[Any], bool]:
-  """Whether a node of a block's optimizer state is a tree shaped like the block's parameters (cell keys)."""
-  keys = params.keys()
-  return lambda node: isinstance(node, dict) and node.keys() == keys
-
-
-def link_opt_state(opt_state: Any, params: dict[str, Any], cell: str, link: str) -> Any:
-  """The part of a block's optimizer state that belongs to one link: its own statistics, the shared counts."""
-  is_block_tree = _block_tree_test(params)
-  return jax.tree.map(lambda node: node[cell][link] if is_block_tree(node) else node, opt_state, is_leaf=is_block_tree)
-
-
-def block_opt_state(template: Any, params: dict[str, Any], link_states: dict[tuple[str, str], Any]) -> Any:
-  """The block's optimizer state assembled from every link's (`link_opt_state`'s inverse), counts from any link.
-
-  `template`: the block's state before the step (only its structure is read).
-  """
-  is_block_tree = _block_tree_test(params)
-  names = list(link_states)
-
-  def assemble(node: Any, *parts: Any) -> Any:
-    if not is_block_tree(node):
-      return parts[0]  # a count: every link advanced it alike
-    tree = {cell: {} for cell in node}
-    for (cell, link), part in zip(names, parts):
-      tree[cell][link] = part
-    return tree
-
-  return jax.tree.map(assemble, template, *link_states.values(), is_leaf=is_block_tree)
-
-
 # Programs shared by every link (and cell, and step) with the same modules: compiled once per input shape.
 @functools.cache
 def _forward_program(
@@ -334,48 +303,6 @@ def _loss_program(mode: str, cache: program_cache.ProgramCache | None = None) ->
 
 def _run_program(program: Callable[..., Any], *args: Any) -> Any:
   return program(*args)
-
-
-def _shapes_of(tree: Any) -> Any:
-  """Each committed array of `tree` as a `jax.ShapeDtypeStruct` with its sharding.
-
-  An uncommitted array (e.g. the teacher's variables straight from `jit`) stays itself: a call places it
-  with its other arguments, which a ShapeDtypeStruct's sharding would fix instead (and a different
-  program would be compiled).
-  """
-  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=jax.typeof(x).weak_type)
-  return jax.tree.map(lambda x: shape(x) if x.committed else x, tree)
-
-
-class _AheadRun:
-  """Runs a step's programs on shapes: each is traced and lowered on the calling thread and compiled in
-  `compile_in`, and its output shapes feed the next, so that tracing overlaps compiling.
-
-  Measured on blocks 3-4 of the ImageNet step's forward and backward programs (2-core Intel Xeon):
-  27.7 s one after another, 23.6 s with compiling in a second thread; XLA:CPU's compile alone keeps
-  1.6 of the 2 cores busy.
-  """
-
-  def __init__(self, compile_in: concurrent.futures.Executor):
-    self.compile_in = compile_in
-    self.pending: list[concurrent.futures.Future] = []
-    self.outputs: dict[Any, Any] = {}  # (program, signature) -> output shapes
-
-  def __call__(self, program: Callable[..., Any], *args: Any) -> Any:
-    key = (id(program), program_cache.signature_of(args))
-    if key not in self.outputs:
-      ahead = getattr(program, 'ahead', None)  # a `program_cache.ProgramCache`'s program
-      if ahead is not None:
-        out_info, future = ahead(self.compile_in, *args)
-      else:  # a jitted program: JAX keeps what was compiled for the call with these shapes
-        lowered = program.trace(*args).lower()
-        out_info, future = lowered.out_info, self.compile_in.submit(lowered.compile)
-      if future is not None:
-        self.pending.append(future)
-      self.outputs[key] = jax.tree.map(
-        lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=i.sharding, weak_type=i.weak_type), out_info
-      )
-    return self.outputs[key]
 
 
 class LayerwiseStep:
@@ -477,7 +404,7 @@ class LayerwiseStep:
       backward = _backward_program(modules, i > 0, self.mode, self.cache)
       results = call(backward, params[name], stats[name], link_inputs[i], link_ops[i], d_x)
       d_x = results[-1]
-      opt_state = link_opt_state(state.opt_state, state.params, cell_name, name)
+      opt_state = supernet_store.link_opt_state(state.opt_state, state.params, cell_name, name)
       new_params[name], opt_states[name], squared_norm = call(update, params[name], opt_state, results[0])
       squared_norms.append(squared_norm)
     return new_params, new_stats, opt_states, squared_norms, mse, rel_l1
@@ -497,8 +424,8 @@ class LayerwiseStep:
     back): 104.4 s compiled in turn, 96.2 s with one compile thread, 88.3 s with two (peak RSS 5.35 GiB).
     """
     with concurrent.futures.ThreadPoolExecutor(self.compile_threads, thread_name_prefix='compile') as compile_in:
-      ahead = _AheadRun(compile_in)
-      self._step(ahead, *_shapes_of((states, batch, teacher_variables)))
+      ahead = program_cache.AheadRun(compile_in)
+      self._step(ahead, *program_cache.shapes_of((states, batch, teacher_variables)))
       for compiled in ahead.pending:
         compiled.result()  # an error compiling surfaces here
 
@@ -540,7 +467,7 @@ class LayerwiseStep:
       step, metrics[f'{name}/grad_norm'] = call(
         _step_program(self.mode, self.cache), states[name].step, tuple(squared_norms)
       )
-      opt_state = block_opt_state(states[name].opt_state, states[name].params, opt_states)
+      opt_state = supernet_store.block_opt_state(states[name].opt_state, states[name].params, opt_states)
       new_states[name] = BlockState(step, params, stats, opt_state)
     self.compiled = self.compiled or call is _run_program
     return new_states, metrics

@@ -17,6 +17,9 @@ found"; tested), so it is left to JAX's cache, which finds it after tracing. A s
 file that cannot be loaded is compiled again and replaced; beyond a size the least recently used files
 are deleted (`prune`). The files hold native code and are
 unpickled: a cache directory must be trusted like the code itself.
+
+`AheadRun` compiles a chain of programs (stored or not) from their arguments' shapes ahead of running
+them, tracing each while other threads compile the ones before.
 """
 
 from __future__ import annotations
@@ -320,3 +323,46 @@ def from_config(config: Any) -> ProgramCache | None:
   if directory is None:
     return None
   return ProgramCache(directory, None if config.program_cache_max_gb <= 0 else int(config.program_cache_max_gb * 2**30))
+
+
+def shapes_of(tree: Any) -> Any:
+  """Each committed array of `tree` as a `jax.ShapeDtypeStruct` with its sharding.
+
+  An uncommitted array (e.g. the teacher's variables straight from `jit`) stays itself: a call places it
+  with its other arguments, which a ShapeDtypeStruct's sharding would fix instead (and a different
+  program would be compiled).
+  """
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=jax.typeof(x).weak_type)
+  return jax.tree.map(lambda x: shape(x) if x.committed else x, tree)
+
+
+class AheadRun:
+  """Runs a chain of programs on shapes, as `run(program, *arguments)`: each is traced and lowered on the
+  calling thread and compiled in `compile_in` (or loaded, if a `ProgramCache` stored it), and its output
+  shapes feed the next, so that tracing overlaps compiling. Arguments are arrays or `shapes_of` them.
+
+  Measured on blocks 3-4 of the ImageNet distillation step's forward and backward programs (2-core Intel Xeon):
+  27.7 s one after another, 23.6 s with compiling in a second thread; XLA:CPU's compile alone keeps
+  1.6 of the 2 cores busy.
+  """
+
+  def __init__(self, compile_in: concurrent.futures.Executor):
+    self.compile_in = compile_in
+    self.pending: list[concurrent.futures.Future] = []
+    self.outputs: dict[Any, Any] = {}  # (program, signature) -> output shapes
+
+  def __call__(self, program: Callable[..., Any], *args: Any) -> Any:
+    key = (id(program), signature_of(args))
+    if key not in self.outputs:
+      ahead = getattr(program, 'ahead', None)  # a `ProgramCache.wrap`ped program
+      if ahead is not None:
+        out_info, future = ahead(self.compile_in, *args)
+      else:  # a jitted program: JAX keeps what was compiled for the call with these shapes
+        lowered = program.trace(*args).lower()
+        out_info, future = lowered.out_info, self.compile_in.submit(lowered.compile)
+      if future is not None:
+        self.pending.append(future)
+      self.outputs[key] = jax.tree.map(
+        lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=i.sharding, weak_type=i.weak_type), out_info
+      )
+    return self.outputs[key]

@@ -4,10 +4,13 @@ Distillation keeps one `BlockState` per block (every cell's parameters, BatchNor
 Adam state) in its own Orbax manager, WORKDIR/distill/block_K, so that blocks train, resume and are
 rated independently. The distill stage writes them (`block_manager`, `restore_block`, `save_block`);
 the rate and retrain stages read the cells' variables with `load_cells`, without any optimizer.
+`link_opt_state` and `block_opt_state` split a block's optimizer state by link and put it back
+together (the per-layer distillation step updates each link on its own).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +61,37 @@ def block_optimizer(learning_rate_fn: optax.Schedule, weight_decay: float) -> op
     optax.scale_by_adam(),
     optax.scale_by_learning_rate(learning_rate_fn),
   )
+
+
+def _block_tree_test(params: dict[str, Any]) -> Callable[[Any], bool]:
+  """Whether a node of a block's optimizer state is a tree shaped like the block's parameters (cell keys)."""
+  keys = params.keys()
+  return lambda node: isinstance(node, dict) and node.keys() == keys
+
+
+def link_opt_state(opt_state: Any, params: dict[str, Any], cell: str, link: str) -> Any:
+  """The part of a block's optimizer state that belongs to one link: its own statistics, the shared counts."""
+  is_block_tree = _block_tree_test(params)
+  return jax.tree.map(lambda node: node[cell][link] if is_block_tree(node) else node, opt_state, is_leaf=is_block_tree)
+
+
+def block_opt_state(template: Any, params: dict[str, Any], link_states: dict[tuple[str, str], Any]) -> Any:
+  """The block's optimizer state assembled from every link's (`link_opt_state`'s inverse), counts from any link.
+
+  `template`: the block's state before the step (only its structure is read).
+  """
+  is_block_tree = _block_tree_test(params)
+  names = list(link_states)
+
+  def assemble(node: Any, *parts: Any) -> Any:
+    if not is_block_tree(node):
+      return parts[0]  # a count: every link advanced it alike
+    tree = {cell: {} for cell in node}
+    for (cell, link), part in zip(names, parts):
+      tree[cell][link] = part
+    return tree
+
+  return jax.tree.map(assemble, template, *link_states.values(), is_leaf=is_block_tree)
 
 
 def create_block_state(

@@ -187,11 +187,11 @@ def test_a_links_part_of_the_optimizer_state_goes_back_in_its_place():
   state = jax.tree.map(np.asarray, adam.init(params))
   state = jax.tree.map(lambda x: x + np.arange(x.size).reshape(x.shape), state)  # every leaf distinct
   parts = {
-    (cell, link): distill_steps.link_opt_state(state, params, cell, link) for cell in params for link in params[cell]
+    (cell, link): supernet_store.link_opt_state(state, params, cell, link) for cell in params for link in params[cell]
   }
   assert jax.tree.structure(parts['cell1', 'layer0']) == jax.tree.structure(adam.init(params['cell1']['layer0']))
   np.testing.assert_array_equal(parts['cell0', 'layer1'][1].nu['w'], state[1].nu['cell0']['layer1']['w'])
-  rebuilt = distill_steps.block_opt_state(state, params, parts)
+  rebuilt = supernet_store.block_opt_state(state, params, parts)
   assert jax.tree.structure(rebuilt) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, rebuilt, state)
 
