@@ -187,7 +187,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # programs in 246 s within 6.4 GiB of host memory (as one program it was not compiled there; it
       # took 310 s on a Zen3 and 908 s on a Xeon, where its student part alone passed 18 GiB); on block 3
       # alone, same run, 'layer' compiled 1.38x and stepped 1.31x faster. On the demo's small space one
-      # program compiled 6% and stepped 1.23x faster, so configs/demo.py uses 'step'.
+      # program compiled 6% and stepped 1.23x faster, so configs/demo.py uses 'step'. Since then (each
+      # link's optimizer update its own program; compile_threads below), on 2 idle Xeon cores: the
+      # 15-cell step's first step 88-92 s, 2.9 s per step; on the demo space 'layer' compiled 1.34x
+      # faster and stepped 1.05x slower than 'step' (same run).
       programs='layer',
       # With programs='layer' on one device of one process (a CPU host; ignored elsewhere): how many
       # cells run at once, from as many threads. The 15-cell ImageNet step on 2 CPU cores: 1.06x with 2

@@ -215,6 +215,24 @@ def test_compiling_while_initialising_trains_the_same_blocks(tmp_path, tiny_teac
   assert 'resumed at step 2' in caplog.text and 'second thread' not in caplog.text
 
 
+def test_the_per_layer_step_compiled_ahead_trains_the_same_blocks(tmp_path, tiny_teacher):
+  # The stage's default on ImageNet: programs='layer', its programs compiled in other threads
+  # (compile_threads), from within the thread that compiles while the supernets are initialised; against
+  # each program compiled when first called, in this thread. (Against programs='step' Adam turns the
+  # rounding noise of gradients that are zero in exact arithmetic, e.g. a bias before a BatchNorm, into
+  # steps of the learning rate's size; tests/test_distill_steps.py compares the two forms' updates.)
+  for ahead in (True, False):
+    config = make_config(
+      programs='layer', parallel='shard_map', compile_threads=2 * ahead, compile_while_initialising=ahead
+    )
+    train(config, tmp_path / str(ahead), tiny_teacher, 2)
+  for block in (1, 2, 3):
+    a, _ = restore_block(make_config(), tmp_path / 'True', block, tiny_teacher)
+    b, _ = restore_block(make_config(), tmp_path / 'False', block, tiny_teacher)
+    assert int(a.step) == int(b.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats), (b.params, b.batch_stats))
+
+
 def test_training_one_block_leaves_the_others_alone(tmp_path, tiny_teacher):
   config = make_config()
   train(config, tmp_path, tiny_teacher, 2)
