@@ -199,7 +199,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       # With programs='layer' under shard_map in one process: before the first step, every program is
       # traced from the arguments' shapes while this many threads compile them (0: each compiles when
       # first called). The 15-cell ImageNet step's first step on 2 idle Xeon cores (one cold run each,
-      # benchmarks/distill_programs.py --compile_threads N): 104.4 s with 0, 96.2 s with 1, 88.3 s with 2.
+      # benchmarks/distill_programs.py --compile_threads N): 104.4 s with 0, 96.2 s with 1, 88.3 s with 2
+      # (92.2 and 92.3 s in two more runs with 2, against 103.6 s with 0).
       compile_threads=2,
       # Trace and compile the step in a second thread (running it once on all-zero states) while the
       # supernets are initialised, on a fresh run of one process. The demo's distill stage (20 steps,

@@ -421,7 +421,8 @@ class LayerwiseStep:
     `compile_threads` other threads compile them (stored programs are loaded instead).
 
     The 15-cell ImageNet step's first step (82 programs, 2-core Intel Xeon, one cold run each, back to
-    back): 104.4 s compiled in turn, 96.2 s with one compile thread, 88.3 s with two (peak RSS 5.35 GiB).
+    back): 104.4 s compiled in turn, 96.2 s with one compile thread, 88.3 s with two (92.2 and 92.3 s in two
+    more runs; peak RSS 5.4 GiB).
     """
     with concurrent.futures.ThreadPoolExecutor(self.compile_threads, thread_name_prefix='compile') as compile_in:
       ahead = program_cache.AheadRun(compile_in)
