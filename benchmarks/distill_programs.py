@@ -143,12 +143,9 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
   }
 
 
-def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
-  """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians.
-
-  The one-at-a-time step is the one `main` measured (the builder is memoized on its arguments).
-  """
-  build = lambda n: distill_steps.parallel_distill_step(
+def build_step(blocks, model, learning_rates, args, programs: str, cache, concurrent_cells: int):
+  """The distillation step as training builds it (memoized on its arguments), with this benchmark's settings."""
+  return distill_steps.parallel_distill_step(
     blocks,
     model,
     False,
@@ -161,12 +158,19 @@ def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states,
     0,
     args.parallel,
     None,
-    'layer',
+    programs,
     cache,
-    n,
+    concurrent_cells,
     args.compile_threads,
   )
-  steps = {1: build(1), args.concurrent_cells: build(args.concurrent_cells)}
+
+
+def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
+  """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians.
+
+  The one-at-a-time step is the one `main` measured (the builder is memoized on its arguments).
+  """
+  steps = {n: build_step(blocks, model, learning_rates, args, 'layer', cache, n) for n in (1, args.concurrent_cells)}
   outputs = {n: jax.block_until_ready(step(states, batch, teacher_variables)) for n, step in steps.items()}
   times = {n: [] for n in steps}
   for _ in range(args.steps):
@@ -260,24 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if baseline:
       clear_program_builders()
     with tracing():
-      step_fn = distill_steps.parallel_distill_step(
-        blocks,
-        model,
-        False,
-        learning_rates,
-        0.9,
-        1,
-        1000,
-        1e-4,
-        'uniform',
-        0,
-        args.parallel,
-        None,
-        programs.split(',')[0],
-        variant_cache,
-        1,
-        args.compile_threads,
-      )
+      step_fn = build_step(blocks, model, learning_rates, args, programs.split(',')[0], variant_cache, 1)
       results[programs] = measure(step_fn, states, batch, teacher_variables, args.steps, counter)
     if baseline:
       clear_program_builders()  # what is built next traces the code's formulation again

@@ -51,16 +51,18 @@ def check_programs(programs: str, key: str = 'programs') -> None:
     raise ValueError(f'{key} must be one of {", ".join(PROGRAMS)}, got {programs!r}')
 
 
+def _check_whole_number(value: Any, key: str, least: int) -> None:
+  """A clear error naming `key` unless `value` is a whole number of at least `least`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    raise ValueError(f'{key} must be a whole number of at least {least}, got {value!r}')
+
+
 def check_compile_threads(compile_threads: Any, key: str = 'compile_threads') -> None:
-  """A clear error naming `key` unless `compile_threads` is a whole number of at least 0."""
-  if isinstance(compile_threads, bool) or not isinstance(compile_threads, int) or compile_threads < 0:
-    raise ValueError(f'{key} must be a whole number of at least 0, got {compile_threads!r}')
+  _check_whole_number(compile_threads, key, 0)
 
 
 def check_concurrent_cells(concurrent_cells: Any, key: str = 'concurrent_cells') -> None:
-  """A clear error naming `key` unless `concurrent_cells` is a whole number of at least 1."""
-  if isinstance(concurrent_cells, bool) or not isinstance(concurrent_cells, int) or concurrent_cells < 1:
-    raise ValueError(f'{key} must be a whole number of at least 1, got {concurrent_cells!r}')
+  _check_whole_number(concurrent_cells, key, 1)
 
 
 def distill_losses(student: Array, target: Array) -> tuple[Array, Array]:

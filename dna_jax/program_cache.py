@@ -184,8 +184,9 @@ class ProgramCache:
       if isinstance(program, concurrent.futures.Future):
         return program.out_info, None  # set below, when it was submitted
       if program is None:
-        program = compiled[signature] = self._load(base, signature, what)
+        program = self._load(base, signature, what)
       if program is not None:
+        compiled[signature] = program
         return program.out_info, None
       lowered = fn.trace(*args).lower()
       future = compile_in.submit(self._compile_and_store, lowered, base, signature, what)

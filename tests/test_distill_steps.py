@@ -241,20 +241,14 @@ def test_an_unknown_programs_value_is_refused_before_any_work(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize('value', [0, -1])
-def test_a_bad_concurrent_cells_value_is_refused_before_any_work(tmp_path, value):
+@pytest.mark.parametrize(
+  'key, value, least',
+  [('concurrent_cells', 0, 1), ('concurrent_cells', -1, 1), ('compile_threads', -1, 0), ('compile_threads', -4, 0)],
+)
+def test_a_bad_thread_count_is_refused_before_any_work(tmp_path, key, value, least):
   config = config_base.get_base_config()
-  config.distill.concurrent_cells = value
-  with pytest.raises(ValueError, match=r'distill\.concurrent_cells must be a whole number of at least 1'):
-    distill.run(config, str(tmp_path))
-  assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize('value', [-1, -4])
-def test_a_bad_compile_threads_value_is_refused_before_any_work(tmp_path, value):
-  config = config_base.get_base_config()
-  config.distill.compile_threads = value
-  with pytest.raises(ValueError, match=r'distill\.compile_threads must be a whole number of at least 0'):
+  config.distill[key] = value
+  with pytest.raises(ValueError, match=rf'distill\.{key} must be a whole number of at least {least}'):
     distill.run(config, str(tmp_path))
   assert not any(tmp_path.iterdir())
 
