@@ -1,7 +1,7 @@
 """Adaptive against exhaustive rating on a distilled workdir: the same answers, and the time each takes.
 
   PYTHONPATH=. python benchmarks/adaptive_rating.py --workdir /tmp/dna_demo [--batch_size 250]
-      [--adaptive_examples 250] [--top_k 5]
+      [--adaptive_examples 250] [--top_k 5] [--chunk_size 0]
 
 Takes a distilled workdir (teacher/ and distill/, e.g. the demo's) and rates every block twice with
 the run's config (WORKDIR/config.json) in two scratch workdirs, at the same batch size: exhaustively
@@ -42,17 +42,20 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=250)
   parser.add_argument('--adaptive_examples', type=int, default=250)
   parser.add_argument('--top_k', type=int, default=5)
+  parser.add_argument('--chunk_size', type=int, default=0, help="paths per vmapped call (0: the run's config)")
   args = parser.parse_args()
   source = workdir_lib.Workdir(args.workdir)
   config = config_base.saved_config(args.workdir)
   config.rate.batch_size = args.batch_size
   config.rate.adaptive_examples = args.adaptive_examples
   config.rate.keep = max(config.rate.keep, args.top_k)
+  config.rate.chunk_size = args.chunk_size or config.rate.chunk_size
   with tempfile.TemporaryDirectory() as scratch:
     exhaustive, ex_s = rate_with(config, source, scratch, adaptive=False)
     adaptive, ad_s = rate_with(config, source, scratch, adaptive=True)
   print(
-    f'rating time, {config.data.rating_examples} images in batches of {args.batch_size}: exhaustive {ex_s:.0f} s, '
+    f'rating time, {config.data.rating_examples} images in batches of {args.batch_size}, chunk '
+    f'{config.rate.chunk_size}: exhaustive {ex_s:.0f} s, '
     f'adaptive {ad_s:.0f} s ({ex_s / ad_s:.2f}x); load average {os.getloadavg()[0]:.1f}'
   )
   for k, block in enumerate(adaptive.blocks):

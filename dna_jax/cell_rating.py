@@ -10,7 +10,8 @@ Paths that share their first layers share those layers' activations and recalibr
 the cell is evaluated as a prefix tree, level by level, so a 4-layer cell costs 6 + 36 + 216 + 1296
 = 1554 layer evaluations per batch instead of 4 x 1296. The last `d` levels of the tree
 (6**d <= chunk_size leaves) run as one jitted call that vmaps every op over the prefixes; the first
-levels are walked depth-first with their activations cached.
+levels are walked depth-first with their activations cached. When adaptive rating has stopped some
+paths, a trailing subtree runs each op vmapped over only the nodes that lead to a surviving path.
 
 `calibrate_cell` and `rate_cell` are pure functions of (variables, calibration inputs) and
 (variables, calibration, rating batch); `naive_path_errors` is the one-path-at-a-time reference
@@ -22,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -147,7 +149,12 @@ def subtree_errors(
   return _shard_errors(cell, inputs, target, mask, num_groups)
 
 
-def leaf_errors(
+def apply_prefixes(cell: supernet.SupernetCell, l: int, op_id: int, variables: Any, stats: Any, inputs: Array) -> Array:
+  """Op `op_id` of layer l on several prefixes at once: statistics and activations with a leading prefix axis."""
+  return jax.vmap(functools.partial(apply_op, cell, l, op_id, variables))(stats, inputs)
+
+
+def leaves_errors(
   cell: supernet.SupernetCell,
   l: int,
   op_id: int,
@@ -158,9 +165,8 @@ def leaf_errors(
   target: Array,
   mask: Array,
 ) -> tuple[Array, Array]:
-  """One path: its last layer's op `op_id` applied to one prefix's activations, then its errors (1, groups)."""
-  out = apply_op(cell, l, op_id, variables, stats, inputs)
-  return _shard_errors(cell, out[None], target, mask, num_groups)
+  """Several paths ending in op `op_id` of the last layer l: apply_prefixes, then their errors (paths, groups)."""
+  return _shard_errors(cell, apply_prefixes(cell, l, op_id, variables, stats, inputs), target, mask, num_groups)
 
 
 def calibrate_stem(cell: supernet.SupernetCell, variables: Any, calib: Array) -> tuple[Array, Any]:
@@ -180,6 +186,7 @@ def stem_pair(cell: supernet.SupernetCell, variables: Any, calib: Array, inputs:
 
 
 _SHARDED, _REPLICATED = jax.P(parallel.AXIS), jax.P()
+_PREFIX_SHARDED = jax.P(None, parallel.AXIS)  # (prefixes, batch, ...): the batch sharded
 # kind: (function, specs of the arguments after `variables`, specs of the outputs) under shard_map.
 # Recalibrated statistics come out of a cross-device BatchNorm equal on every device: replicated.
 _KINDS = {
@@ -189,7 +196,8 @@ _KINDS = {
   'apply_op': (apply_op, (_REPLICATED, _SHARDED), _SHARDED),
   'calibrate_subtree': (subtree_stats, (_SHARDED,), _REPLICATED),
   'subtree': (subtree_errors, (_REPLICATED,) + (_SHARDED,) * 3, (_REPLICATED, _REPLICATED)),
-  'leaf': (leaf_errors, (_REPLICATED,) + (_SHARDED,) * 3, (_REPLICATED, _REPLICATED)),
+  'prefixes': (apply_prefixes, (_REPLICATED, _PREFIX_SHARDED), _PREFIX_SHARDED),
+  'leaves': (leaves_errors, (_REPLICATED, _PREFIX_SHARDED, _SHARDED, _SHARDED), (_REPLICATED, _REPLICATED)),
 }
 
 
@@ -207,6 +215,44 @@ def compiled(kind: str, cell: supernet.SupernetCell, mode: str | None, *static: 
 @jax.jit
 def _take(tree: Any, index: Array) -> Any:
   return jax.tree.map(lambda x: x[index], tree)
+
+
+def _padded_size(n: int, cap: int) -> int:
+  """n rounded up to 2**k or 3 * 2**k (at most 1.5x n), and at most `cap`: a handful of program shapes
+  instead of one per count."""
+  return min(cap, next(b for k in itertools.count() for b in (2**k, 3 * 2**k) if b >= n))
+
+
+def _suffix_index(cell: supernet.SupernetCell, lead: int, suffix: tuple[int, ...]) -> int:
+  """A trailing-subtree node's position among its level's nodes (path-major), as in Calibration.subtrees."""
+  index = 0
+  for l, op_id in enumerate(suffix, lead):
+    ops = cell.cell.layer_ops(l)
+    index = index * len(ops) + ops.index(op_id)
+  return index
+
+
+def _sparse_plan(
+  cell: supernet.SupernetCell, lead: int, prefix: tuple[int, ...], under: collections.Counter
+) -> list[list[tuple[int, list[int]]]]:
+  """Per trailing level, (op, positions of the level's surviving parents that need it) for each op used;
+  a level's parents are the previous level's children in the order listed."""
+  plan, suffixes = [], [()]
+  for l in range(lead, cell.cell.layers):
+    level, children = [], []
+    for op_id in cell.cell.layer_ops(l):
+      parents = [i for i, s in enumerate(suffixes) if under[prefix + s + (op_id,)]]
+      if parents:
+        level.append((op_id, parents))
+        children += [suffixes[i] + (op_id,) for i in parents]
+    plan.append(level)
+    suffixes = children
+  return plan
+
+
+def _planned_nodes(plan: list[list[tuple[int, list[int]]]], cap: int) -> int:
+  """Node evaluations of a sparse plan, padding included."""
+  return sum(_padded_size(len(parents), cap) for level in plan for _, parents in level)
 
 
 def trailing_levels(num_layers: int, chunk_size: int) -> int:
@@ -291,13 +337,15 @@ def rate_cell(
   teacher output, 1 for real examples). Rows follow `cell.paths()` order. With `mode='shard_map'` the
   batches are sharded over all devices (the calibration made with the same mode). `survivors` (a boolean
   per path): only those paths are evaluated (the others' rows are 0); the prefix tree then holds only
-  their prefixes, and a trailing subtree runs vmapped whole only when at least a quarter of its paths
-  survive.
+  their prefixes, and a trailing subtree runs each op vmapped over just the nodes that need it, or whole
+  when that would evaluate no fewer nodes (padding counted).
   """
   cell = _for_mode(cell, mode)
   layers_ = cell.cell.layers
   lead = calibration.lead
-  subtree_paths = math.prod(len(cell.cell.layer_ops(l)) for l in range(lead, layers_))
+  widths = [len(cell.cell.layer_ops(l)) for l in range(lead, layers_)]
+  subtree_paths = math.prod(widths)
+  subtree_nodes = sum(math.prod(widths[: i + 1]) for i in range(len(widths)))
   paths = list(cell.cell.paths())
   abs_sums = np.zeros((len(paths), num_groups))
   sq_sums = np.zeros((len(paths), num_groups))
@@ -313,19 +361,46 @@ def rate_cell(
     abs_sums[first : first + len(a)] = a
     sq_sums[first : first + len(s)] = s
 
+  def sparse_subtree(prefix: tuple[int, ...], inputs: Array, plan: list[list[tuple[int, list[int]]]]) -> None:
+    """The surviving nodes of `prefix`'s trailing subtree, level by level: each op vmapped over the
+    parents that need it, gathered and padded to one of a few sizes (a level has at most
+    subtree_paths / 6 parents: one call per op)."""
+    suffixes, acts = [()], inputs[None]
+    for l, level_plan in zip(range(lead, layers_), plan):
+      ops = cell.cell.layer_ops(l)
+      children, outs = [], []
+      for op_id, parents in level_plan:
+        per_op = calibration.subtrees[prefix][l - lead][ops.index(op_id)]
+        chunk = parents + [parents[0]] * (_padded_size(len(parents), subtree_paths) - len(parents))  # dropped below
+        stats = _take(per_op, np.asarray([_suffix_index(cell, lead, suffixes[i]) for i in chunk]))
+        x = _take(acts, np.asarray(chunk))
+        if l < layers_ - 1:
+          outs.append(compiled('prefixes', cell, mode, l, op_id)(variables, stats, x)[: len(parents)])
+        else:
+          sums = compiled('leaves', cell, mode, l, op_id, num_groups)(variables, stats, x, target, mask)
+          a, q = (np.asarray(v, np.float64) for v in sums)
+          for j, i in enumerate(parents):
+            index = cell.cell.path_index(prefix + suffixes[i] + (op_id,))
+            abs_sums[index], sq_sums[index] = a[j], q[j]
+        children += [suffixes[i] + (op_id,) for i in parents]
+      if l < layers_ - 1:
+        suffixes, acts = children, jnp.concatenate(outs)
+
   def walk(level: int, prefix: tuple[int, ...], inputs: Array) -> None:
-    if level == lead and (survivors is None or 4 * under[prefix] >= subtree_paths):
-      stats = calibration.subtrees[prefix]
-      store(prefix, compiled('subtree', cell, mode, lead, num_groups)(variables, stats, inputs, target, mask))
+    if level == lead:  # every path's last levels are in a trailing subtree (trailing_levels >= 1)
+      if survivors is not None and not under[prefix]:
+        return
+      plan = None if survivors is None else _sparse_plan(cell, lead, prefix, under)
+      if plan is None or _planned_nodes(plan, subtree_paths) >= subtree_nodes:
+        stats = calibration.subtrees[prefix]
+        store(prefix, compiled('subtree', cell, mode, lead, num_groups)(variables, stats, inputs, target, mask))
+      else:
+        sparse_subtree(prefix, inputs, plan)
       return
     for op_id in cell.cell.layer_ops(level):
       path = prefix + (op_id,)
-      if survivors is not None and not under[path]:
-        continue
-      stats = calibration.node(cell, path)
-      if level == layers_ - 1:
-        store(path, compiled('leaf', cell, mode, level, op_id, num_groups)(variables, stats, inputs, target, mask))
-      else:
+      if survivors is None or under[path]:
+        stats = calibration.node(cell, path)
         walk(level + 1, path, compiled('apply_op', cell, mode, level, op_id)(variables, stats, inputs))
 
   walk(0, (), inputs)

@@ -123,21 +123,25 @@ def test_sharded_rating_equals_single_device():
   target = jnp.asarray(rng.normal(size=(16, 4, 4, 6)), jnp.float32)
   mask = jnp.ones(16)
   variables = perturbed(cell.init(jax.random.PRNGKey(1), calib), 4)
-  single = rated(cell_rating.for_rating(cell, None), variables, calib, inputs, target, mask)
   from dna_jax import parallel
 
   shard = lambda x: jax.device_put(x, jax.NamedSharding(parallel.make_mesh(), jax.P(parallel.AXIS)))
-  sharded = rated(
-    cell_rating.for_rating(cell, None),
-    variables,
-    shard(calib),
-    shard(inputs),
-    shard(target),
-    shard(mask),
-    mode='shard_map',
-  )
-  for a, b in zip(single, sharded):
-    np.testing.assert_allclose(a, b, rtol=1e-4)
+  some = rng.random(36) < 0.4  # rated sparsely: each op on just the prefixes that need it
+  for survivors in (None, some):
+    single = rated(cell_rating.for_rating(cell, None), variables, calib, inputs, target, mask, survivors=survivors)
+    sharded = rated(
+      cell_rating.for_rating(cell, None),
+      variables,
+      shard(calib),
+      shard(inputs),
+      shard(target),
+      shard(mask),
+      mode='shard_map',
+      survivors=survivors,
+    )
+    for a, b in zip(single, sharded):
+      np.testing.assert_allclose(a, b, rtol=1e-4)
+  assert np.all(single[0][some] > 0) and not np.any(single[0][~some])
 
 
 def tiny_teacher():
@@ -210,10 +214,13 @@ def test_only_surviving_paths_are_rated_and_groups_split_the_examples():
     rated(rating_cell, variables, calib, inputs, target, mask, chunk_size=36)[0][:, 0],
     rtol=1e-5,
   )
-  # Sparse (3 paths under prefix (0,), far below a quarter of its 36) and dense (all of prefix (5,)) parts.
+  # Sparse (3 paths under prefix (0,); 40% of prefix (2,), each op padded to 2**k or 3 * 2**k prefixes)
+  # and whole (all of prefix (5,)) trailing subtrees.
   survivors = np.zeros(216, bool)
   survivors[[0, 7, 35]] = True
+  survivors[72:108] = rng.random(36) < 0.4
   survivors[180:216] = True
+  assert [cell_rating._padded_size(n, 36) for n in (1, 3, 5, 7, 9, 25, 33)] == [1, 3, 6, 8, 12, 32, 36]
   part = rated(rating_cell, variables, calib, inputs, target, mask, 36, None, 4, survivors)
   for a, b in zip(part, full):
     np.testing.assert_allclose(a[survivors], b[survivors], rtol=1e-5)
