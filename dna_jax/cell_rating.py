@@ -220,7 +220,7 @@ def _take(tree: Any, index: Array) -> Any:
 def _padded_size(n: int, cap: int) -> int:
   """n rounded up to 2**k or 3 * 2**k (at most 1.5x n), and at most `cap`: a handful of program shapes
   instead of one per count."""
-  return min(cap, next(b for k in itertools.count() for b in (2**k, 3 * 2**k) if b >= n))
+  return min(cap, next(b for k in itertools.count() for b in (2**k, 3 * 2**k // 2) if b >= n))  # 1, 2, 3, 4, 6, 8, 12..
 
 
 def _suffix_index(cell: supernet.SupernetCell, lead: int, suffix: tuple[int, ...]) -> int:
