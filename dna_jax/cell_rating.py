@@ -218,9 +218,9 @@ def _take(tree: Any, index: Array) -> Any:
 
 
 def _padded_size(n: int, cap: int) -> int:
-  """n rounded up to 2**k or 3 * 2**k (at most 1.5x n), and at most `cap`: a handful of program shapes
-  instead of one per count."""
-  return min(cap, next(b for k in itertools.count() for b in (2**k, 3 * 2**k // 2) if b >= n))  # 1, 2, 3, 4, 6, 8, 12..
+  """n rounded up to 1, 2, 3, 4, 6, 8, 12, ... (2**k or 3 * 2**(k-1): at most 1.5x n), and at most `cap`:
+  a handful of program shapes instead of one per count."""
+  return min(cap, next(b for k in itertools.count() for b in (2**k, 3 * 2**k // 2) if b >= n))
 
 
 def _suffix_index(cell: supernet.SupernetCell, lead: int, suffix: tuple[int, ...]) -> int:
@@ -232,27 +232,31 @@ def _suffix_index(cell: supernet.SupernetCell, lead: int, suffix: tuple[int, ...
   return index
 
 
+SparsePlan = list[tuple[list[tuple[int, ...]], list[tuple[int, list[int]]]]]
+
+
 def _sparse_plan(
   cell: supernet.SupernetCell, lead: int, prefix: tuple[int, ...], under: collections.Counter
-) -> list[list[tuple[int, list[int]]]]:
-  """Per trailing level, (op, positions of the level's surviving parents that need it) for each op used;
-  a level's parents are the previous level's children in the order listed."""
+) -> SparsePlan:
+  """Per trailing level: its surviving parents (suffixes below `prefix`), and for each op used the
+  positions of the parents that need it; a level's parents are the previous level's children in the
+  order listed."""
   plan, suffixes = [], [()]
   for l in range(lead, cell.cell.layers):
-    level, children = [], []
+    uses, children = [], []
     for op_id in cell.cell.layer_ops(l):
       parents = [i for i, s in enumerate(suffixes) if under[prefix + s + (op_id,)]]
       if parents:
-        level.append((op_id, parents))
+        uses.append((op_id, parents))
         children += [suffixes[i] + (op_id,) for i in parents]
-    plan.append(level)
+    plan.append((suffixes, uses))
     suffixes = children
   return plan
 
 
-def _planned_nodes(plan: list[list[tuple[int, list[int]]]], cap: int) -> int:
+def _planned_nodes(plan: SparsePlan, cap: int) -> int:
   """Node evaluations of a sparse plan, padding included."""
-  return sum(_padded_size(len(parents), cap) for level in plan for _, parents in level)
+  return sum(_padded_size(len(parents), cap) for _, uses in plan for _, parents in uses)
 
 
 def trailing_levels(num_layers: int, chunk_size: int) -> int:
@@ -288,12 +292,10 @@ class Calibration:
     if len(path) <= self.lead:
       return self.nodes[path]
     level = len(path) - 1
-    index = 0
-    for l in range(self.lead, level):
-      ops = cell.cell.layer_ops(l)
-      index = index * len(ops) + ops.index(path[l])
     per_op = self.subtrees[path[: self.lead]][level - self.lead]
-    return _take(per_op[cell.cell.layer_ops(level).index(path[-1])], index)
+    return _take(
+      per_op[cell.cell.layer_ops(level).index(path[-1])], _suffix_index(cell, self.lead, path[self.lead : level])
+    )
 
 
 def calibrate_cell(
@@ -361,15 +363,15 @@ def rate_cell(
     abs_sums[first : first + len(a)] = a
     sq_sums[first : first + len(s)] = s
 
-  def sparse_subtree(prefix: tuple[int, ...], inputs: Array, plan: list[list[tuple[int, list[int]]]]) -> None:
+  def sparse_subtree(prefix: tuple[int, ...], inputs: Array, plan: SparsePlan) -> None:
     """The surviving nodes of `prefix`'s trailing subtree, level by level: each op vmapped over the
     parents that need it, gathered and padded to one of a few sizes (a level has at most
     subtree_paths / 6 parents: one call per op)."""
-    suffixes, acts = [()], inputs[None]
-    for l, level_plan in zip(range(lead, layers_), plan):
+    acts = inputs[None]
+    for l, (suffixes, uses) in zip(range(lead, layers_), plan):
       ops = cell.cell.layer_ops(l)
-      children, outs = [], []
-      for op_id, parents in level_plan:
+      outs = []
+      for op_id, parents in uses:
         per_op = calibration.subtrees[prefix][l - lead][ops.index(op_id)]
         chunk = parents + [parents[0]] * (_padded_size(len(parents), subtree_paths) - len(parents))  # dropped below
         stats = _take(per_op, np.asarray([_suffix_index(cell, lead, suffixes[i]) for i in chunk]))
@@ -382,9 +384,8 @@ def rate_cell(
           for j, i in enumerate(parents):
             index = cell.cell.path_index(prefix + suffixes[i] + (op_id,))
             abs_sums[index], sq_sums[index] = a[j], q[j]
-        children += [suffixes[i] + (op_id,) for i in parents]
       if l < layers_ - 1:
-        suffixes, acts = children, jnp.concatenate(outs)
+        acts = jnp.concatenate(outs)  # the next level's parents, in the plan's order
 
   def walk(level: int, prefix: tuple[int, ...], inputs: Array) -> None:
     if level == lead:  # every path's last levels are in a trailing subtree (trailing_levels >= 1)
