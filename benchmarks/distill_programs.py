@@ -3,6 +3,7 @@
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
+      [--dtype float32|bfloat16] [--peak_gflops 157]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -29,6 +30,13 @@ of the first step while N threads compile them (0: each compiles when first call
 
 --space imagenet: `space.default_imagenet_space()` (15 cells), random-weight EfficientNet-B7 teacher,
 224 px, batch 8. --space small: the demo space against the 'tiny' teacher at 32 px, batch 128.
+--dtype: the activations' dtype (model.dtype; bfloat16 on accelerators), parameters float32.
+
+Model FLOPs utilisation: the analytic FLOPs of a step (the teacher's forward, 2 x its multiply-accumulates,
+and every cell's forward and backward along a uniformly sampled path, 6 x the multiply-accumulates of the
+mean op of each layer: the expectation over the sampled paths) over the median step time, against
+--peak_gflops (default 157, fp32 of the 2-core Zen3 CPU; an H100's or H200's dense bf16 is about 990,000).
+The device's peak bytes in use are printed where the backend reports them (GPU, TPU).
 """
 
 from __future__ import annotations
@@ -42,16 +50,21 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
+from benchmarks import random_variables
 from benchmarks import tap_sum_baselines
 from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
+from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
+from dna_jax.models import layers
 from dna_jax.models import supernet
 
 SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
@@ -140,6 +153,7 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
     'rss': rss,
     'step_s': statistics.median(times),
     'load': machine_load.load(),
+    'device_peak_gib': (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', float('nan')) / GiB,
   }
 
 
@@ -208,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--per_tap_baseline', action='store_true', help='also measure one reduction per depthwise kernel tap (as before)'
   )
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
+  parser.add_argument('--peak_gflops', type=float, default=157.0, help='device peak for the FLOPs utilisation')
   args = parser.parse_args(argv)
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
   else:
     space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
-  cells = supernet.supernet_cells(space, stem_stride=stem_stride)
+  conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
+  cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
   blocks = tuple((k, tuple(cells[k])) for k in block_ids)
   links = sum(len(cell.units()) for _, block_cells in blocks for cell in block_cells)
@@ -227,23 +244,33 @@ def main(argv: list[str] | None = None) -> int:
   print(
     f'device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; space '
     f'{args.space} ({len(blocks)} blocks, {sum(len(c) for _, c in blocks)} cells, {links} links); teacher '
-    f'{teacher_name}; batch {batch_size}, {image} px; {args.parallel}; cache {args.cache_dir or "off"}; '
+    f'{teacher_name}; batch {batch_size}, {image} px, {args.dtype}; {args.parallel}; cache {args.cache_dir or "off"}; '
     f'load {machine_load.load()}',
     flush=True,
   )
-  model = efficientnet.variant(teacher_name)
+  model = efficientnet.variant(teacher_name, conventions=conventions)
+  # Analytic FLOPs per step: the teacher's forward up to the last block trained, each trained cell's
+  # forward + backward (3 x forward) along the mean op of each layer.
+  up_to = max(block_ids) + 1
+  step_flops = batch_size * (
+    2 * step_benchmark.teacher_macs(model, image, up_to)
+    + 6 * step_benchmark.analytic_student_macs(space, cells, image, stem_stride, block_ids)
+  )
   rng = np.random.default_rng(0)
   per_device = parallel.check_global_batch(batch_size, '--batch')
   images = rng.uniform(0, 1, (jax.local_device_count(), per_device, image, image, 3)).astype(np.float32)
   batch = parallel.shard_batch({'image': images}, args.parallel)
   start = time.perf_counter()
-  teacher_variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[0, :1])
+  teacher_variables = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
   jax.block_until_ready(teacher_variables)
-  print(f'teacher init {time.perf_counter() - start:.1f} s (compiles {counter.count})', flush=True)
+  print(f'teacher variables (random, made on the host) {time.perf_counter() - start:.1f} s', flush=True)
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   learning_rates = tuple((f'block{k + 1}', 0.005) for k, _ in blocks)
   optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
   start = time.perf_counter()
+  supernet.compile_link_inits(
+    [(cell, sizes[k]) for k, block_cells in blocks for cell in block_cells], jax.random.key(0), args.compile_threads
+  )
   host_states = {
     f'block{k + 1}': supernet_store.create_block_state(jax.random.key(k), block_cells, sizes[k], optimizer)
     for k, block_cells in blocks
@@ -284,16 +311,21 @@ def main(argv: list[str] | None = None) -> int:
   print(
     f'| programs | first step s (traces + compiles) | programs compiled | JAX tracing / lowering / XLA compile s | '
     f's/step (median of {args.steps}) | '
-    'img/s | peak RSS after the first step GiB | load 1/5/15 min |'
+    'img/s | analytic TFLOP/s | % of peak (MFU) | peak RSS after the first step GiB | device peak GiB | load 1/5/15 min |'
   )
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for programs, r in results.items():
+    tflops = step_flops / r['step_s'] / 1e12
     print(
       f'| {programs} | {r["first_s"]:.1f} | {r["compiled"]} | '
       + ' / '.join(f'{seconds:.1f}' for seconds in r['phases'].values())
-      + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | '
-      f'{r["rss"]:.2f} | {r["load"]} |'
+      + f' | {r["step_s"]:.3f} | {batch_size / r["step_s"]:.1f} | {tflops:.2f} | '
+      f'{100 * tflops * 1e3 / args.peak_gflops:.1f} | {r["rss"]:.2f} | {r["device_peak_gib"]:.2f} | {r["load"]} |'
     )
+  print(
+    f'\nanalytic FLOPs per step: {step_flops / 1e12:.3f} TFLOP (teacher up to block {up_to} forward, every cell '
+    f'forward + backward along the mean op of each layer; batch {batch_size}); peak {args.peak_gflops:g} GFLOP/s'
+  )
   for programs, r in results.items():
     print(f"\nprograms='{programs}', first step by traced function:\n")
     print('| function | programs compiled | JAX tracing / lowering / XLA compile s |\n|---|---|---|')

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks import random_variables
 from benchmarks import tap_sum_baselines
 from dna_jax import costs
 from dna_jax import distill_steps
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     action='store_true',
     help="also time (a) with every 1x1 convolution as Dense's own 4-D contraction (as before; on CPU)",
   )
+  parser.add_argument(
+    '--init_threads',
+    type=int,
+    default=2,
+    help='threads compiling the supernet initializers (as distill.compile_threads)',
+  )
   parser.add_argument('--skip_separate', action='store_true', help='skip (d) and (e) (7-12 more compiles)')
   parser.add_argument('--memory_batch', type=int, default=64, help='per-device batch for memory_analysis (0: skip)')
   parser.add_argument(
@@ -217,21 +224,27 @@ def main(argv: list[str] | None = None) -> int:
   batch_in = parallel.shard_batch({'image': images_np}, args.parallel)
   images = jnp.asarray(images_np[0])
   t0 = time.perf_counter()
-  teacher_vars = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+  teacher_vars = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
   jax.block_until_ready(teacher_vars)
-  print(f'teacher init {time.perf_counter() - t0:.1f} s', flush=True)
+  print(f'teacher variables (random, made on the host) {time.perf_counter() - t0:.1f} s', flush=True)
 
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   optimizers = {
     f'block{k + 1}': supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
     for k in range(num_blocks)
   }
+  t0 = time.perf_counter()
+  supernet.compile_link_inits(
+    [(cell, sizes[k]) for k in range(num_blocks) for cell in cells[k]], jax.random.key(0), args.init_threads
+  )
   states = {
     f'block{k + 1}': supernet_store.create_block_state(
       jax.random.key(k), tuple(cells[k]), sizes[k], optimizers[f'block{k + 1}']
     )
     for k in range(num_blocks)
   }
+  jax.block_until_ready(states)
+  print(f'supernet init {time.perf_counter() - t0:.1f} s', flush=True)
 
   def teacher_apply_for(up_to):
     return functools.partial(teacher_lib.teacher_features, model, up_to=up_to, train_mode_bn=train_bn)

@@ -2,12 +2,13 @@
 
   PYTHONPATH=. python benchmarks/rate_paths.py [--batch 32] [--calib_batch 32] [--chunk_size 216]
       [--naive_paths 20] [--repeats 2] [--five_layer pieces|full|skip] [--rating_images 10000]
-      [--skip_teacher] [--peak_gflops 157]
+      [--skip_teacher] [--dtype float32|bfloat16] [--peak_gflops 157]
 
 Cells: block 5 of `space.default_imagenet_space()` (input: teacher block 4, 14x14x224; output: the
 teacher's 7x7x384): the 4-layer 4@192 cell (1296 paths) and the 5-layer 5@192 cell (7776 paths, the
 cell the machine notes' targets name). Random supernet variables, random input activations of the
-right shapes (speed does not depend on values), fp32, one device. Every path is recalibrated
+right shapes (speed does not depend on values), --dtype activations (model.dtype: float32 by default,
+bfloat16 on accelerators), one device. Every path is recalibrated
 (BatchNorm statistics from the --calib_batch calibration inputs fed through that path) and scored on
 --batch rating inputs. The rate stage recalibrates each cell once (`cell_rating.calibrate_cell`) and
 reuses the statistics for every rating batch; the naive loop recalibrates per path per batch.
@@ -50,11 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks import random_variables
 from dna_jax import cell_rating
 from dna_jax import costs
 from dna_jax import space as space_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
+from dna_jax.models import layers
 from dna_jax.models import supernet
 
 NUM_OPS = space_lib.NUM_OPS
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
   parser.add_argument('--rating_images', type=int, default=10000)
   parser.add_argument('--skip_teacher', action='store_true')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
   parser.add_argument(
     '--survivors',
     default='0.05,0.1,0.25',
@@ -228,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0]
   print(
     f'device: {device.platform} {device.device_kind}; jax {jax.__version__}; batch {args.batch}, calib '
-    f'{args.calib_batch}, chunk {args.chunk_size}; load average at start {machine_load.load()}',
+    f'{args.calib_batch}, chunk {args.chunk_size}, {args.dtype}; load average at start {machine_load.load()}',
     flush=True,
   )
 
   space = space_lib.default_imagenet_space()
-  all_cells = supernet.supernet_cells(space)
+  conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
+  all_cells = supernet.supernet_cells(space, conventions=conventions)
   sizes = space_lib.supernet_input_sizes(space, 224, 2)
   in_size, in_ch = sizes[BLOCK], all_cells[BLOCK][0].in_channels
   out_size = space_lib.output_size(in_size, 3, 2, 'tf_same')
@@ -289,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 
   teacher = {}
   if not args.skip_teacher:
-    model = efficientnet.variant('b7')
+    model = efficientnet.variant('b7', conventions=conventions)
     images = jnp.asarray(rng.uniform(0, 255, (args.batch, 224, 224, 3)), jnp.float32)
-    tvars = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+    tvars = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
     for up_to in (BLOCK + 1, len(space.blocks)):
       fn = jax.jit(lambda v, x, up_to=up_to: teacher_lib.teacher_features(model, v, x, up_to=up_to))
       first, _ = timed(fn, tvars, images)
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
   batches = math.ceil(args.rating_images / b)
   print()
   print(
-    f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), fp32; '
+    f'device: {device.platform} {device.device_kind}; block-5 cells (14x14x224 -> 7x7x384), {args.dtype}; '
     f'{b} rating + {calib_b} calibration images per path; {args.rating_images} rating images = {batches} batches; '
     'compile excluded'
   )

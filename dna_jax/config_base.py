@@ -200,7 +200,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       # traced from the arguments' shapes while this many threads compile them (0: each compiles when
       # first called). The 15-cell ImageNet step's first step on 2 idle Xeon cores (one cold run each,
       # benchmarks/distill_programs.py --compile_threads N): 104.4 s with 0, 96.2 s with 1, 88.3 s with 2
-      # (92.2 and 92.3 s in two more runs with 2, against 103.6 s with 0).
+      # (92.2 and 92.3 s in two more runs with 2, against 103.6 s with 0). On a fresh run (any programs
+      # setting), as many threads first compile the supernet's link initialisers (one program per link
+      # shape, `supernet.compile_link_inits`; fewer than 2: each compiles on first use): initialising the
+      # ImageNet space (24 such programs) took 101.8 -> 82.9 s on 2 AMD EPYC cores; on an H200 host, with
+      # 12 threads and the optimizer state made by one program per block, 198.5 -> 37.3 s (README). Hosts
+      # with many cores (TPU VMs, GPU hosts) can take more threads.
       compile_threads=2,
       # Trace and compile the step in a second thread (running it once on all-zero states) while the
       # supernets are initialised, on a fresh run of one process. The demo's distill stage (20 steps,
@@ -220,7 +225,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     dict(
       batch_size=256,
       # Paths evaluated together in one vmapped call (lower it if device memory runs out). For
-      # accelerators; on 2 CPU cores 6 was fastest (README, rating rows): the CPU configs set it.
+      # accelerators: on one H200, bfloat16, 256 + 256 calibration images, the 1296-path 4@192 cell took
+      # 0.26 s per batch at 216 (0.8 us per path per image; other sizes not measured there). On 2 CPU
+      # cores 6 was fastest (README, rating rows): the CPU configs set it.
       chunk_size=216,
       calib_batch_size=64,
       blocks='',

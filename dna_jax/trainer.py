@@ -214,10 +214,14 @@ def create_train_state(rng: Array, model: Any, image_size: int, tx: optax.Gradie
   unknown = sorted(set(variables) - {'params', 'batch_stats'})
   if unknown:
     raise ValueError(f'the train loop handles params and batch_stats only; the model also has {unknown}')
-  return TrainState.create(
+  # TrainState.create would run tx.init eagerly: one small program per parameter shape (slow to compile
+  # on a GPU, see supernet_store.create_block_state); jitted it is one.
+  return TrainState(
+    step=0,
     apply_fn=model.apply,
     params=variables['params'],
     tx=tx,
+    opt_state=jax.jit(tx.init)(variables['params']),
     batch_stats=variables['batch_stats'],
     ema_params=variables['params'],
     ema_batch_stats=variables['batch_stats'],
@@ -434,7 +438,7 @@ def train_and_evaluate(
         batch_stats=variables['batch_stats'],
         ema_params=variables['params'],
         ema_batch_stats=variables['batch_stats'],
-        opt_state=state.tx.init(variables['params']),
+        opt_state=jax.jit(state.tx.init)(variables['params']),
       )
     parameter_overview.log_parameter_overview(state.params)
   start = int(state.step)

@@ -111,6 +111,22 @@ def test_supernet_init_shares_a_program_per_link_and_equals_flax_init_module_by_
   assert variables['params']['stem']['conv']['kernel'].shape[:3] == (3, 3, 3)
 
 
+@pytest.mark.parametrize('make_key', [jax.random.PRNGKey, jax.random.key])
+def test_link_initialisers_compiled_ahead_in_threads_are_the_ones_init_calls(make_key):
+  cells = supernet.supernet_cells(space_lib.parse_space('2 16 1@8,2@8; 2 24 2@12,3@12', 8, 8), stem_stride=1)
+  pairs = [(cell, 8) for cell in cells[1]] + [(cells[0][1], 8)]
+  supernet._init_program.cache_clear()
+  count = supernet.compile_link_inits(pairs, make_key(0), threads=2)
+  assert count == supernet._init_program.cache_info().misses == 7  # block 2's 3 link shapes, stem cell's 4
+  links = {link for cell, size in pairs for link in supernet.link_inputs(cell, size)}
+  programs = [supernet._init_program(*link) for link in links]
+  assert [init._cache_size() for init, _ in programs] == [1] * count  # each compiled once, by running it
+  for c, (cell, size) in enumerate(pairs):
+    cell.init(jax.random.fold_in(make_key(1), c), supernet.zeros_like_input(cell, 1, size))
+  assert supernet._init_program.cache_info().misses == count
+  assert [init._cache_size() for init, _ in programs] == [1] * count  # the same keys' type: nothing retraced
+
+
 def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher, monkeypatch):
   # One fixed batch and one fixed path per cell: every cell must fit it better after a few steps.
   # (seed=1 gives this run its own compiled step, traced with the fixed path.)

@@ -136,6 +136,16 @@ def test_shellcheck():
   assert result.returncode == 0, result.stdout
 
 
+def test_benchmark_shell_script_syntax_and_shellcheck():
+  path = os.path.join(REPO_ROOT, 'benchmarks', 'accelerator.sh')
+  result = subprocess.run(['bash', '-n', path], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  if shutil.which('shellcheck') is None:
+    pytest.skip('shellcheck is not installed')
+  result = subprocess.run(['shellcheck', path], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stdout
+
+
 def test_fake_gcloud_is_what_the_scripts_would_call(env):
   result = subprocess.run(
     ['bash', '-c', 'gcloud compute tpus list'], env=env, capture_output=True, text=True, check=False

@@ -14,6 +14,8 @@ trees: the rating stage applies single ops of a layer to many prefixes at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any
@@ -172,6 +174,36 @@ def init_link(
   return init(keys), output_shape
 
 
+def link_inputs(cell: SupernetCell, size: int) -> list[tuple[tuple[Any, ...], tuple[int, ...]]]:
+  """(modules, one-image input shape) of each link of `cell` on `size` x `size` inputs: what `init` compiles."""
+  shape = input_shape(cell, 1, size)
+  links = []
+  for _, modules, _ in cell.units():
+    links.append((modules, shape))
+    shape = _init_program(modules, shape)[1]
+  return links
+
+
+def compile_link_inits(cells: Sequence[tuple[SupernetCell, int]], rng: Any, threads: int) -> int:
+  """Compiles every distinct link-init program of `cells` ((cell, input size) pairs), `threads` at a time.
+
+  Each program is compiled by running it once on keys made from `rng` (the same kind of key the cells
+  will be initialised with), so `SupernetCell.init` then finds it compiled; XLA compiles outside the
+  GIL, so the programs compile in parallel. With fewer than 2 threads nothing is done (`init` compiles
+  each program on first use). Returns the number of distinct programs.
+  """
+  programs = {link: _init_program(*link)[0] for cell, size in cells for link in link_inputs(cell, size)}
+  if threads >= 2:
+
+    def run(item: tuple[tuple[tuple[Any, ...], tuple[int, ...]], Any]) -> None:
+      (modules, _), init = item
+      jax.block_until_ready(init(tuple(jax.random.split(rng, len(modules)))))
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      list(pool.map(run, programs.items()))
+  return len(programs)
+
+
 def apply_module(module: Any, params: Any, batch_stats: Any, x: Array, train: bool) -> tuple[Array, Any]:
   """`module` on x; returns output and (in training mode, updated) BatchNorm statistics."""
   variables = {'params': params, 'batch_stats': batch_stats}
@@ -262,7 +294,11 @@ def fair_path(rng: Any, step: Array, num_layers: int) -> Array:
   return perms[:, step % space_lib.NUM_OPS]
 
 
+def input_shape(cell: SupernetCell, batch: int, size: int) -> tuple[int, int, int, int]:
+  """The shape of `cell`'s inputs: images for block 1, a teacher feature map otherwise."""
+  return (batch, size, size, 3 if cell.stem is not None else cell.in_channels)
+
+
 def zeros_like_input(cell: SupernetCell, batch: int, size: int) -> Array:
-  """An example input for `init`: images for block 1, a teacher feature map otherwise."""
-  channels = 3 if cell.stem is not None else cell.in_channels
-  return jnp.zeros((batch, size, size, channels), jnp.float32)
+  """An example input for `init`."""
+  return jnp.zeros(input_shape(cell, batch, size), jnp.float32)

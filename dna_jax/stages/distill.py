@@ -267,6 +267,15 @@ def train_blocks(
     )
   states, elapsed = {}, {}
   rng = jax.random.PRNGKey(config.seed)
+  fresh_cells = [
+    (cell, sizes[k]) for k in selected if not managers[f'block{k + 1}'].all_steps() for cell in all_cells[k]
+  ]
+  if fresh_cells and dcfg.compile_threads >= 2:
+    began = time.time()
+    count = supernet.compile_link_inits(fresh_cells, rng, dcfg.compile_threads)
+    logging.info(
+      '%d link initialisers compiled by %d threads in %.1f s.', count, dcfg.compile_threads, time.time() - began
+    )
   for k in selected:
     name = f'block{k + 1}'
     began = time.time()
