@@ -24,6 +24,9 @@ On a fast day of that machine kind, with every depthwise kernel gradient's taps 
 and 1x1 convolutions as one 2-D matmul (layers.tap_sums, layers.channels_matmul): 9 min 9 s, peak 8.2
 GiB; teacher 190 s, distill 169 s, rate 49 s, retrain 129 s, evaluate 8 s; the same net, top 5 and
 accuracies (the ratings moved by float rounding: scores by up to 0.006). A second run: 8 min 43 s.
+With the current code (rating 6 paths per call, sparse survivors, supernet initialisers compiled by 2
+threads) on 2 idle AMD EPYC cores: 12 min 7 s, peak 5.4 GiB; teacher 220 s, distill 231 s, rate 76 s,
+retrain 181 s, evaluate 11 s; the same net and accuracies (on an Intel Xeon the day before: 9 min 41 s).
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
