@@ -30,8 +30,7 @@ part() {
 "$python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,driver_version --format=csv
 part distill_layer "${DISTILL_S:-270}" benchmarks/distill_programs.py --batch 64 --dtype bfloat16 --steps 5 \
-  --compile_threads "${THREADS:-8}" \
-  --peak_gflops "$peak"
+  --compile_threads "${THREADS:-8}" --progress --peak_gflops "$peak"
 part rate "${RATE_S:-150}" benchmarks/rate_paths.py --dtype bfloat16 --batch 256 --calib_batch 256 --chunk_size 216 \
   --repeats 3 --subtrees 2 --survivors 0.05,0.1,0.25,0.5 --memory_chunks "" --peak_gflops "$peak"
 part one_program "${ONE_PROGRAM_S:-150}" benchmarks/distill_step.py --batch 64 --dtype bfloat16 --steps 5 \

@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
-      [--dtype float32|bfloat16] [--peak_gflops 157]
+      [--dtype float32|bfloat16] [--peak_gflops 157] [--progress]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -87,11 +87,13 @@ class CompileCounter(logging.Handler):
   """Counts XLA compilations and sums the seconds JAX logs for each phase (jax_log_compiles), in all
   and by the name of the traced function (`by_program`: name -> compilations, then each phase's seconds)."""
 
-  def __init__(self):
+  def __init__(self, progress: bool = False):
     super().__init__()
     self.count = 0
     self.seconds = dict.fromkeys(PHASES, 0.0)
     self.by_program: dict[str, list[float]] = {}
+    self.progress = progress  # print a line per compilation (what a run cut off by a time limit got to)
+    self.started = time.perf_counter()
 
   def emit(self, record: logging.LogRecord) -> None:
     message = record.getMessage()
@@ -104,11 +106,18 @@ class CompileCounter(logging.Handler):
         row = self.by_program.setdefault(name.group(1) if name else '?', [0, 0.0, 0.0, 0.0])
         row[0] += phase == 'compiling'
         row[1 + i] += float(match.group(1))
+        if self.progress and phase == 'compiling':
+          print(
+            f'    [{time.perf_counter() - self.started:.0f} s] compiled #{self.count} {name.group(1) if name else "?"} '
+            f'in {float(match.group(1)):.1f} s',
+            flush=True,
+          )
 
 
-def count_compiles() -> CompileCounter:
-  """Turns on JAX's compile log and returns a handler that counts and times it (nothing is printed)."""
-  counter = CompileCounter()
+def count_compiles(progress: bool = False) -> CompileCounter:
+  """Turns on JAX's compile log and returns a handler that counts and times it (printing a line per
+  compilation with `progress`; JAX's own messages are not printed)."""
+  counter = CompileCounter(progress)
   jax_logger = logging.getLogger('jax')
   jax_logger.addHandler(counter)
   jax_logger.setLevel(logging.DEBUG)
@@ -224,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
   parser.add_argument('--peak_gflops', type=float, default=157.0, help='device peak for the FLOPs utilisation')
+  parser.add_argument('--progress', action='store_true', help='print a line per compiled program, with the time')
   args = parser.parse_args(argv)
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
   cache = program_cache.ProgramCache(args.program_cache_dir) if args.program_cache_dir else None
-  counter = count_compiles()
+  counter = count_compiles(args.progress)
 
   batch_size = args.batch or (8 if args.space == 'imagenet' else 128)
   if args.space == 'imagenet':
