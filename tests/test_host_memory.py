@@ -1,0 +1,70 @@
+"""Freed memory kept for reuse on the CPU (host_memory): which mode applies, and that it stops the page faults."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from dna_jax import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Touches and frees a malloc block of argv[1] MiB five times, on a thread of its own if argv[2] is 'thread';
+# prints the page faults of the last four.
+FAULTS = """
+import ctypes, resource, sys, threading
+import dna_jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def touch_and_free(size=int(sys.argv[1]) << 20):
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
+def faults():
+  touch_and_free()
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(4):
+    touch_and_free()
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+if sys.argv[2] == 'thread':
+  thread = threading.Thread(target=faults)
+  thread.start()
+  thread.join()
+else:
+  faults()
+"""
+
+
+def page_faults(mode: str, mib: int = 64, where: str = 'main') -> int:
+  env = {**os.environ, host_memory.ENV: mode, 'PYTHONPATH': ROOT}
+  command = [sys.executable, '-c', FAULTS, str(mib), where]
+  out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc only')
+def test_kept_memory_is_reused_without_page_faults():
+  assert page_faults('glibc') >= 4 * 16384 * 0.9  # every block mmap'd afresh: a fault per 4 KiB page
+  assert page_faults('reuse') <= 64
+  assert page_faults('one_arena') <= 64
+  # A thread's own arena maps blocks over 64 MiB afresh whatever the settings; one arena reuses them.
+  assert page_faults('reuse', 96, 'thread') >= 4 * 24576 * 0.9
+  assert page_faults('one_arena', 96, 'thread') <= 64
+
+
+def test_reuse_on_the_cpu_unless_told_otherwise():
+  assert host_memory.wanted_mode({'JAX_PLATFORMS': 'cpu'}) == 'reuse'
+  assert host_memory.wanted_mode({'JAX_PLATFORMS': 'tpu'}) == 'glibc'
+  assert host_memory.wanted_mode({'JAX_PLATFORMS': 'cuda,cpu'}) == 'glibc'
+  assert host_memory.wanted_mode({'JAX_PLATFORMS': 'tpu', host_memory.ENV: 'one_arena'}) == 'one_arena'
+  assert host_memory.wanted_mode({'JAX_PLATFORMS': 'cpu', host_memory.ENV: 'glibc'}) == 'glibc'
+
+
+def test_a_bad_mode_names_the_variable_and_the_modes():
+  with pytest.raises(ValueError, match=f'{host_memory.ENV} must be one of glibc, reuse, one_arena'):
+    host_memory.wanted_mode({host_memory.ENV: '1'})
+  with pytest.raises(ValueError, match='mode must be one of'):
+    host_memory.set_mode('on')
