@@ -27,6 +27,9 @@ accuracies (the ratings moved by float rounding: scores by up to 0.006). A secon
 With the current code (rating 6 paths per call, sparse survivors, supernet initialisers compiled by 2
 threads) on 2 idle AMD EPYC cores: 12 min 7 s, peak 5.4 GiB; teacher 220 s, distill 231 s, rate 76 s,
 retrain 181 s, evaluate 11 s; the same net and accuracies (on an Intel Xeon the day before: 9 min 41 s).
+With freed host memory kept for reuse on the CPU (dna_jax/host_memory.py, the default there since) on the
+same machine kind later the same day: 9 min 58 s, peak 5.7 GiB; teacher 196 s, distill 201 s, rate 54 s, retrain
+137 s, evaluate 6 s; the same net and accuracies (the 10-minute target met, with no margin).
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).

@@ -7,19 +7,21 @@ every step pays a page fault and a zeroed page for each 4 KiB it touches: in the
 235 s of user time. Measured on that stage (`--config.stages=teacher`, one run each, idle), by mode of
 DNA_JAX_HOST_MALLOC:
 
-- 'glibc': glibc's defaults; 205-217 s (three runs).
+- 'glibc': glibc's defaults; 207 and 217 s (two runs).
 - 'reuse' (the default on the CPU): no mmap for large blocks and no trimming, so freed blocks are
-  reused from the heap: 178 s. Compiling is not slowed (one backward program 2.2-2.3 s against 2.4-2.8).
+  reused from the heap: 178 s (191-197 s in two variants). Compiling is not slowed (one backward
+  program 2.2-2.3 s against 2.4-2.8 s).
 - 'one_arena': also one malloc arena for all threads, so that the blocks XLA's worker threads allocate
   are reused as well (a thread's own arena maps blocks over 64 MiB afresh whatever the settings):
-  108-110 s, system time 143 -> 9 s, the same results bit for bit. But XLA's compiler threads then
-  share one lock and one fragmented heap: compiles took 1.3-1.5x longer, and the demo's distill stage
-  (80 programs) 273 s against 196 s. For training-heavy runs (teacher, retrain, the studies).
+  108-127 s (three runs), system time 143 -> 9 s, the same test accuracy. But XLA's compiler threads
+  then share one lock and one fragmented heap: compiles took 1.3-1.5x longer, and the demo's distill
+  stage (initialisers and step compiled in threads) 273 s against 196 s. For runs that mostly train.
 
 Set on import of `dna_jax`, before JAX or TensorFlow start their threads (each of which takes an arena
 of its own on its first allocation). 'reuse' applies when the process runs on the CPU: JAX_PLATFORMS
-names only 'cpu', or no TPU or GPU plugin is installed. Nothing is done without glibc. The price: the
-process's resident size stays at its peak (the teacher stage's 2.0-2.6 GB -> up to 4.3 GB).
+names only 'cpu', or no TPU or GPU plugin is installed. Nothing is done without glibc. The price: freed
+memory is not returned to the system while the process runs (the teacher stage's peak resident size was
+2.6 GB with glibc's defaults, 2.0-2.1 GB with 'reuse', 3.5-4.3 GB with 'one_arena').
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes a C int
 
-# Packages whose presence means JAX may run on an accelerator (TPU: libtpu; GPU: PJRT plugins).
-ACCELERATOR_PACKAGES = ('libtpu', 'jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm7_plugin')
+# Packages whose presence means JAX may run on an accelerator (TPU: libtpu; GPU: the PJRT plugins, which
+# install under the jax_plugins namespace).
+ACCELERATOR_PACKAGES = ('libtpu', 'jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin')
 
 
 def runs_on_cpu(environ: dict[str, str] | None = None) -> bool:
