@@ -62,7 +62,6 @@ from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
-from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import layers
 from dna_jax.models import supernet
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
   images = rng.uniform(0, 1, (jax.local_device_count(), per_device, image, image, 3)).astype(np.float32)
   batch = parallel.shard_batch({'image': images}, args.parallel)
   start = time.perf_counter()
-  teacher_variables = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
+  teacher_variables = random_variables.teacher_variables(model)
   jax.block_until_ready(teacher_variables)
   print(f'teacher variables (random, made on the host) {time.perf_counter() - start:.1f} s', flush=True)
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)

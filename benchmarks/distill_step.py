@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
   batch_in = parallel.shard_batch({'image': images_np}, args.parallel)
   images = jnp.asarray(images_np[0])
   t0 = time.perf_counter()
-  teacher_vars = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
+  teacher_vars = random_variables.teacher_variables(model)
   jax.block_until_ready(teacher_vars)
   print(f'teacher variables (random, made on the host) {time.perf_counter() - t0:.1f} s', flush=True)
 

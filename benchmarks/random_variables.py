@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from dna_jax import teacher as teacher_lib
+
 
 def random_like(abstract: Any, seed: int = 0) -> Any:
   """Host arrays shaped like `abstract`'s leaves: kernels normal with 1/sqrt(fan-in) scale, BatchNorm
@@ -28,3 +30,8 @@ def random_like(abstract: Any, seed: int = 0) -> Any:
     return np.zeros(spec.shape, spec.dtype)
 
   return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def teacher_variables(model: Any) -> Any:
+  """`random_like` the teacher `model`'s variables, on the default device."""
+  return jax.device_put(random_like(teacher_lib.abstract_variables(model)))

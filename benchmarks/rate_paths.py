@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.skip_teacher:
     model = efficientnet.variant('b7', conventions=conventions)
     images = jnp.asarray(rng.uniform(0, 255, (args.batch, 224, 224, 3)), jnp.float32)
-    tvars = jax.device_put(random_variables.random_like(teacher_lib.abstract_variables(model)))
+    tvars = random_variables.teacher_variables(model)
     for up_to in (BLOCK + 1, len(space.blocks)):
       fn = jax.jit(lambda v, x, up_to=up_to: teacher_lib.teacher_features(model, v, x, up_to=up_to))
       first, _ = timed(fn, tvars, images)
