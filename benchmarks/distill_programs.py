@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
-      [--dtype float32|bfloat16] [--peak_gflops 157] [--progress]
+      [--dtype float32|bfloat16] [--peak_gflops 157] [--torch_student] [--progress]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -24,6 +24,11 @@ alternating with the one-cell-at-a-time step's in the same run, and checks that 
 update bit for bit. --per_tap_baseline also builds the per-layer step with each depthwise kernel gradient
 summed by one reduction per tap (`tap_sum_baselines.per_tap`, as before `layers.tap_sums` summed all
 taps in one reduction) in the same process, afterwards, with no program cache, and measures the same.
+
+--torch_student: afterwards, in the same run, the per-layer step's student part (its median step, with
+--concurrent_cells cells at once as training runs it, less the median of its teacher-and-paths program
+alone, the two timed in alternation) against `torch_student.py`'s PyTorch stand-in for
+the authors' student part at the same batch and blocks (torch's default threads), and their ratio.
 
 --compile_threads N (default 2, as distill.compile_threads): the per-layer step traces its programs ahead
 of the first step while N threads compile them (0: each compiles when first called).
@@ -57,6 +62,7 @@ from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
 from benchmarks import random_variables
 from benchmarks import tap_sum_baselines
+from benchmarks import torch_student
 from dna_jax import distill_steps
 from dna_jax import parallel
 from dna_jax import program_cache
@@ -66,7 +72,6 @@ from dna_jax.models import efficientnet
 from dna_jax.models import layers
 from dna_jax.models import supernet
 
-SMALL_SPACE = '2 16 1@8,2@8; 2 24 2@12,3@12; 1 32 1@16,2@16'
 GiB = 1024**3
 
 
@@ -212,6 +217,47 @@ def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states,
   print(f'\n{args.concurrent_cells} cells at once: {ratio:.2f}x (same run); the same update bit for bit: {same}')
 
 
+def compare_with_torch(
+  step_fn,
+  states,
+  batch,
+  teacher_variables,
+  space,
+  block_ids,
+  sizes: tuple[int, int, int],
+  steps: int,
+  cells_at_once: int,
+) -> None:
+  """The per-layer step's student part (its step less its teacher-and-paths program) against the
+  PyTorch stand-in for the authors' student part (`torch_student.py`), same batch, same run.
+
+  `sizes`: (batch, image size, stem stride); `step_fn` runs `cells_at_once` cells at once.
+  """
+  count = next(iter(states.values())).step
+  jax.block_until_ready(step_fn(states, batch, teacher_variables))
+  step_times, teacher_times = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(step_fn(states, batch, teacher_variables))
+    step_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    jax.block_until_ready(step_fn.inputs(batch, teacher_variables, count))
+    teacher_times.append(time.perf_counter() - start)
+  step_s, teacher_s = statistics.median(step_times), statistics.median(teacher_times)
+  torch_result = torch_student.student_step_seconds(space, *sizes, steps, block_ids=block_ids)
+  student_s, torch_s = step_s - teacher_s, torch_result['step_s']
+  print(
+    f'\n| student part (every cell fwd + bwd + Adam) | s/step (median of {steps}) | load |\n|---|---|---|\n'
+    f'| JAX, per layer shape, {cells_at_once} cell(s) at once: step {step_s:.3f} less teacher and paths '
+    f'{teacher_s:.3f} | {student_s:.3f} | {machine_load.load()} |\n'
+    f"| PyTorch stand-in for the authors' (torch_student.py, {torch_student.torch.get_num_threads()} threads) | "
+    f'{torch_s:.3f} | {machine_load.load()} |'
+  )
+  print(
+    f'\nstudent part, PyTorch / JAX: {torch_s / student_s:.2f}x (same run; above 1: JAX faster; target: at least 1)'
+  )
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
@@ -232,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
   parser.add_argument('--peak_gflops', type=float, default=157.0, help='device peak for the FLOPs utilisation')
+  parser.add_argument(
+    '--torch_student', action='store_true', help="also time the PyTorch stand-in for the authors' student part"
+  )
   parser.add_argument('--progress', action='store_true', help='print a line per compiled program, with the time')
   args = parser.parse_args(argv)
   if args.cache_dir:
@@ -243,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.space == 'imagenet':
     space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
   else:
-    space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
+    space, teacher_name, image, stem_stride = space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), 'tiny', 32, 1
   conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
   cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
@@ -348,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     )
   if args.concurrent_cells > 1:
     compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)
+  if args.torch_student:
+    cells_at_once = max(args.concurrent_cells, 1)
+    step_fn = build_step(blocks, model, learning_rates, args, 'layer', cache, cells_at_once)
+    sizes = (batch_size, image, stem_stride)
+    compare_with_torch(step_fn, states, batch, teacher_variables, space, block_ids, sizes, args.steps, cells_at_once)
   if 'step' in results:
     layer, step = results['layer'], results['step']
     print(

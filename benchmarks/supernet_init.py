@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from benchmarks import distill_programs
+from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
 from dna_jax import distill_steps
 from dna_jax import space as space_lib
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.space == 'imagenet':
     space, image, stem_stride = space_lib.default_imagenet_space(), 224, 2
   else:
-    space, image, stem_stride = space_lib.parse_space(distill_programs.SMALL_SPACE, 16, 8), 32, 1
+    space, image, stem_stride = space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), 32, 1
   cells = supernet.supernet_cells(space, stem_stride=stem_stride)
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')

@@ -1,0 +1,223 @@
+"""The authors' student part of a distillation step, as PyTorch runs it, on this machine.
+
+  pip install -r requirements-torch.txt
+  PYTHONPATH=. python benchmarks/torch_student.py [--space imagenet|small] [--batch 8] [--steps 3] [--threads 0]
+
+A stand-in written for this benchmark (not the authors' code, which is not vendored here): the same
+supernet cells as `supernet.supernet_cells` (every layer holds the six candidate MBConvs; block 1's
+cells own the stem and depthwise-separable block), built from torch.nn modules the way the authors'
+PyTorch supernet is (NCHW, symmetric padding, BatchNorm eps 1e-5 and momentum 0.1, swish, SE with
+biases), and trained the way their distillation loop trains a cell for one batch: one uniformly
+sampled path (pinned layers keep their op), MSE against the teacher block's output, backward, and
+Adam with L2 weight decay 1e-4 on conv kernels only, at the block's learning rate. The teacher is not
+run: its block outputs are random tensors of the right shapes (speed does not depend on their values),
+so this is the student part alone, the number the JAX step's student part is compared with
+(`benchmarks/distill_programs.py --torch_student` prints both in one run). Eager PyTorch compiles
+nothing; the first step (every op's first call) is a warm-up and not timed.
+
+Prints the median over --steps of a step (every cell of every block once, cell after cell, as the
+authors' per-block runs do summed over blocks) and each block's share. --threads: torch's intra-op
+threads (0: torch's default, the number of cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks import distill_step as step_benchmark
+from benchmarks import machine_load
+from dna_jax import space as space_lib
+from dna_jax.models import supernet
+
+try:
+  import torch
+  from torch import nn
+except ImportError:  # a clear error where the benchmark is asked for, not at import
+  torch = nn = None
+
+BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY = 1e-5, 0.1, 1e-4
+LEARNING_RATES = (0.002, 0.005, 0.005, 0.005, 0.005, 0.002)
+
+
+def require_torch() -> None:
+  if torch is None:
+    raise SystemExit('The PyTorch baseline needs torch: pip install -r requirements-torch.txt')
+
+
+def symmetric_padding(kernel: int, stride: int) -> int:
+  return space_lib.conv_padding(0, kernel, stride, 'symmetric')[0]
+
+
+def make_mbconv(in_channels: int, out_channels: int, expansion: int, kernel: int, stride: int) -> Any:
+  """MBConv as the authors' supernet builds it: [1x1, BN, swish] -> kxk depthwise, BN, swish -> SE -> 1x1, BN."""
+
+  class MBConv(nn.Module):
+    def __init__(self):
+      super().__init__()
+      hidden = in_channels * expansion
+      squeeze = space_lib.se_width(in_channels)
+      bn = lambda c: nn.BatchNorm2d(c, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+      self.expand = (
+        nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), bn(hidden), nn.SiLU()) if expansion != 1 else None
+      )
+      pad = symmetric_padding(kernel, stride)
+      self.depthwise = nn.Sequential(
+        nn.Conv2d(hidden, hidden, kernel, stride, pad, groups=hidden, bias=False), bn(hidden), nn.SiLU()
+      )
+      self.se_reduce = nn.Conv2d(hidden, squeeze, 1)
+      self.se_expand = nn.Conv2d(squeeze, hidden, 1)
+      self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), bn(out_channels))
+      self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x):
+      y = self.expand(x) if self.expand is not None else x
+      y = self.depthwise(y)
+      gate = self.se_expand(nn.functional.silu(self.se_reduce(y.mean((2, 3), keepdim=True))))
+      y = self.project(y * torch.sigmoid(gate))
+      return y + x if self.residual else y
+
+  return MBConv()
+
+
+def make_cell(cell: supernet.SupernetCell) -> Any:
+  """A supernet cell: the stem and DS block (block 1), then per layer its six candidate ops."""
+
+  class Cell(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = None
+      if cell.stem is not None:
+        stem_width, ds_width, stem_stride = cell.stem
+        self.stem = nn.Sequential(
+          nn.Conv2d(3, stem_width, 3, stem_stride, symmetric_padding(3, stem_stride), bias=False),
+          nn.BatchNorm2d(stem_width, eps=BN_EPSILON, momentum=BN_MOMENTUM),
+          nn.SiLU(),
+          make_mbconv(stem_width, ds_width, 1, 3, 1),
+        )
+      self.layers = nn.ModuleList()
+      for l in range(cell.cell.layers):
+        in_channels, out_channels, stride = cell.layer_shape(l)
+        ops = [make_mbconv(in_channels, out_channels, op.expansion, op.kernel, stride) for op in space_lib.OPS]
+        self.layers.append(nn.ModuleList(ops))
+
+    def forward(self, x, path):
+      if self.stem is not None:
+        x = self.stem(x)
+      for ops, op in zip(self.layers, path):
+        x = ops[op](x)
+      return x
+
+  return Cell()
+
+
+def make_optimizer(model: Any, learning_rate: float) -> Any:
+  """Adam, L2 weight decay on conv kernels only (BatchNorm and bias parameters without)."""
+  kernels = [p for name, p in model.named_parameters() if p.ndim > 1]
+  others = [p for name, p in model.named_parameters() if p.ndim <= 1]
+  groups = [{'params': kernels, 'weight_decay': WEIGHT_DECAY}, {'params': others, 'weight_decay': 0.0}]
+  return torch.optim.Adam(groups, lr=learning_rate)
+
+
+def sample_path(rng: np.random.Generator, cell: space_lib.Cell) -> list[int]:
+  path = rng.integers(0, space_lib.NUM_OPS, cell.layers).tolist()
+  for l, op in enumerate(cell.pinned):
+    if op is not None:
+      path[l] = op
+  return path
+
+
+def student_step_seconds(
+  space: space_lib.SearchSpace,
+  batch: int,
+  image_size: int,
+  stem_stride: int,
+  steps: int,
+  seed: int = 0,
+  block_ids: list[int] | None = None,
+) -> dict[str, Any]:
+  """The median seconds of the student part of a step over `steps` timed steps, and each block's median
+  (`block_ids`: only those blocks, 0-based; default every block).
+
+  Returns {'step_s', 'steps_s' (every timed step), 'blocks_s' (block name -> median), 'warmup_s'}.
+  """
+  require_torch()
+  torch.manual_seed(seed)
+  rng = np.random.default_rng(seed)
+  sizes = space_lib.supernet_input_sizes(space, image_size, stem_stride)
+  cells = []  # (block name, cell, model, optimizer, input, target)
+  for k, block_cells in enumerate(supernet.supernet_cells(space, stem_stride=stem_stride)):
+    if block_ids is not None and k not in block_ids:
+      continue
+    for cell in block_cells:
+      model = make_cell(cell).eval()
+      in_channels = 3 if cell.stem is not None else cell.in_channels
+      inputs = torch.randn(batch, in_channels, sizes[k], sizes[k])
+      with torch.no_grad():
+        target = torch.randn(batch, *model(inputs[:1], [0] * cell.cell.layers).shape[1:])
+      model.train()
+      learning_rate = LEARNING_RATES[k] if k < len(LEARNING_RATES) else LEARNING_RATES[-1]
+      cells.append((f'block{k + 1}', cell, model, make_optimizer(model, learning_rate), inputs, target))
+
+  def step() -> dict[str, float]:
+    seconds = {}
+    for name, cell, model, optimizer, inputs, target in cells:
+      start = time.perf_counter()
+      optimizer.zero_grad(set_to_none=False)  # as torch 1.x's zero_grad: grads zeroed in place
+      loss = nn.functional.mse_loss(model(inputs, sample_path(rng, cell.cell)), target)
+      loss.backward()
+      optimizer.step()
+      seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return seconds
+
+  start = time.perf_counter()
+  step()
+  # Every op's first call allocates and picks its kernels: run until each op of each layer has run once.
+  for _ in range(2 * space_lib.NUM_OPS):
+    step()
+  warmup = time.perf_counter() - start
+  timed = [step() for _ in range(steps)]
+  totals = [sum(t.values()) for t in timed]
+  blocks = {name: statistics.median(t[name] for t in timed) for name in timed[0]}
+  return {'step_s': statistics.median(totals), 'steps_s': totals, 'blocks_s': blocks, 'warmup_s': warmup}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
+  parser.add_argument('--batch', type=int, default=0, help='default: 8 (imagenet) or 128 (small)')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps (median)')
+  parser.add_argument('--threads', type=int, default=0, help="torch's intra-op threads (0: its default)")
+  args = parser.parse_args(argv)
+  require_torch()
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  space, batch, image_size, stem_stride = space_and_sizes(args.space, args.batch)
+  print(
+    f'torch {torch.__version__}, {torch.get_num_threads()} threads; space {args.space}; batch {batch}, {image_size} px'
+  )
+  result = student_step_seconds(space, batch, image_size, stem_stride, args.steps)
+  print(f'warm-up (every op run at least once, not timed) {result["warmup_s"]:.1f} s')
+  print(
+    f'student part, every cell once: {result["step_s"]:.3f} s per step (median of {args.steps}: '
+    + ', '.join(f'{t:.2f}' for t in result['steps_s'])
+    + f'); load {machine_load.load()}'
+  )
+  print('per block: ' + ', '.join(f'{name} {s:.3f} s' for name, s in result['blocks_s'].items()))
+  return 0
+
+
+def space_and_sizes(which: str, batch: int) -> tuple[space_lib.SearchSpace, int, int, int]:
+  """(space, batch, image size, stem stride) of the benchmarks' two spaces, as `distill_programs.py` uses them."""
+  if which == 'imagenet':
+    return space_lib.default_imagenet_space(), batch or 8, 224, 2
+  return space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), batch or 128, 32, 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
