@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
-      [--dtype float32|bfloat16] [--peak_gflops 157] [--torch_student] [--progress]
+      [--dtype float32|bfloat16] [--peak_gflops 157] [--program_times] [--torch_student] [--progress]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -24,6 +24,10 @@ alternating with the one-cell-at-a-time step's in the same run, and checks that 
 update bit for bit. --per_tap_baseline also builds the per-layer step with each depthwise kernel gradient
 summed by one reduction per tap (`tap_sum_baselines.per_tap`, as before `layers.tap_sums` summed all
 taps in one reduction) in the same process, afterwards, with no program cache, and measures the same.
+
+--program_times: afterwards, --steps more steps with each program waited for before the next starts:
+seconds per step by traced function (forward, backward, update, teacher and paths, ...), against the
+step run as training runs it (programs queued ahead, one cell at a time).
 
 --torch_student: afterwards, in the same run, the per-layer step's student part (its median step, with
 --concurrent_cells cells at once as training runs it, less the median of its teacher-and-paths program
@@ -53,6 +57,7 @@ import re
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +222,44 @@ def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states,
   print(f'\n{args.concurrent_cells} cells at once: {ratio:.2f}x (same run); the same update bit for bit: {same}')
 
 
+def program_name(program: Any) -> str:
+  """The traced function's name of a jitted program (a stored program's description otherwise)."""
+  text = repr(getattr(program, '__wrapped__', program))
+  found = re.search(r'function ([\w.<>]+)', text)
+  return found.group(1).split('.')[-1] if found else text[:40]
+
+
+def time_programs(step_fn, states, batch, teacher_variables, steps: int) -> None:
+  """Each program of the per-layer step run alone (waiting for it before the next starts): seconds per step
+  by traced function, median over `steps`, against the step run as training runs it."""
+  per_step, calls, whole = [], {}, []
+  for _ in range(steps):
+    spent: dict[str, float] = {}
+
+    def blocking(program, *arguments, spent=spent):
+      start = time.perf_counter()
+      out = jax.block_until_ready(program(*arguments))
+      name = program_name(program)
+      spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+      calls[name] = calls.get(name, 0) + 1
+      return out
+
+    jax.block_until_ready(step_fn.run_programs(blocking, states, batch, teacher_variables))
+    per_step.append(spent)
+    start = time.perf_counter()
+    jax.block_until_ready(step_fn(states, batch, teacher_variables))
+    whole.append(time.perf_counter() - start)
+  medians = {name: statistics.median(s[name] for s in per_step) for name in per_step[0]}
+  total = sum(medians.values())
+  print(f'\n| program (run alone, one at a time) | calls per step | s per step (median of {steps}) | share |')
+  print('|---|---|---|---|')
+  for name, seconds in sorted(medians.items(), key=lambda item: -item[1]):
+    print(f'| {name} | {calls[name] // steps} | {seconds:.3f} | {100 * seconds / total:.0f}% |')
+  print(
+    f'| all, one at a time | | {total:.3f} | |\n| the step as training runs it | | {statistics.median(whole):.3f} | |'
+  )
+
+
 def compare_with_torch(
   step_fn,
   states,
@@ -278,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
   parser.add_argument('--peak_gflops', type=float, default=157.0, help='device peak for the FLOPs utilisation')
+  parser.add_argument('--program_times', action='store_true', help='also time each program of the step alone')
   parser.add_argument(
     '--torch_student', action='store_true', help="also time the PyTorch stand-in for the authors' student part"
   )
@@ -362,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
       flush=True,
     )
     if args.profile_dir and programs == 'layer':
+      # With --concurrent_cells, the step that launches that many cells at once (as training does).
+      profiled = build_step(blocks, model, learning_rates, args, 'layer', cache, max(args.concurrent_cells, 1))
+      jax.block_until_ready(profiled(states, batch, teacher_variables))
       with jax.profiler.trace(args.profile_dir):
-        jax.block_until_ready(step_fn(states, batch, teacher_variables))
+        jax.block_until_ready(profiled(states, batch, teacher_variables))
       print(f'  profiled one step in {args.profile_dir}', flush=True)
   print()
   print(
@@ -397,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     )
   if args.concurrent_cells > 1:
     compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)
+  if args.program_times:
+    time_programs(
+      build_step(blocks, model, learning_rates, args, 'layer', cache, 1), states, batch, teacher_variables, args.steps
+    )
   if args.torch_student:
     cells_at_once = max(args.concurrent_cells, 1)
     step_fn = build_step(blocks, model, learning_rates, args, 'layer', cache, cells_at_once)

@@ -416,7 +416,7 @@ class LayerwiseStep:
   ) -> tuple[dict[str, BlockState], dict[str, Array]]:
     if not self.compiled and self.compile_threads:
       self._compile_ahead(states, batch, teacher_variables)
-    return self._step(_run_program, states, batch, teacher_variables)
+    return self.run_programs(_run_program, states, batch, teacher_variables)
 
   def _compile_ahead(self, states: dict[str, BlockState], batch: dict[str, Array], teacher_variables: Any) -> None:
     """Every program of the step, traced and lowered on this thread from the arguments' shapes while
@@ -428,14 +428,14 @@ class LayerwiseStep:
     """
     with concurrent.futures.ThreadPoolExecutor(self.compile_threads, thread_name_prefix='compile') as compile_in:
       ahead = program_cache.AheadRun(compile_in)
-      self._step(ahead, *program_cache.shapes_of((states, batch, teacher_variables)))
+      self.run_programs(ahead, *program_cache.shapes_of((states, batch, teacher_variables)))
       for compiled in ahead.pending:
         compiled.result()  # an error compiling surfaces here
 
-  def _step(
+  def run_programs(
     self, call: Callable[..., Any], states: dict[str, BlockState], batch: dict[str, Array], teacher_variables: Any
   ) -> tuple[dict[str, BlockState], dict[str, Array]]:
-    """The step, each program run as `call(program, *arguments)`."""
+    """The step, each program run as `call(program, *arguments)` (benchmarks time the programs this way)."""
     features, images, ops = call(self.inputs, batch, teacher_variables, next(iter(states.values())).step)
     cells = {}  # (block, cell) -> its results (`train_cell`), or a future of them
     for k, block_cells in self.blocks:
