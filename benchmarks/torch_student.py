@@ -13,7 +13,7 @@ Adam with L2 weight decay 1e-4 on conv kernels only, at the block's learning rat
 run: its block outputs are random tensors of the right shapes (speed does not depend on their values),
 so this is the student part alone, the number the JAX step's student part is compared with
 (`benchmarks/distill_programs.py --torch_student` prints both in one run). Eager PyTorch compiles
-nothing; the first step (every op's first call) is a warm-up and not timed.
+nothing; a warm-up (every candidate op of every layer once, then one sampled step) is not timed.
 
 Prints the median over --steps of a step (every cell of every block once, cell after cell, as the
 authors' per-block runs do summed over blocks) and each block's share. --threads: torch's intra-op
@@ -46,11 +46,13 @@ LEARNING_RATES = (0.002, 0.005, 0.005, 0.005, 0.005, 0.002)
 
 
 def require_torch() -> None:
+  """A clear error when torch is not installed."""
   if torch is None:
     raise SystemExit('The PyTorch baseline needs torch: pip install -r requirements-torch.txt')
 
 
 def symmetric_padding(kernel: int, stride: int) -> int:
+  """PyTorch's padding on every side, as the authors' nets use it."""
   return space_lib.conv_padding(0, kernel, stride, 'symmetric')[0]
 
 
@@ -124,12 +126,14 @@ def make_optimizer(model: Any, learning_rate: float) -> Any:
   return torch.optim.Adam(groups, lr=learning_rate)
 
 
+def with_pins(path: list[int], cell: space_lib.Cell) -> list[int]:
+  """`path` with the cell's pinned layers set to their op."""
+  return [op if pinned is None else pinned for op, pinned in zip(path, cell.pinned or (None,) * cell.layers)]
+
+
 def sample_path(rng: np.random.Generator, cell: space_lib.Cell) -> list[int]:
-  path = rng.integers(0, space_lib.NUM_OPS, cell.layers).tolist()
-  for l, op in enumerate(cell.pinned):
-    if op is not None:
-      path[l] = op
-  return path
+  """DNA's sampling: each layer's op drawn uniformly and independently; pinned layers keep theirs."""
+  return with_pins(rng.integers(0, space_lib.NUM_OPS, cell.layers).tolist(), cell)
 
 
 def student_step_seconds(
@@ -164,22 +168,24 @@ def student_step_seconds(
       learning_rate = LEARNING_RATES[k] if k < len(LEARNING_RATES) else LEARNING_RATES[-1]
       cells.append((f'block{k + 1}', cell, model, make_optimizer(model, learning_rate), inputs, target))
 
-  def step() -> dict[str, float]:
+  def step(op: int | None = None) -> dict[str, float]:
+    """Every cell once, along a sampled path (or with every free layer on candidate op `op`)."""
     seconds = {}
     for name, cell, model, optimizer, inputs, target in cells:
       start = time.perf_counter()
+      path = sample_path(rng, cell.cell) if op is None else with_pins([op] * cell.cell.layers, cell.cell)
       optimizer.zero_grad(set_to_none=False)  # as torch 1.x's zero_grad: grads zeroed in place
-      loss = nn.functional.mse_loss(model(inputs, sample_path(rng, cell.cell)), target)
+      loss = nn.functional.mse_loss(model(inputs, path), target)
       loss.backward()
       optimizer.step()
       seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
     return seconds
 
+  # Each op's first call allocates and picks its kernels: every candidate op of every layer runs first.
   start = time.perf_counter()
+  for op in range(space_lib.NUM_OPS):
+    step(op)
   step()
-  # Every op's first call allocates and picks its kernels: run until each op of each layer has run once.
-  for _ in range(2 * space_lib.NUM_OPS):
-    step()
   warmup = time.perf_counter() - start
   timed = [step() for _ in range(steps)]
   totals = [sum(t.values()) for t in timed]
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     f'torch {torch.__version__}, {torch.get_num_threads()} threads; space {args.space}; batch {batch}, {image_size} px'
   )
   result = student_step_seconds(space, batch, image_size, stem_stride, args.steps)
-  print(f'warm-up (every op run at least once, not timed) {result["warmup_s"]:.1f} s')
+  print(f'warm-up (every op of every layer run once, not timed) {result["warmup_s"]:.1f} s')
   print(
     f'student part, every cell once: {result["step_s"]:.3f} s per step (median of {args.steps}: '
     + ', '.join(f'{t:.2f}' for t in result['steps_s'])

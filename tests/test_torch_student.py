@@ -41,6 +41,10 @@ def test_a_step_trains_every_cell_along_a_path_and_keeps_pins():
   rng = np.random.default_rng(0)
   pinned = SPACE.blocks[1].cells[0]
   assert {tuple(torch_student.sample_path(rng, pinned)) for _ in range(20)} == {(0,)}
+  assert torch_student.with_pins([4], pinned) == [0]
+  free = SPACE.blocks[0].cells[1]
+  assert torch_student.with_pins([5, 2], free) == [5, 2]
+  assert {op for _ in range(50) for op in torch_student.sample_path(rng, free)} == set(range(6))
   result = torch_student.student_step_seconds(SPACE, 4, 32, 1, steps=2)
   assert set(result['blocks_s']) == {'block1', 'block2'}
   assert len(result['steps_s']) == 2 and all(t > 0 for t in result['steps_s'])
