@@ -120,8 +120,8 @@ def make_cell(cell: supernet.SupernetCell) -> Any:
 
 def make_optimizer(model: Any, learning_rate: float) -> Any:
   """Adam, L2 weight decay on conv kernels only (BatchNorm and bias parameters without)."""
-  kernels = [p for name, p in model.named_parameters() if p.ndim > 1]
-  others = [p for name, p in model.named_parameters() if p.ndim <= 1]
+  kernels = [p for p in model.parameters() if p.ndim > 1]
+  others = [p for p in model.parameters() if p.ndim <= 1]
   groups = [{'params': kernels, 'weight_decay': WEIGHT_DECAY}, {'params': others, 'weight_decay': 0.0}]
   return torch.optim.Adam(groups, lr=learning_rate)
 
