@@ -332,11 +332,7 @@ def main(argv: list[str] | None = None) -> int:
   cache = program_cache.ProgramCache(args.program_cache_dir) if args.program_cache_dir else None
   counter = count_compiles(args.progress)
 
-  batch_size = args.batch or (8 if args.space == 'imagenet' else 128)
-  if args.space == 'imagenet':
-    space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
-  else:
-    space, teacher_name, image, stem_stride = space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), 'tiny', 32, 1
+  space, teacher_name, batch_size, image, stem_stride = step_benchmark.benchmark_space(args.space, args.batch)
   conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
   cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
@@ -406,9 +402,11 @@ def main(argv: list[str] | None = None) -> int:
       flush=True,
     )
     if args.profile_dir and programs == 'layer':
-      # With --concurrent_cells, the step that launches that many cells at once (as training does).
+      # With --concurrent_cells, the step that launches that many cells at once (as training does); its
+      # first call runs the cells in turn, so it runs once before the profiled call.
       profiled = build_step(blocks, model, learning_rates, args, 'layer', cache, max(args.concurrent_cells, 1))
-      jax.block_until_ready(profiled(states, batch, teacher_variables))
+      if profiled is not step_fn:
+        jax.block_until_ready(profiled(states, batch, teacher_variables))
       with jax.profiler.trace(args.profile_dir):
         jax.block_until_ready(profiled(states, batch, teacher_variables))
       print(f'  profiled one step in {args.profile_dir}', flush=True)

@@ -103,13 +103,18 @@ def compile_and_time(fn, args, steps: int) -> dict[str, float]:
   }
 
 
+def benchmark_space(which: str, batch: int = 0) -> tuple[space_lib.SearchSpace, str, int, int, int]:
+  """(space, teacher variant, batch, image size, stem stride) of the distillation benchmarks' --space
+  'imagenet' or 'small'; `batch` 0: that space's default (8 or 128)."""
+  if which == 'imagenet':
+    return space_lib.default_imagenet_space(), 'b7', batch or 8, 224, 2
+  return space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', batch or 128, 32, 1
+
+
 def setup(args):
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
   conv = layers.Conventions(dtype=dtype)
-  if args.space == 'imagenet':
-    space, teacher_name, image, stem_stride = space_lib.default_imagenet_space(), 'b7', 224, 2
-  else:
-    space, teacher_name, image, stem_stride = space_lib.parse_space(SMALL_SPACE, 16, 8), 'tiny', 32, 1
+  space, teacher_name, _, image, stem_stride = benchmark_space(args.space)
   model = efficientnet.variant(teacher_name, conventions=conv)
   cells = supernet.supernet_cells(space, conventions=conv, stem_stride=stem_stride, remat=args.remat)
   return space, model, cells, image, stem_stride
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     help='device peak in GFLOP/s (default: 157, fp32 of the 2-core CPU this project is tested on)',
   )
   args = parser.parse_args(argv)
-  batch = args.batch or (8 if args.space == 'imagenet' else 128)
+  batch = benchmark_space(args.space, args.batch)[2]
   if batch % jax.device_count():
     print(f'error: --batch {batch} must divide over {jax.device_count()} devices', file=sys.stderr)
     return 1

@@ -49,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   counter = distill_programs.count_compiles()
 
-  if args.space == 'imagenet':
-    space, image, stem_stride = space_lib.default_imagenet_space(), 224, 2
-  else:
-    space, image, stem_stride = space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), 32, 1
+  space, _, _, image, stem_stride = step_benchmark.benchmark_space(args.space)
   cells = supernet.supernet_cells(space, stem_stride=stem_stride)
   sizes = space_lib.supernet_input_sizes(space, image, stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
   require_torch()
   if args.threads:
     torch.set_num_threads(args.threads)
-  space, batch, image_size, stem_stride = space_and_sizes(args.space, args.batch)
+  space, _, batch, image_size, stem_stride = step_benchmark.benchmark_space(args.space, args.batch)
   print(
     f'torch {torch.__version__}, {torch.get_num_threads()} threads; space {args.space}; batch {batch}, {image_size} px'
   )
@@ -216,13 +216,6 @@ def main(argv: list[str] | None = None) -> int:
   )
   print('per block: ' + ', '.join(f'{name} {s:.3f} s' for name, s in result['blocks_s'].items()))
   return 0
-
-
-def space_and_sizes(which: str, batch: int) -> tuple[space_lib.SearchSpace, int, int, int]:
-  """(space, batch, image size, stem stride) of the benchmarks' two spaces, as `distill_programs.py` uses them."""
-  if which == 'imagenet':
-    return space_lib.default_imagenet_space(), batch or 8, 224, 2
-  return space_lib.parse_space(step_benchmark.SMALL_SPACE, 16, 8), batch or 128, 32, 1
 
 
 if __name__ == '__main__':
