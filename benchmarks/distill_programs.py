@@ -4,6 +4,7 @@
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
       [--dtype float32|bfloat16] [--peak_gflops 157] [--program_times] [--torch_student] [--progress]
+      [--sampled_op_programs 0|1] [--recompute_baseline]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
 does; --blocks: only those) with distill.programs='layer' and measures: the first step's wall time (it traces and
@@ -33,6 +34,13 @@ step run as training runs it (programs queued ahead, one cell at a time).
 --concurrent_cells cells at once as training runs it, less the median of its teacher-and-paths program
 alone, the two timed in alternation) against `torch_student.py`'s PyTorch stand-in for
 the authors' student part at the same batch and blocks (torch's default threads), and their ratio.
+
+--sampled_op_programs 0|1 (default 1, as distill.sampled_op_programs): on one device, each link's sampled
+op as a forward of its own that keeps its residuals and a backward from them (1), or the switch over the
+ops whose backward recomputes it (0). --recompute_baseline: afterwards, the step both ways, alternating,
+with --concurrent_cells cells at once; their medians, ratio and the largest difference of their updates
+(both in one process take more than Linux's default 65,530 memory mappings on XLA:CPU: raise
+vm.max_map_count first).
 
 --compile_threads N (default 2, as distill.compile_threads): the per-layer step traces its programs ahead
 of the first step while N threads compile them (0: each compiles when first called).
@@ -175,8 +183,9 @@ def measure(step_fn, states, batch, teacher_variables, steps: int, counter: Comp
   }
 
 
-def build_step(blocks, model, learning_rates, args, programs: str, cache, concurrent_cells: int):
-  """The distillation step as training builds it (memoized on its arguments), with this benchmark's settings."""
+def build_step(blocks, model, learning_rates, args, programs: str, cache, concurrent_cells: int, by_op=None):
+  """The distillation step as training builds it (memoized on its arguments), with this benchmark's settings
+  (`by_op`: distill.sampled_op_programs, default --sampled_op_programs)."""
   return distill_steps.parallel_distill_step(
     blocks,
     model,
@@ -194,6 +203,7 @@ def build_step(blocks, model, learning_rates, args, programs: str, cache, concur
     cache,
     concurrent_cells,
     args.compile_threads,
+    bool(args.sampled_op_programs) if by_op is None else by_op,
   )
 
 
@@ -210,16 +220,56 @@ def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states,
       start = time.perf_counter()
       outputs[n] = jax.block_until_ready(step(states, batch, teacher_variables))
       times[n].append(time.perf_counter() - start)
-  same = all(
-    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(outputs[1]), jax.tree.leaves(outputs[args.concurrent_cells]))
-  )
+  pairs = list(zip(jax.tree.leaves(outputs[1]), jax.tree.leaves(outputs[args.concurrent_cells])))
+  same = all(np.array_equal(a, b) for a, b in pairs)
+  largest = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in pairs)
   print(f'\n| cells at once | s/step (median of {args.steps}, alternating) | all steps | load |')
   print('|---|---|---|---|')
   for n, measured in times.items():
     median = statistics.median(measured)
     print(f'| {n} | {median:.3f} | {", ".join(f"{t:.2f}" for t in measured)} | {machine_load.load()} |')
   ratio = statistics.median(times[1]) / statistics.median(times[args.concurrent_cells])
-  print(f'\n{args.concurrent_cells} cells at once: {ratio:.2f}x (same run); the same update bit for bit: {same}')
+  print(
+    f'\n{args.concurrent_cells} cells at once: {ratio:.2f}x (same run); the same update bit for bit: {same} '
+    f'(largest difference {largest:.2e})'
+  )
+
+
+def compare_sampled_op_programs(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
+  """Steps with distill.sampled_op_programs on and off, alternating, --concurrent_cells cells at once; their
+  medians and the largest difference of their updates."""
+  cells_at_once = max(args.concurrent_cells, 1)
+  steps = {
+    by_op: build_step(blocks, model, learning_rates, args, 'layer', cache, cells_at_once, by_op)
+    for by_op in (False, True)
+  }
+  for _ in range(2):  # the first call compiles and runs the cells in turn; the second as training runs them
+    outputs = {by_op: jax.block_until_ready(step(states, batch, teacher_variables)) for by_op, step in steps.items()}
+  times = {by_op: [] for by_op in steps}
+  for _ in range(args.steps):
+    for by_op, step in steps.items():
+      start = time.perf_counter()
+      outputs[by_op] = jax.block_until_ready(step(states, batch, teacher_variables))
+      times[by_op].append(time.perf_counter() - start)
+  largest = max(
+    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    for a, b in zip(jax.tree.leaves(outputs[False][0]), jax.tree.leaves(outputs[True][0]))
+  )
+  print(
+    f"\n| each link's sampled op ({cells_at_once} cell(s) at once) | s/step (median of {args.steps}, alternating) "
+    '| all steps | load |'
+  )
+  print('|---|---|---|---|')
+  labels = {False: 'one program per layer shape, recomputed in the backward', True: 'its own programs, residuals kept'}
+  for by_op, measured in times.items():
+    print(
+      f'| {labels[by_op]} | {statistics.median(measured):.3f} | {", ".join(f"{t:.2f}" for t in measured)} '
+      f'| {machine_load.load()} |'
+    )
+  ratio = statistics.median(times[False]) / statistics.median(times[True])
+  print(
+    f'\nresiduals kept / recomputed: {ratio:.2f}x faster (same run); largest difference of the new states {largest:.2e}'
+  )
 
 
 def program_name(program: Any) -> str:
@@ -291,7 +341,8 @@ def compare_with_torch(
   student_s, torch_s = step_s - teacher_s, torch_result['step_s']
   print(
     f'\n| student part (every cell fwd + bwd + Adam) | s/step (median of {steps}) | load |\n|---|---|---|\n'
-    f'| JAX, per layer shape, {cells_at_once} cell(s) at once: step {step_s:.3f} less teacher and paths '
+    f'| JAX, per layer shape{" with sampled-op programs" if getattr(step_fn, "by_op", False) else ""}, '
+    f'{cells_at_once} cell(s) at once: step {step_s:.3f} less teacher and paths '
     f'{teacher_s:.3f} | {student_s:.3f} | {machine_load.load()} |\n'
     f"| PyTorch stand-in for the authors' (torch_student.py, {torch_student.torch.get_num_threads()} threads) | "
     f'{torch_s:.3f} | {machine_load.load()} |'
@@ -324,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--program_times', action='store_true', help='also time each program of the step alone')
   parser.add_argument(
     '--torch_student', action='store_true', help="also time the PyTorch stand-in for the authors' student part"
+  )
+  parser.add_argument(
+    '--sampled_op_programs', type=int, choices=(0, 1), default=1, help='as distill.sampled_op_programs (default 1)'
+  )
+  parser.add_argument(
+    '--recompute_baseline',
+    action='store_true',
+    help='also time the step with and without --sampled_op_programs, alternating',
   )
   parser.add_argument('--progress', action='store_true', help='print a line per compiled program, with the time')
   args = parser.parse_args(argv)
@@ -394,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     if baseline:
       clear_program_builders()  # what is built next traces the code's formulation again
     r = results[programs]
+    by_op = ' with sampled-op programs' if getattr(step_fn, 'by_op', False) else ''
     print(
-      f"  programs='{programs}': first step {r['first_s']:.1f} s ({r['compiled']} programs compiled; "
+      f"  programs='{programs}'{by_op}: first step {r['first_s']:.1f} s ({r['compiled']} programs compiled; "
       + ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in r['phases'].items())
       + '), '
       + f'then {r["step_s"]:.3f} s/step; peak RSS after the first step {r["rss"]:.2f} GiB; load {r["load"]}',
@@ -442,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     )
   if args.concurrent_cells > 1:
     compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)
+  if args.recompute_baseline:
+    compare_sampled_op_programs(blocks, model, learning_rates, args, cache, states, batch, teacher_variables)
   if args.program_times:
     time_programs(
       build_step(blocks, model, learning_rates, args, 'layer', cache, 1), states, batch, teacher_variables, args.steps

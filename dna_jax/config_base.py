@@ -179,7 +179,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       parallel='pmap',
       # What the backward pass recomputes (models/supernet.py REMAT): 'op' (every candidate op
       # rematerialised; fastest measured), 'dots' (1x1 conv outputs kept) or 'none'. With
-      # programs='layer' each link's backward program recomputes its sampled op whatever this says.
+      # programs='layer' each link's backward program recomputes its sampled op whatever this says
+      # (or, with sampled_op_programs on one device, keeps all of its residuals).
       remat='op',
       # 'layer': one program per layer shape, shared by every layer and cell of that shape; 'step': the
       # whole step one program (distill_steps.py). Same update. Measured on a 2-core AMD EPYC
@@ -196,6 +197,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       # cells run at once, from as many threads. The 15-cell ImageNet step on 2 CPU cores: 1.06x with 2
       # (benchmarks/distill_programs.py --concurrent_cells 2, same run, 7.85 vs 8.35 s; bit-identical).
       concurrent_cells=2,
+      # With programs='layer' on one device (in all): each link's sampled op (read back to the host once
+      # the paths are drawn) runs as a forward of its own that keeps the residuals of its gradient, and a
+      # backward from them, instead of a switch over the ops whose backward recomputes the sampled one.
+      # The 15-cell ImageNet step (B7 teacher, batch 8, 2 cells at once) on 2 idle AMD EPYC cores, same run
+      # (benchmarks/distill_programs.py --recompute_baseline): 2.71 against 3.14 s per step (1.16x), the
+      # student part then 1.14-1.22x faster than a PyTorch stand-in for the authors'; but 302 programs
+      # instead of 82 (a forward and a backward per op of each layer shape), so the first step traces and
+      # compiles in 194-223 s instead of 118-123 s, and on XLA:CPU the process reaches 46,000-50,000 of
+      # Linux's default 65,530 memory mappings (with too few left it falls back to the switch, warning).
+      sampled_op_programs=True,
       # With programs='layer' under shard_map in one process: before the first step, every program is
       # traced from the arguments' shapes while this many threads compile them (0: each compiles when
       # first called). The 15-cell ImageNet step's first step on 2 idle Xeon cores (one cold run each,

@@ -11,8 +11,10 @@ statistics are averaged over devices. Both forms compute the same update:
   loss, and for each link its backward (which recomputes the sampled op's forward, like
   distill.remat='op') and its part of the block's optimizer step. Links with the same modules and
   input shape share their compiled programs, so the compile cost grows with the number of distinct
-  layer shapes rather than with the number of layers, cells and ops. On one device of one process,
-  cells (independent given the teacher's outputs) are launched from `concurrent_cells` threads.
+  layer shapes rather than with the number of layers, cells and ops. On one device (in all), cells
+  (independent given the teacher's outputs) are launched from `concurrent_cells` threads, and with
+  `sampled_op_programs` each link's sampled op, read back to the host, runs as a forward of its own
+  that keeps its gradient's residuals and a backward from them: no switch, nothing recomputed.
 
 Given a `program_cache.ProgramCache`, either form stores its compiled programs, described by the
 arguments that built them, and a rerun or resumed run loads them instead of tracing again.
@@ -28,9 +30,11 @@ from typing import Any
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dna_jax import images as images_lib
+from dna_jax import link_programs
 from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import space as space_lib
@@ -237,26 +241,6 @@ def _loss_and_grad(output: Array, target: Array) -> tuple[Array, Array, Array]:
   return d_output, lax.pmean(mse, parallel.AXIS), lax.pmean(rel_l1, parallel.AXIS)
 
 
-def _link_update(
-  optimizer: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any
-) -> tuple[Any, Any, Array]:
-  """One link's part of its block's optimizer step, and its gradient's squared norm.
-
-  The block's optimizers are elementwise (Adam, weight decay on kernels, a learning rate shared by
-  every leaf), so each link updates on its own exactly as within the whole block.
-  """
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  # One sum over the concatenated gradients: a reduction per leaf compiled as 2-3 kernels of its own,
-  # 40% of the program's kernels (XLA compile of a 78-leaf layer's update 0.68 -> 0.51 s, 2-core Xeon).
-  squared_norm = jnp.sum(jnp.square(jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])))
-  return optax.apply_updates(params, updates), opt_state, squared_norm
-
-
-def _step_and_grad_norm(step: Array, squared_norms: tuple[Array, ...]) -> tuple[Array, Array]:
-  """The block's next step count and the norm of its whole gradient, from its links' squared norms."""
-  return step + 1, jnp.sqrt(sum(squared_norms))
-
-
 # Programs shared by every link (and cell, and step) with the same modules: compiled once per input shape.
 @functools.cache
 def _forward_program(
@@ -275,26 +259,6 @@ def _backward_program(
     functools.partial(_link_backward, modules, input_grad), mode, (False, False, True, True, True), out
   )
   return program_cache.wrap(cache, fn, f'distill_link_backward{(modules, input_grad, mode)!r}')
-
-
-@functools.cache
-def _update_program(
-  optimizer: optax.GradientTransformation, what: str, mode: str, cache: program_cache.ProgramCache | None = None
-) -> Callable[..., Any]:
-  """A link's optimizer step (`_link_update`); `what` describes `optimizer` for `cache`.
-
-  Shared by every link with the same parameter shapes and optimizer: the 15-cell ImageNet step's
-  six per-block updates (3,900 parameter arrays, one program each) took 36 of its 99 s of XLA compile
-  (about 9 ms per array, on a 2-core Intel Xeon).
-  """
-  fn = parallel.per_device(functools.partial(_link_update, optimizer), mode, (False,) * 3, (False,) * 3)
-  return program_cache.wrap(cache, fn, what and f'distill_link_update{(what, mode)!r}')
-
-
-@functools.cache
-def _step_program(mode: str, cache: program_cache.ProgramCache | None = None) -> Callable[..., Any]:
-  fn = parallel.per_device(_step_and_grad_norm, mode, (False, False), (False, False))
-  return program_cache.wrap(cache, fn, f'distill_step_and_grad_norm{(mode,)!r}')
 
 
 @functools.cache
@@ -337,6 +301,7 @@ class LayerwiseStep:
     described: tuple[str, dict[str, str]] = ('', {}),
     concurrent_cells: int = 1,
     compile_threads: int = 0,
+    sampled_op_programs: bool = False,
   ):
     """`described`: descriptions (for `cache`) of the inputs program and of each block's update.
     `compile_threads` > 0: before the first step, trace every program from the arguments' shapes while
@@ -348,6 +313,7 @@ class LayerwiseStep:
         f'A program cache needs a description of the inputs program and of each of {sorted(optimizers)}.'
       )
     self.blocks, self.mode, self.cache = blocks, mode, cache
+    self.by_op = sampled_op_programs and link_programs.usable(tuple(cell for _, cells in blocks for cell in cells))
     threads = concurrent_cells if jax.device_count() == 1 else 1
     self.cell_threads = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
     self.compiled = False  # the first call runs the cells in turn: two threads would compile a program twice
@@ -391,9 +357,24 @@ class LayerwiseStep:
     """
     params, stats = state.params[cell_name], state.batch_stats[cell_name]
     optimizer, what = self.optimizers[block]
-    update = _update_program(optimizer, what, self.mode, self.cache)
+    update = link_programs.update_program(optimizer, what, self.mode, self.cache)
     links = cell.units()
     link_ops = [ops[max(l, 0)] for _, _, l in links]  # the stem and DS ignore theirs
+    if self.by_op:
+      return link_programs.train_cell(
+        call,
+        cell,
+        self.mode,
+        self.cache,
+        _loss_program(self.mode, self.cache),
+        update,
+        params,
+        stats,
+        lambda link: supernet_store.link_opt_state(state.opt_state, state.params, cell_name, link),
+        inputs,
+        target,
+        link_ops,
+      )
     x, link_inputs, new_stats = inputs, [], {}
     for (name, modules, _), op in zip(links, link_ops):
       link_inputs.append(x)
@@ -437,6 +418,8 @@ class LayerwiseStep:
   ) -> tuple[dict[str, BlockState], dict[str, Array]]:
     """The step, each program run as `call(program, *arguments)` (benchmarks time the programs this way)."""
     features, images, ops = call(self.inputs, batch, teacher_variables, next(iter(states.values())).step)
+    if self.by_op:  # the sampled ops, on the host (shapes alone when compiling ahead)
+      ops = jax.tree.map(lambda op: np.asarray(op) if isinstance(op, jax.Array) else op, ops)
     cells = {}  # (block, cell) -> its results (`train_cell`), or a future of them
     for k, block_cells in self.blocks:
       name = f'block{k + 1}'
@@ -468,7 +451,7 @@ class LayerwiseStep:
         squared_norms += cell_norms
         metrics[f'{name}/{cname}/mse'], metrics[f'{name}/{cname}/rel_l1'] = mse, rel_l1
       step, metrics[f'{name}/grad_norm'] = call(
-        _step_program(self.mode, self.cache), states[name].step, tuple(squared_norms)
+        link_programs.step_program(self.mode, self.cache), states[name].step, tuple(squared_norms)
       )
       opt_state = supernet_store.block_opt_state(states[name].opt_state, states[name].params, opt_states)
       new_states[name] = BlockState(step, params, stats, opt_state)
@@ -494,6 +477,7 @@ def parallel_distill_step(
   cache: program_cache.ProgramCache | None = None,
   concurrent_cells: int = 1,
   compile_threads: int = 0,
+  sampled_op_programs: bool = False,
 ) -> Callable[..., Any]:
   """The device-parallel distillation step, built once per configuration (so compiled once).
 
@@ -501,6 +485,8 @@ def parallel_distill_step(
   `concurrent_cells`: with programs='layer' on one device of one process, how many cells run at once.
   `compile_threads`: with programs='layer', how many threads compile its programs while the next are
   traced, before the first step (0: each compiles when first called; `LayerwiseStep`).
+  `sampled_op_programs`: with programs='layer' on one device, each link's sampled op as a forward that
+  keeps its residuals and a backward from them (on XLA:CPU only where their memory mappings fit).
   """
   check_programs(programs)
   teacher_part = (blocks, teacher_model, train_mode_bn, sampling, seed, mode, student_normalization)
@@ -533,6 +519,7 @@ def parallel_distill_step(
       described,
       concurrent_cells,
       compile_threads,
+      sampled_op_programs,
     )
   step_fn = functools.partial(
     distill_step,

@@ -1,4 +1,5 @@
-"""How this process's C allocator treats freed memory: kept for reuse when XLA runs on the CPU.
+"""How this process's C allocator treats freed memory: kept for reuse when XLA runs on the CPU. (Also
+how many memory mappings the process has left: `memory_map_room`.)
 
 XLA:CPU allocates every program's temporary buffers with malloc on each run and frees them at the end.
 With glibc's defaults, large blocks are mmap'd afresh each time and unmapped (or trimmed) when freed, so
@@ -79,3 +80,20 @@ def set_mode(mode: str) -> bool:
 def set_wanted_mode() -> bool:
   """`set_mode(wanted_mode())`."""
   return set_mode(wanted_mode())
+
+
+def memory_map_room(maps_file: str = '/proc/self/maps', limit_file: str = '/proc/sys/vm/max_map_count') -> int | None:
+  """How many more memory mappings this process may make before Linux refuses (vm.max_map_count less
+  those it has); None where that cannot be read (not Linux).
+
+  XLA:CPU maps its compiled code in many small regions, about 120 per program of the distillation step;
+  past the limit, its compiler fails with 'Cannot allocate memory' and the process crashes.
+  """
+  try:
+    with open(limit_file) as f:
+      limit = int(f.read().split()[0])
+    with open(maps_file) as f:
+      used = sum(1 for _ in f)
+  except (OSError, ValueError, IndexError):
+    return None
+  return limit - used

@@ -17,6 +17,7 @@ import pytest
 
 from dna_jax import cell_rating
 from dna_jax import distill_steps
+from dna_jax import link_programs
 from dna_jax.models import supernet
 
 # Builders that keep compiled programs alive for reuse within a run.
@@ -24,6 +25,9 @@ _PROGRAM_CACHES = (
   distill_steps._forward_program,
   distill_steps._backward_program,
   distill_steps._loss_program,
+  link_programs.forward_program,
+  link_programs.backward_program,
+  link_programs.update_program,
   distill_steps.parallel_distill_step,
   cell_rating.compiled,
   supernet._init_program,

@@ -15,6 +15,8 @@ import pytest
 
 from dna_jax import config_base
 from dna_jax import distill_steps
+from dna_jax import host_memory
+from dna_jax import link_programs
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -297,3 +299,101 @@ def test_cells_launched_from_two_threads_give_the_same_steps_bit_for_bit(tmp_pat
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split()[-1] == 'same'
+
+
+def test_sampled_ops_run_as_their_own_programs_give_the_same_steps(tmp_path):
+  """On one device, sampled_op_programs: each sampled op's forward keeps its residuals for its backward
+  (no recomputation, no switch); the same states and metrics as the per-layer-shape switch, in both
+  parallel modes, and compiling ahead compiles every op's programs before the first step."""
+  script = textwrap.dedent("""
+    import os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+    import functools
+    import jax
+    jax.config.update('jax_disable_most_optimizations', True)
+    import numpy as np, optax
+    sys.path.insert(0, 'tests')
+    import test_distill_steps as t
+    from dna_jax import distill_steps, link_programs, parallel, supernet_store
+    _, blocks, teacher, teacher_variables, sizes = t.make_setup()
+    # The blocks' optimizer with a large epsilon (see test_adam_on_each_link_gives_the_block_update).
+    adam = optax.chain(
+        optax.add_decayed_weights(0.1, mask=supernet_store.kernel_mask),
+        optax.scale_by_adam(eps=1e-3),
+        optax.scale_by_learning_rate(distill_steps.create_learning_rate_fn(0.01, 0.9, 1)))
+    called = []
+    for module, name in ((distill_steps, '_link_backward'), (link_programs, '_backward')):
+      original = getattr(module, name)
+      @functools.wraps(original)
+      def recording(*args, original=original, name=name):
+        called.append(name)
+        return original(*args)
+      setattr(module, name, recording)
+    log = t.CompileLog()
+    t.logging.getLogger('jax').addHandler(log)
+    jax.config.update('jax_log_compiles', True)
+    after_ahead = []
+    for mode in ('shard_map', 'pmap'):
+      results = {}
+      for by_op in (False, True):
+        called.clear()
+        step = distill_steps.LayerwiseStep(mode=mode, sampled_op_programs=by_op,
+                                           compile_threads=2 * (mode == 'shard_map'),
+                                           **t.step_arguments(blocks, teacher, adam))
+        assert step.by_op == by_op
+        if by_op and mode == 'shard_map':
+          start = len(log.compiled)
+          step._compile_ahead = lambda *args, run=step._compile_ahead: (run(*args), after_ahead.append(len(log.compiled)))
+        states = parallel.replicate({f'block{k + 1}': supernet_store.create_block_state(
+            jax.random.PRNGKey(k), cells, sizes[k], adam) for k, cells in blocks}, mode)
+        history = []
+        for i in range(3):
+          images = np.random.default_rng(i).uniform(0, 1, (1, 16, t.IMAGE, t.IMAGE, 3)).astype(np.float32)
+          states, metrics = step(states, parallel.shard_batch({'image': images}, mode), teacher_variables)
+          history.append(jax.device_get(metrics))
+        results[by_op] = (parallel.host_copy(states), history)
+        if by_op and mode == 'shard_map':
+          compiled = log.compiled[start:]
+          assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
+        assert set(called) == {'_backward' if by_op else '_link_backward'}, set(called)
+      (expected, expected_history), (got, history) = results[False], results[True]
+      assert jax.tree.structure(got) == jax.tree.structure(expected)
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, expected)
+      for metrics, expected_metrics in zip(history, expected_history):
+        assert metrics.keys() == expected_metrics.keys()
+        for key in metrics:
+          np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-4, err_msg=key)
+    # Compiled ahead: a forward and a backward for every op of every link shape, whichever ops were sampled.
+    from dna_jax.models import supernet
+    shapes = {(modules, shape) for k, cells in blocks for cell in cells for (_, modules, _), shape in
+              zip(cell.units(), cell.link_input_shapes(supernet.input_shape(cell, 16, sizes[k])))}
+    ops = sum(len(modules) for modules, _ in shapes)
+    assert sum(name == 'jit(_forward)' for name in compiled) == ops, (ops, compiled)
+    assert sum(name == 'jit(_backward)' for name in compiled) == ops, (ops, compiled)
+    print('same', ops)
+  """)
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split()[-2] == 'same'
+
+
+def test_sampled_op_programs_give_way_when_memory_mappings_run_short(setup, tmp_path, caplog):
+  """Their programs need ~120 memory mappings each on XLA:CPU: with too few left, one program per layer shape."""
+  _, blocks, _, _, _ = setup
+  limit, maps = tmp_path / 'max_map_count', tmp_path / 'maps'
+  limit.write_text('65530\n')
+  maps.write_text('mapping\n' * 530)
+  assert host_memory.memory_map_room(str(maps), str(limit)) == 65_000
+  assert host_memory.memory_map_room(str(maps), str(tmp_path / 'absent')) is None
+  # SPACE: 6 layer shapes of 6 ops, the stem and the DS (the other test compiles these 38): 2 x 38 programs.
+  needed = 76 * link_programs.MAPS_PER_PROGRAM + link_programs.MAPS_KEPT_FOR_OTHER_PROGRAMS
+  cells = tuple(cell for _, block_cells in blocks for cell in block_cells)
+  for room, fits in ((needed, True), (needed - 1, False), (None, True)):
+    link_programs.usable.cache_clear()
+    with mock.patch.object(host_memory, 'memory_map_room', return_value=room):
+      assert link_programs.usable(cells) is False  # 8 devices: each samples its own path
+      link_programs.usable.cache_clear()
+      with mock.patch.object(jax, 'device_count', return_value=1):
+        assert link_programs.usable(cells) == fits
+  link_programs.usable.cache_clear()
+  assert 'Raise vm.max_map_count' in caplog.text

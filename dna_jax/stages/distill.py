@@ -252,6 +252,7 @@ def train_blocks(
       program_cache.from_config(config),
       dcfg.concurrent_cells,
       dcfg.compile_threads,
+      dcfg.sampled_op_programs,
     )
 
   batches: dict[int, Iterator[dict[str, np.ndarray]]] = {}  # data streams opened early, by start step
