@@ -14,7 +14,8 @@ statistics are averaged over devices. Both forms compute the same update:
   layer shapes rather than with the number of layers, cells and ops. On one device (in all), cells
   (independent given the teacher's outputs) are launched from `concurrent_cells` threads, and with
   `sampled_op_programs` each link's sampled op, read back to the host, runs as a forward of its own
-  that keeps its gradient's residuals and a backward from them: no switch, nothing recomputed.
+  that keeps its gradient's residuals and a backward from them: no switch, nothing recomputed
+  (`link_programs.py`, which also holds the links' update programs).
 
 Given a `program_cache.ProgramCache`, either form stores its compiled programs, described by the
 arguments that built them, and a rerun or resumed run loads them instead of tracing again.
