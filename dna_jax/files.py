@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from typing import Any
 
 from etils import epath
@@ -18,7 +19,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> epath.Path:
   """Writes `data` to `path` through a temporary file and a rename: readers never see a partial file."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'{path.name}.tmp-{os.getpid()}'
+  # Per process and thread: two threads storing the same file at once (the distillation step's programs
+  # compiled ahead) otherwise shared one temporary file, and one rename failed.
+  tmp = path.parent / f'{path.name}.tmp-{os.getpid()}-{threading.get_ident()}'
   tmp.write_bytes(data)
   tmp.replace(path)
   return path

@@ -60,11 +60,13 @@ def _backward(
   dy: Array,
 ) -> tuple[Any, ...]:
   """Per device: the link's parameter gradients (zeros but for op `op`), averaged over devices, from
-  the residuals `_forward` kept (and, if `input_grad`, this device's input gradient)."""
+  the residuals `_forward` kept (and, if `input_grad`, this device's input gradient). `stats`: op
+  `op`'s statistics alone (the other ops' may come from a checkpoint or from a step, each a signature
+  of its own: with them all, a resumed run compiled more programs at every restart)."""
   params, stats = parallel.varying(params), parallel.varying(stats)
   names = space_lib.OP_NAMES
-  taken_params, taken_stats = (params[names[op]], stats[names[op]]) if len(modules) > 1 else (params, stats)
-  forward = lambda p, x: supernet.apply_module(modules[op], p, taken_stats, x, True)
+  taken_params = params[names[op]] if len(modules) > 1 else params
+  forward = lambda p, x: supernet.apply_module(modules[op], p, stats, x, True)
   # The pullback's structure (not its values) from tracing the forward again; x only lends its shape.
   structure = jax.tree.structure(jax.eval_shape(lambda p, x: jax.vjp(forward, p, x, has_aux=True)[1], taken_params, x))
   d_taken, dx = jax.tree.unflatten(structure, [r[0] for r in residuals])(dy)
@@ -207,7 +209,14 @@ def train_cell(
   for i in reversed(range(len(links))):
     name, modules, _ = links[i]
     results = [
-      call(backward_program(modules, j, i > 0, mode, cache), params[name], stats[name], link_inputs[i], kept, d_x)
+      call(
+        backward_program(modules, j, i > 0, mode, cache),
+        params[name],
+        part(stats[name], modules, j),
+        link_inputs[i],
+        kept,
+        d_x,
+      )
       for j, kept in zip(taken[i], residuals[i])
     ]
     d_x = results[0][-1]
