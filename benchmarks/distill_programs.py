@@ -243,6 +243,9 @@ def compare_sampled_op_programs(blocks, model, learning_rates, args, cache, stat
     by_op: build_step(blocks, model, learning_rates, args, 'layer', cache, cells_at_once, by_op)
     for by_op in (False, True)
   }
+  if not steps[True].by_op:
+    print('\nthe sampled-op step fell back to the switch (too few memory mappings left): raise vm.max_map_count')
+    return
   for _ in range(2):  # the first call compiles and runs the cells in turn; the second as training runs them
     outputs = {by_op: jax.block_until_ready(step(states, batch, teacher_variables)) for by_op, step in steps.items()}
   times = {by_op: [] for by_op in steps}

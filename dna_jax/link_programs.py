@@ -6,7 +6,7 @@ recomputes the sampled op, since each device may sample another. With one device
 are read back to the host once the paths are drawn, and each runs as a forward that keeps the residuals
 of its gradient (`jax.vjp`'s) and a backward from them: nothing is recomputed. The 15-cell ImageNet
 step ran 1.16x faster (same run, 2-core AMD EPYC), but as 302 programs instead of 82, each about 120 of
-the process's memory mappings on XLA:CPU (README, "Speed"); `usable` checks that there
+the process's memory mappings on XLA:CPU (README, "Performance"); `usable` checks that there
 is room for them.
 """
 
@@ -61,8 +61,7 @@ def _backward(
 ) -> tuple[Any, ...]:
   """Per device: the link's parameter gradients (zeros but for op `op`), averaged over devices, from
   the residuals `_forward` kept (and, if `input_grad`, this device's input gradient). `stats`: op
-  `op`'s statistics alone (the other ops' may come from a checkpoint or from a step, each a signature
-  of its own: with them all, a resumed run compiled more programs at every restart)."""
+  `op`'s statistics alone, all that tracing its forward again reads."""
   params, stats = parallel.varying(params), parallel.varying(stats)
   names = space_lib.OP_NAMES
   taken_params = params[names[op]] if len(modules) > 1 else params

@@ -2,12 +2,12 @@
 
 JAX's persistent compilation cache (`enable_compilation_cache`) skips XLA's compilation on a rerun, but
 JAX still traces and lowers each program to look it up: about 30 s of the demo's distillation step on 2 CPU
-cores (README, "Speed"). `ProgramCache` stores the compiled executable itself, keyed by what
+cores (README, "Performance"). `ProgramCache` stores the compiled executable itself, keyed by what
 built it instead of by its HLO: this package's source, the versions of the libraries that trace it, the
 XLA flags and devices, a description of the program (`what`, e.g. the repr of the cells it trains) and
 the abstract values and shardings of its arguments. A rerun, a resumed run or the next stage then loads
 the executable without tracing or compiling. (On XLA:CPU the load itself is not free: 41-43 s for the
-demo's step, most of it XLA deserialising its YNNPACK fusions; README, "Speed".)
+demo's step, most of it XLA deserialising its YNNPACK fusions; README, "Performance".)
 
 A program whose description holds something that differs between processes (an object's address) is
 not stored, nor is anything while JAX runs several processes (a pod slice; not supported yet), nor an
