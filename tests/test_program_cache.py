@@ -16,6 +16,7 @@ import pytest
 import test_distill_steps
 
 from dna_jax import distill_steps
+from dna_jax import files
 from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import supernet_store
@@ -282,3 +283,24 @@ def test_a_program_from_jax_s_persistent_cache_is_not_stored_again(tmp_path):
     outputs.append(out.stdout.split()[-1])
   assert outputs[0] == outputs[1] == outputs[2]
   assert not list((tmp_path / 'programs').glob('*.executable'))
+
+
+def test_threads_storing_the_same_file_at_once_each_succeed(tmp_path):
+  """Two compile threads may store the same program at once: each writes its own temporary file."""
+  path, errors = tmp_path / 'program.executable', []
+
+  def store(data: bytes) -> None:
+    try:
+      for _ in range(200):
+        files.atomic_write_bytes(path, data)
+    except OSError as e:
+      errors.append(e)
+
+  threads = [threading.Thread(target=store, args=(b'x' * 100_000,)) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors
+  assert path.read_bytes() == b'x' * 100_000
+  assert [p.name for p in tmp_path.iterdir()] == ['program.executable']  # no temporary file left
