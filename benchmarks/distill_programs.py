@@ -207,22 +207,38 @@ def build_step(blocks, model, learning_rates, args, programs: str, cache, concur
   )
 
 
+def alternate_steps(steps: dict[Any, Any], states, batch, teacher_variables, count: int):
+  """`count` rounds of each of `steps` once, in turn, on the same arguments: the last outputs and the
+  seconds of every call, by key."""
+  outputs, times = {}, {key: [] for key in steps}
+  for _ in range(count):
+    for key, step in steps.items():
+      start = time.perf_counter()
+      outputs[key] = jax.block_until_ready(step(states, batch, teacher_variables))
+      times[key].append(time.perf_counter() - start)
+  return outputs, times
+
+
+def largest_difference(a: Any, b: Any) -> float:
+  """The largest absolute difference between corresponding leaves of two pytrees of arrays."""
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
 def compare_concurrent_cells(blocks, model, learning_rates, args, cache, states, batch, teacher_variables) -> None:
   """Steps with cells one at a time and --concurrent_cells at once, alternating; their medians.
 
   The one-at-a-time step is the one `main` measured (the builder is memoized on its arguments).
   """
   steps = {n: build_step(blocks, model, learning_rates, args, 'layer', cache, n) for n in (1, args.concurrent_cells)}
-  outputs = {n: jax.block_until_ready(step(states, batch, teacher_variables)) for n, step in steps.items()}
-  times = {n: [] for n in steps}
-  for _ in range(args.steps):
-    for n, step in steps.items():
-      start = time.perf_counter()
-      outputs[n] = jax.block_until_ready(step(states, batch, teacher_variables))
-      times[n].append(time.perf_counter() - start)
+  outputs, _ = alternate_steps(steps, states, batch, teacher_variables, 1)  # compiles the second
+  timed, times = alternate_steps(steps, states, batch, teacher_variables, args.steps)
+  outputs.update(timed)
   pairs = list(zip(jax.tree.leaves(outputs[1]), jax.tree.leaves(outputs[args.concurrent_cells])))
   same = all(np.array_equal(a, b) for a, b in pairs)
-  largest = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in pairs)
+  largest = largest_difference(outputs[1], outputs[args.concurrent_cells])
   print(f'\n| cells at once | s/step (median of {args.steps}, alternating) | all steps | load |')
   print('|---|---|---|---|')
   for n, measured in times.items():
@@ -246,18 +262,11 @@ def compare_sampled_op_programs(blocks, model, learning_rates, args, cache, stat
   if not steps[True].by_op:
     print('\nthe sampled-op step fell back to the switch (too few memory mappings left): raise vm.max_map_count')
     return
-  for _ in range(2):  # the first call compiles and runs the cells in turn; the second as training runs them
-    outputs = {by_op: jax.block_until_ready(step(states, batch, teacher_variables)) for by_op, step in steps.items()}
-  times = {by_op: [] for by_op in steps}
-  for _ in range(args.steps):
-    for by_op, step in steps.items():
-      start = time.perf_counter()
-      outputs[by_op] = jax.block_until_ready(step(states, batch, teacher_variables))
-      times[by_op].append(time.perf_counter() - start)
-  largest = max(
-    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    for a, b in zip(jax.tree.leaves(outputs[False][0]), jax.tree.leaves(outputs[True][0]))
-  )
+  # The first call compiles and runs the cells in turn; the second as training runs them.
+  outputs, _ = alternate_steps(steps, states, batch, teacher_variables, 2)
+  timed, times = alternate_steps(steps, states, batch, teacher_variables, args.steps)
+  outputs.update(timed)
+  largest = largest_difference(outputs[False][0], outputs[True][0])
   print(
     f"\n| each link's sampled op ({cells_at_once} cell(s) at once) | s/step (median of {args.steps}, alternating) "
     '| all steps | load |'

@@ -31,7 +31,6 @@ from typing import Any
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dna_jax import images as images_lib
@@ -419,8 +418,8 @@ class LayerwiseStep:
   ) -> tuple[dict[str, BlockState], dict[str, Array]]:
     """The step, each program run as `call(program, *arguments)` (benchmarks time the programs this way)."""
     features, images, ops = call(self.inputs, batch, teacher_variables, next(iter(states.values())).step)
-    if self.by_op:  # the sampled ops, on the host (shapes alone when compiling ahead)
-      ops = jax.tree.map(lambda op: np.asarray(op) if isinstance(op, jax.Array) else op, ops)
+    if self.by_op and all(isinstance(op, jax.Array) for op in jax.tree.leaves(ops)):
+      ops = jax.device_get(ops)  # the sampled ops, on the host in one transfer (shapes when compiling ahead)
     cells = {}  # (block, cell) -> its results (`train_cell`), or a future of them
     for k, block_cells in self.blocks:
       name = f'block{k + 1}'
