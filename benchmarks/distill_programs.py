@@ -68,7 +68,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import distill_step as step_benchmark
@@ -382,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--per_tap_baseline', action='store_true', help='also measure one reduction per depthwise kernel tap (as before)'
   )
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
+  parser.add_argument('--dtype', choices=tuple(layers.ACTIVATION_DTYPES), default='float32', help='activation dtype')
   parser.add_argument('--peak_gflops', type=float, default=157.0, help='device peak for the FLOPs utilisation')
   parser.add_argument('--program_times', action='store_true', help='also time each program of the step alone')
   parser.add_argument(
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
   counter = count_compiles(args.progress)
 
   space, teacher_name, batch_size, image, stem_stride = step_benchmark.benchmark_space(args.space, args.batch)
-  conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
+  conventions = layers.Conventions(dtype=layers.ACTIVATION_DTYPES[args.dtype])
   cells = supernet.supernet_cells(space, conventions=conventions, stem_stride=stem_stride)
   block_ids = space_lib.parse_block_numbers(args.blocks, len(cells), '--blocks')
   blocks = tuple((k, tuple(cells[k])) for k in block_ids)

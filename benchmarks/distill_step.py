@@ -112,7 +112,7 @@ def benchmark_space(which: str, batch: int = 0) -> tuple[space_lib.SearchSpace, 
 
 
 def setup(args):
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
+  dtype = layers.ACTIVATION_DTYPES[args.dtype]
   conv = layers.Conventions(dtype=dtype)
   space, teacher_name, _, image, stem_stride = benchmark_space(args.space)
   model = efficientnet.variant(teacher_name, conventions=conv)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--space', choices=('imagenet', 'small'), default='imagenet')
   parser.add_argument('--batch', type=int, default=0, help='default: 8 (imagenet) or 128 (small)')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (median)')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--dtype', choices=tuple(layers.ACTIVATION_DTYPES), default='float32')
   parser.add_argument(
     '--teacher_bn',
     choices=('inference', 'train'),

@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/link_compile.py [--block 3] [--layer 1] [--batch 8] [--repeats 5]
 
 Part 1: the forward and the backward program of one layer of the ImageNet space
-(`distill_steps._forward_program` / `_backward_program`, the programs `distill.programs='layer'`
+(`link_programs.switch_forward_program` / `switch_backward_program`, the programs `distill.programs='layer'`
 compiles once per layer shape; default: the second layer of the deepest cell of block 3), lowered
 once and compiled under each XLA:CPU option set of OPTIONS: compile seconds and the median run time.
 
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from benchmarks import machine_load
-from dna_jax import distill_steps
+from dna_jax import link_programs
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax.models import layers
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
   print('\n| program | XLA:CPU options | compile s | run ms (k7e6) | load |\n|---|---|---|---|---|')
   programs = (
-    ('layer forward', distill_steps._forward_program(modules, 'shard_map'), (params, stats, x, op)),
-    ('layer backward', distill_steps._backward_program(modules, True, 'shard_map'), (params, stats, x, op, dy)),
+    ('layer forward', link_programs.switch_forward_program(modules, 'shard_map'), (params, stats, x, op)),
+    ('layer backward', link_programs.switch_backward_program(modules, True, 'shard_map'), (params, stats, x, op, dy)),
   )
   for what, program, program_args in programs:
     lowered = program.lower(*program_args)

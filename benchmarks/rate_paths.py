@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--five_layer', choices=('pieces', 'full', 'skip'), default='pieces')
   parser.add_argument('--rating_images', type=int, default=10000)
   parser.add_argument('--skip_teacher', action='store_true')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='activation dtype')
+  parser.add_argument('--dtype', choices=tuple(layers.ACTIVATION_DTYPES), default='float32', help='activation dtype')
   parser.add_argument(
     '--survivors',
     default='0.05,0.1,0.25',
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
   )
 
   space = space_lib.default_imagenet_space()
-  conventions = layers.Conventions(dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype])
+  conventions = layers.Conventions(dtype=layers.ACTIVATION_DTYPES[args.dtype])
   all_cells = supernet.supernet_cells(space, conventions=conventions)
   sizes = space_lib.supernet_input_sizes(space, 224, 2)
   in_size, in_ch = sizes[BLOCK], all_cells[BLOCK][0].in_channels

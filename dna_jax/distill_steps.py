@@ -15,7 +15,7 @@ statistics are averaged over devices. Both forms compute the same update:
   (independent given the teacher's outputs) are launched from `concurrent_cells` threads, and with
   `sampled_op_programs` each link's sampled op, read back to the host, runs as a forward of its own
   that keeps its gradient's residuals and a backward from them: no switch, nothing recomputed
-  (`link_programs.py`, which also holds the links' update programs).
+  (`link_programs.py` holds each link's programs in both forms).
 
 Given a `program_cache.ProgramCache`, either form stores its compiled programs, described by the
 arguments that built them, and a rerun or resumed run loads them instead of tracing again.
@@ -181,84 +181,10 @@ def distill_step(
 # ----------------------------------------------------------------------------- one program per layer shape
 
 
-def _link_forward(modules: tuple[Any, ...], params: Any, stats: Any, x: Array, op: Array) -> tuple[Array, Any]:
-  """Per device: the link in training mode (its only module, or candidate op number op[0]); its output
-  and its statistics, averaged over devices."""
-  stats = parallel.varying(stats)
-  if len(modules) == 1:
-    y, new_stats = supernet.apply_module(modules[0], params, stats, x, True)
-  else:
-    names = space_lib.OP_NAMES
-    apply_op = lambda j, x: supernet.apply_module(modules[j], params[names[j]], stats[names[j]], x, True)
-    y, new_stats = supernet.switch_ops(apply_op, stats, op[0], x)
-  return y, lax.pmean(new_stats, parallel.AXIS)
-
-
-def _module_vjp(
-  module: Any, input_grad: bool, params: Any, stats: Any, x: Array, dy: Array
-) -> tuple[Any, Array | None]:
-  """`module`'s parameter gradient in training mode (and, if `input_grad`, its input gradient) for output gradient dy."""
-  forward = lambda p, x: supernet.apply_module(module, p, stats, x, True)[0]
-  if input_grad:
-    _, vjp = jax.vjp(forward, params, x)
-    return vjp(dy)
-  _, vjp = jax.vjp(lambda p: forward(p, x), params)
-  return vjp(dy)[0], None
-
-
-def _link_backward(
-  modules: tuple[Any, ...], input_grad: bool, params: Any, stats: Any, x: Array, op: Array, dy: Array
-) -> tuple[Any, ...]:
-  """Per device: device-averaged parameter gradients (and, if `input_grad`, this device's input gradient).
-
-  A layer recomputes and differentiates only the sampled op, inside its branch of a `lax.switch`,
-  whose other ops' gradients are zeros. The same numbers as differentiating `_link_forward` with each
-  op rematerialised, traced in 0.47 instead of 0.81 s per layer shape (ImageNet block 3, 2-core
-  Intel Xeon): JAX's partial evaluation of the rematerialised switch was most of the tracing.
-  """
-  params, stats = parallel.varying(params), parallel.varying(stats)
-  if len(modules) == 1:
-    dparams, dx = _module_vjp(modules[0], input_grad, params, stats, x, dy)
-  else:
-    names = space_lib.OP_NAMES
-
-    def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array | None]]:
-      def run(x: Array, dy: Array) -> tuple[Any, Array | None]:
-        taken, dx = _module_vjp(modules[j], input_grad, params[names[j]], stats[names[j]], x, dy)
-        zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[j]}
-        return {**zeros, names[j]: taken}, dx
-
-      return run
-
-    dparams, dx = lax.switch(op[0], [branch(j) for j in range(space_lib.NUM_OPS)], x, dy)
-  dparams = lax.pmean(dparams, parallel.AXIS)
-  return (dparams, dx) if input_grad else (dparams,)
-
-
 def _loss_and_grad(output: Array, target: Array) -> tuple[Array, Array, Array]:
   """Per device: d MSE / d output, and the MSE and relative L1 averaged over devices."""
   (mse, rel_l1), d_output = jax.value_and_grad(distill_losses, has_aux=True)(output, target)
   return d_output, lax.pmean(mse, parallel.AXIS), lax.pmean(rel_l1, parallel.AXIS)
-
-
-# Programs shared by every link (and cell, and step) with the same modules: compiled once per input shape.
-@functools.cache
-def _forward_program(
-  modules: tuple[Any, ...], mode: str, cache: program_cache.ProgramCache | None = None
-) -> Callable[..., Any]:
-  fn = parallel.per_device(functools.partial(_link_forward, modules), mode, (False, False, True, True), (True, False))
-  return program_cache.wrap(cache, fn, f'distill_link_forward{(modules, mode)!r}')
-
-
-@functools.cache
-def _backward_program(
-  modules: tuple[Any, ...], input_grad: bool, mode: str, cache: program_cache.ProgramCache | None = None
-) -> Callable[..., Any]:
-  out = (False, True) if input_grad else (False,)
-  fn = parallel.per_device(
-    functools.partial(_link_backward, modules, input_grad), mode, (False, False, True, True, True), out
-  )
-  return program_cache.wrap(cache, fn, f'distill_link_backward{(modules, input_grad, mode)!r}')
 
 
 @functools.cache
@@ -360,32 +286,22 @@ class LayerwiseStep:
     update = link_programs.update_program(optimizer, what, self.mode, self.cache)
     links = cell.units()
     link_ops = [ops[max(l, 0)] for _, _, l in links]  # the stem and DS ignore theirs
-    if self.by_op:
-      return link_programs.train_cell(
-        call,
-        cell,
-        self.mode,
-        self.cache,
-        _loss_program(self.mode, self.cache),
-        update,
-        params,
-        stats,
-        lambda link: supernet_store.link_opt_state(state.opt_state, state.params, cell_name, link),
-        inputs,
-        target,
-        link_ops,
-      )
-    x, link_inputs, new_stats = inputs, [], {}
+    forward, backward = (
+      (link_programs.sampled_op_forward, link_programs.sampled_op_backward)
+      if self.by_op
+      else (link_programs.switch_forward, link_programs.switch_backward)
+    )
+    x, kept, new_stats = inputs, [], {}
     for (name, modules, _), op in zip(links, link_ops):
-      link_inputs.append(x)
-      forward = _forward_program(modules, self.mode, self.cache)
-      x, new_stats[name] = call(forward, params[name], stats[name], x, op)
+      x, new_stats[name], link_kept = forward(call, self.mode, self.cache, modules, params[name], stats[name], x, op)
+      kept.append(link_kept)
     d_x, mse, rel_l1 = call(_loss_program(self.mode, self.cache), x, target)
     new_params, opt_states, squared_norms = {}, {}, []
     for i in reversed(range(len(links))):
       name, modules, _ = links[i]
-      backward = _backward_program(modules, i > 0, self.mode, self.cache)
-      results = call(backward, params[name], stats[name], link_inputs[i], link_ops[i], d_x)
+      results = backward(
+        call, self.mode, self.cache, modules, i > 0, params[name], stats[name], kept[i], link_ops[i], d_x
+      )
       d_x = results[-1]
       opt_state = supernet_store.link_opt_state(state.opt_state, state.params, cell_name, name)
       new_params[name], opt_states[name], squared_norm = call(update, params[name], opt_state, results[0])

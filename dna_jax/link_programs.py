@@ -1,13 +1,16 @@
-"""Programs of single links of the per-layer distillation step: each link's optimizer update, each
-block's step count, and each link's sampled op as programs of its own (on one device).
+"""The programs of single links of the per-layer distillation step (`distill_steps.LayerwiseStep`):
+each link's forward and backward, its part of the block's optimizer update, and each block's step count.
 
-`distill_steps.LayerwiseStep` runs a layer as a `lax.switch` over its candidate ops, whose backward
-recomputes the sampled op, since each device may sample another. With one device in all, the sampled ops
-are read back to the host once the paths are drawn, and each runs as a forward that keeps the residuals
-of its gradient (`jax.vjp`'s) and a backward from them: nothing is recomputed. The 15-cell ImageNet
-step ran 1.16x faster (same run, 2-core AMD EPYC), but as 302 programs instead of 82, each about 120 of
-the process's memory mappings on XLA:CPU (README, "Performance"); `usable` checks that there
-is room for them.
+A link's forward and backward come in two forms, each a pair of functions that run the link's
+programs (`switch_forward`/`switch_backward`, `sampled_op_forward`/`sampled_op_backward`):
+
+- the switch: a layer is a `lax.switch` over its candidate ops, and its backward recomputes the
+  sampled op; it works whatever each device samples. One forward and one backward per layer shape.
+- sampled-op programs: with one device in all, the sampled ops are read back to the host once the
+  paths are drawn, and each runs as a forward that keeps the residuals of its gradient (`jax.vjp`'s)
+  and a backward from them: nothing is recomputed. The 15-cell ImageNet step ran 1.16x faster (same
+  run, 2-core AMD EPYC), but as 302 programs instead of 82, each about 120 of the process's memory
+  mappings on XLA:CPU (README, "Performance"); `usable` checks that there is room for them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,60 @@ Array = jax.Array
 # allocate memory' and the process crashes.
 MAPS_PER_PROGRAM = 120
 MAPS_KEPT_FOR_OTHER_PROGRAMS = 16_384  # the rest of the step's programs and those of later stages
+
+
+def _switch_forward(modules: tuple[Any, ...], params: Any, stats: Any, x: Array, op: Array) -> tuple[Array, Any]:
+  """Per device: the link in training mode (its only module, or candidate op number op[0]); its output
+  and its statistics, averaged over devices."""
+  stats = parallel.varying(stats)
+  if len(modules) == 1:
+    y, new_stats = supernet.apply_module(modules[0], params, stats, x, True)
+  else:
+    names = space_lib.OP_NAMES
+    apply_op = lambda j, x: supernet.apply_module(modules[j], params[names[j]], stats[names[j]], x, True)
+    y, new_stats = supernet.switch_ops(apply_op, stats, op[0], x)
+  return y, lax.pmean(new_stats, parallel.AXIS)
+
+
+def _module_vjp(
+  module: Any, input_grad: bool, params: Any, stats: Any, x: Array, dy: Array
+) -> tuple[Any, Array | None]:
+  """`module`'s parameter gradient in training mode (and, if `input_grad`, its input gradient) for output gradient dy."""
+  forward = lambda p, x: supernet.apply_module(module, p, stats, x, True)[0]
+  if input_grad:
+    _, vjp = jax.vjp(forward, params, x)
+    return vjp(dy)
+  _, vjp = jax.vjp(lambda p: forward(p, x), params)
+  return vjp(dy)[0], None
+
+
+def _switch_backward(
+  modules: tuple[Any, ...], input_grad: bool, params: Any, stats: Any, x: Array, op: Array, dy: Array
+) -> tuple[Any, ...]:
+  """Per device: device-averaged parameter gradients (and, if `input_grad`, this device's input gradient).
+
+  A layer recomputes and differentiates only the sampled op, inside its branch of a `lax.switch`,
+  whose other ops' gradients are zeros. The same numbers as differentiating `_switch_forward` with each
+  op rematerialised, traced in 0.47 instead of 0.81 s per layer shape (ImageNet block 3, 2-core
+  Intel Xeon): JAX's partial evaluation of the rematerialised switch was most of the tracing.
+  """
+  params, stats = parallel.varying(params), parallel.varying(stats)
+  if len(modules) == 1:
+    dparams, dx = _module_vjp(modules[0], input_grad, params, stats, x, dy)
+  else:
+    names = space_lib.OP_NAMES
+
+    def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array | None]]:
+      def run(x: Array, dy: Array) -> tuple[Any, Array | None]:
+        taken, dx = _module_vjp(modules[j], input_grad, params[names[j]], stats[names[j]], x, dy)
+        zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[j]}
+        return {**zeros, names[j]: taken}, dx
+
+      return run
+
+    dparams, dx = lax.switch(op[0], [branch(j) for j in range(space_lib.NUM_OPS)], x, dy)
+  dparams = lax.pmean(dparams, parallel.AXIS)
+  return (dparams, dx) if input_grad else (dparams,)
 
 
 def _forward(module: Any, params: Any, stats: Any, x: Array) -> tuple[Array, Any, tuple[Array, ...]]:
@@ -96,7 +153,26 @@ def _step_and_grad_norm(step: Array, squared_norms: tuple[Array, ...]) -> tuple[
   return step + 1, jnp.sqrt(sum(squared_norms))
 
 
-# Programs shared by every link (and cell, and step) with the same op: compiled once per input shape.
+# Programs shared by every link (and cell, and step) with the same modules (or op): compiled once per input shape.
+@functools.cache
+def switch_forward_program(
+  modules: tuple[Any, ...], mode: str, cache: program_cache.ProgramCache | None = None
+) -> Callable[..., Any]:
+  fn = parallel.per_device(functools.partial(_switch_forward, modules), mode, (False, False, True, True), (True, False))
+  return program_cache.wrap(cache, fn, f'distill_link_forward{(modules, mode)!r}')
+
+
+@functools.cache
+def switch_backward_program(
+  modules: tuple[Any, ...], input_grad: bool, mode: str, cache: program_cache.ProgramCache | None = None
+) -> Callable[..., Any]:
+  out = (False, True) if input_grad else (False,)
+  fn = parallel.per_device(
+    functools.partial(_switch_backward, modules, input_grad), mode, (False, False, True, True, True), out
+  )
+  return program_cache.wrap(cache, fn, f'distill_link_backward{(modules, input_grad, mode)!r}')
+
+
 @functools.cache
 def forward_program(module: Any, mode: str, cache: program_cache.ProgramCache | None = None) -> Callable[..., Any]:
   fn = parallel.per_device(functools.partial(_forward, module), mode, (False, False, True), (True, False, True))
@@ -160,65 +236,90 @@ def usable(cells: tuple[supernet.SupernetCell, ...]) -> bool:
   return False
 
 
-def train_cell(
+def switch_forward(
   call: Callable[..., Any],
-  cell: supernet.SupernetCell,
   mode: str,
   cache: program_cache.ProgramCache | None,
-  loss: Callable[..., Any],
-  update: Callable[..., Any],
+  modules: tuple[Any, ...],
   params: Any,
   stats: Any,
-  link_opt_state: Callable[[str], Any],
-  inputs: Array,
-  target: Array,
-  link_ops: list[Any],
-) -> tuple[Any, Any, dict[str, Any], list[Array], Array, Array]:
-  """`LayerwiseStep.train_cell` with each link's sampled op (`link_ops`, on the host) run as its own
-  forward, which keeps its residuals, and backward from them; `loss` and `update` are the step's loss
-  and link-update programs, `link_opt_state(link)` a link's part of the optimizer state.
+  x: Array,
+  op: Array,
+) -> tuple[Array, Any, Array]:
+  """A link's switch forward program, run by `call`; keeps its input for the backward, which recomputes the op."""
+  y, new_stats = call(switch_forward_program(modules, mode, cache), params, stats, x, op)
+  return y, new_stats, x
 
-  Given shapes instead of ops (compiling ahead), every op's programs are run, the first op's outputs
-  feeding the next link.
-  """
-  names = space_lib.OP_NAMES
-  links = cell.units()
-  taken = []  # per link: the op numbers run (one, or all when ops are only shapes)
-  for (_, modules, _), op in zip(links, link_ops):
-    if len(modules) == 1:
-      taken.append((0,))
-    elif isinstance(op, jax.ShapeDtypeStruct):
-      taken.append(tuple(range(len(modules))))
-    else:
-      taken.append((int(np.asarray(op).reshape(-1)[0]),))
-  part = lambda tree, modules, j: tree[names[j]] if len(modules) > 1 else tree
-  x, link_inputs, residuals, new_stats = inputs, [], [], {}
-  for (name, modules, _), ops in zip(links, taken):
-    link_inputs.append(x)
-    outputs = [
-      call(forward_program(modules[j], mode, cache), part(params[name], modules, j), part(stats[name], modules, j), x)
-      for j in ops
-    ]
-    x = outputs[0][0]
-    residuals.append([kept for _, _, kept in outputs])
-    taken_stats = outputs[0][1]
-    new_stats[name] = {**stats[name], names[ops[0]]: taken_stats} if len(modules) > 1 else taken_stats
-  d_x, mse, rel_l1 = call(loss, x, target)
-  new_params, opt_states, squared_norms = {}, {}, []
-  for i in reversed(range(len(links))):
-    name, modules, _ = links[i]
-    results = [
-      call(
-        backward_program(modules, j, i > 0, mode, cache),
-        params[name],
-        part(stats[name], modules, j),
-        link_inputs[i],
-        kept,
-        d_x,
-      )
-      for j, kept in zip(taken[i], residuals[i])
-    ]
-    d_x = results[0][-1]
-    new_params[name], opt_states[name], squared_norm = call(update, params[name], link_opt_state(name), results[0][0])
-    squared_norms.append(squared_norm)
-  return new_params, new_stats, opt_states, squared_norms, mse, rel_l1
+
+def switch_backward(
+  call: Callable[..., Any],
+  mode: str,
+  cache: program_cache.ProgramCache | None,
+  modules: tuple[Any, ...],
+  input_grad: bool,
+  params: Any,
+  stats: Any,
+  x: Array,
+  op: Array,
+  dy: Array,
+) -> tuple[Any, ...]:
+  """A link's switch backward program (recomputing its sampled op from its input x), run by `call`."""
+  return call(switch_backward_program(modules, input_grad, mode, cache), params, stats, x, op, dy)
+
+
+def sampled_op_forward(
+  call: Callable[..., Any],
+  mode: str,
+  cache: program_cache.ProgramCache | None,
+  modules: tuple[Any, ...],
+  params: Any,
+  stats: Any,
+  x: Array,
+  op: Any,
+) -> tuple[Array, Any, Any]:
+  """One link's sampled op (`op`, on the host) as its own forward program: its output, the link's new
+  statistics, and what `sampled_op_backward` needs. Given a shape instead of an op (compiling ahead), every
+  op's forward runs and the first op's output is returned."""
+  ops = _taken_ops(modules, op)
+  outputs = [
+    call(forward_program(modules[j], mode, cache), _part(params, modules, j), _part(stats, modules, j), x) for j in ops
+  ]
+  y, taken_stats, _ = outputs[0]
+  new_stats = {**stats, space_lib.OP_NAMES[ops[0]]: taken_stats} if len(modules) > 1 else taken_stats
+  return y, new_stats, (x, [kept for _, _, kept in outputs])
+
+
+def sampled_op_backward(
+  call: Callable[..., Any],
+  mode: str,
+  cache: program_cache.ProgramCache | None,
+  modules: tuple[Any, ...],
+  input_grad: bool,
+  params: Any,
+  stats: Any,
+  kept: Any,
+  op: Any,
+  dy: Array,
+) -> tuple[Any, ...]:
+  """The link's parameter gradients (and, if `input_grad`, its input gradient) from what `sampled_op_forward`
+  kept: the sampled op's backward program (every op's when compiling ahead; the first op's results)."""
+  x, residuals = kept
+  results = [
+    call(backward_program(modules, j, input_grad, mode, cache), params, _part(stats, modules, j), x, kept_j, dy)
+    for j, kept_j in zip(_taken_ops(modules, op), residuals)
+  ]
+  return results[0]
+
+
+def _taken_ops(modules: tuple[Any, ...], op: Any) -> tuple[int, ...]:
+  """The op numbers a link runs: its only module, the sampled op, or all (given only a shape)."""
+  if len(modules) == 1:
+    return (0,)
+  if isinstance(op, jax.ShapeDtypeStruct):
+    return tuple(range(len(modules)))
+  return (int(np.asarray(op).reshape(-1)[0]),)
+
+
+def _part(tree: Any, modules: tuple[Any, ...], op: int) -> Any:
+  """Op `op`'s part of a link's parameters or statistics."""
+  return tree[space_lib.OP_NAMES[op]] if len(modules) > 1 else tree

@@ -22,8 +22,8 @@ from dna_jax.models import supernet
 
 # Builders that keep compiled programs alive for reuse within a run.
 _PROGRAM_CACHES = (
-  distill_steps._forward_program,
-  distill_steps._backward_program,
+  link_programs.switch_forward_program,
+  link_programs.switch_backward_program,
   distill_steps._loss_program,
   link_programs.forward_program,
   link_programs.backward_program,

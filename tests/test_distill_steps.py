@@ -165,7 +165,7 @@ def test_compiling_ahead_compiles_every_program_once_before_the_first_step_and_c
   try:
     for ahead in (False, True):
       jax.clear_caches()
-      for builder in vars(distill_steps).values():
+      for builder in [*vars(distill_steps).values(), *vars(link_programs).values()]:
         if hasattr(builder, 'cache_clear'):
           builder.cache_clear()
       step = distill_steps.LayerwiseStep(
@@ -183,7 +183,7 @@ def test_compiling_ahead_compiles_every_program_once_before_the_first_step_and_c
     jax.config.update('jax_log_compiles', False)
     jax_logger.removeHandler(log)
   assert compiled[True] == compiled[False]
-  assert len([name for name in compiled[True] if 'link_backward' in name]) == 8  # links of distinct shapes
+  assert len([name for name in compiled[True] if 'switch_backward' in name]) == 8  # links of distinct shapes
   assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
   (expected, expected_history), (got, history) = results[False], results[True]
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
@@ -214,19 +214,19 @@ def test_links_of_the_same_shape_share_one_program(setup):
     for k, cells in blocks
   }
   traced = []
-  original = distill_steps._link_forward
+  original = link_programs._switch_forward
 
   def counting(modules, params, stats, x, op):
     traced.append((modules, x.shape))
     return original(modules, params, stats, x, op)
 
-  distill_steps._forward_program.cache_clear()
-  with mock.patch.object(distill_steps, '_link_forward', counting):
+  link_programs.switch_forward_program.cache_clear()
+  with mock.patch.object(link_programs, '_switch_forward', counting):
     layerwise = distill_steps.LayerwiseStep(mode='pmap', **step_arguments(blocks, teacher, sgd))
     run_steps(layerwise, states, 'pmap', teacher_variables, 1)
     first_step = len(traced)
     run_steps(layerwise, states, 'pmap', teacher_variables, 2)
-  distill_steps._forward_program.cache_clear()
+  link_programs.switch_forward_program.cache_clear()
   links = sum(len(cell.units()) for _, cells in blocks for cell in cells)
   assert links == 12  # block 1: 2 x (stem, DS) + 1 + 2 layers; block 2: 2 + 3 layers
   # Distinct: the stem and DS (both cells'); block 1: 8 -> 16 stride 2 (cell 0), 8 -> 8 stride 2 and
@@ -322,7 +322,7 @@ def test_sampled_ops_run_as_their_own_programs_give_the_same_steps(tmp_path):
         optax.scale_by_adam(eps=1e-3),
         optax.scale_by_learning_rate(distill_steps.create_learning_rate_fn(0.01, 0.9, 1)))
     called = []
-    for module, name in ((distill_steps, '_link_backward'), (link_programs, '_backward')):
+    for module, name in ((link_programs, '_switch_backward'), (link_programs, '_backward')):
       original = getattr(module, name)
       @functools.wraps(original)
       def recording(*args, original=original, name=name):
@@ -355,7 +355,7 @@ def test_sampled_ops_run_as_their_own_programs_give_the_same_steps(tmp_path):
         if by_op and mode == 'shard_map':
           compiled = log.compiled[start:]
           assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
-        assert set(called) == {'_backward' if by_op else '_link_backward'}, set(called)
+        assert set(called) == {'_backward' if by_op else '_switch_backward'}, set(called)
       (expected, expected_history), (got, history) = results[False], results[True]
       assert jax.tree.structure(got) == jax.tree.structure(expected)
       jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, expected)

@@ -17,6 +17,7 @@ import test_distill_steps
 
 from dna_jax import distill_steps
 from dna_jax import files
+from dna_jax import link_programs
 from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import supernet_store
@@ -158,13 +159,13 @@ def test_the_distillation_step_loaded_from_the_cache_equals_the_compiled_one(tmp
 
   for builder in (
     distill_steps.parallel_distill_step,
-    distill_steps._forward_program,
-    distill_steps._backward_program,
+    link_programs.switch_forward_program,
+    link_programs.switch_backward_program,
     distill_steps._loss_program,
   ):
     builder.cache_clear()
   with (
-    mock.patch.object(distill_steps, '_link_forward', counting(distill_steps._link_forward)),
+    mock.patch.object(link_programs, '_switch_forward', counting(link_programs._switch_forward)),
     mock.patch.object(distill_steps, 'distill_step', counting(distill_steps.distill_step)),
   ):
     loaded = test_distill_steps.run_steps(

@@ -50,21 +50,21 @@ class Conventions:
 
 
 KERAS = Conventions()
+ACTIVATION_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # Conventions.dtype by name
 TORCH = Conventions(padding='symmetric', bn_epsilon=1e-5, bn_momentum=0.9)
 
 
 def conventions_from_config(config: Any) -> Conventions:
   """Conventions from a config section with padding/bn_epsilon/bn_momentum/depthwise/dtype."""
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   dtype = config.get('dtype', 'float32')
-  if dtype not in dtypes:
-    raise ValueError(f'dtype must be one of {sorted(dtypes)}, got {dtype!r}')
+  if dtype not in ACTIVATION_DTYPES:
+    raise ValueError(f'dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {dtype!r}')
   return Conventions(
     padding=config.get('padding', 'tf_same'),
     bn_epsilon=float(config.get('bn_epsilon', 1e-3)),
     bn_momentum=float(config.get('bn_momentum', 0.99)),
     depthwise=config.get('depthwise', 'auto'),
-    dtype=dtypes[dtype],
+    dtype=ACTIVATION_DTYPES[dtype],
   )
 
 
