@@ -303,8 +303,8 @@ def test_cells_launched_from_two_threads_give_the_same_steps_bit_for_bit(tmp_pat
 
 def test_sampled_ops_run_as_their_own_programs_give_the_same_steps(tmp_path):
   """On one device, sampled_op_programs: each sampled op's forward keeps its residuals for its backward
-  (no recomputation, no switch); the same states and metrics as the per-layer-shape switch, in both
-  parallel modes, and compiling ahead compiles every op's programs before the first step."""
+  (no recomputation, no switch); the same states and metrics as the per-layer-shape switch, under
+  shard_map and pmap, and compiling ahead compiles every op's programs before the first step."""
   script = textwrap.dedent("""
     import os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
@@ -333,30 +333,33 @@ def test_sampled_ops_run_as_their_own_programs_give_the_same_steps(tmp_path):
     t.logging.getLogger('jax').addHandler(log)
     jax.config.update('jax_log_compiles', True)
     after_ahead = []
+    # The switch under shard_map, then sampled-op programs under both modes (the switch gives the same
+    # steps under pmap: test_one_program_per_layer_shape_gives_the_same_update).
+    results = {}
+    for mode, by_op in (('shard_map', False), ('shard_map', True), ('pmap', True)):
+      called.clear()
+      step = distill_steps.LayerwiseStep(mode=mode, sampled_op_programs=by_op,
+                                         compile_threads=2 * (mode == 'shard_map'),
+                                         **t.step_arguments(blocks, teacher, adam))
+      assert step.by_op == by_op
+      if by_op and mode == 'shard_map':
+        start = len(log.compiled)
+        step._compile_ahead = lambda *args, run=step._compile_ahead: (run(*args), after_ahead.append(len(log.compiled)))
+      states = parallel.replicate({f'block{k + 1}': supernet_store.create_block_state(
+          jax.random.PRNGKey(k), cells, sizes[k], adam) for k, cells in blocks}, mode)
+      history = []
+      for i in range(3):
+        images = np.random.default_rng(i).uniform(0, 1, (1, 16, t.IMAGE, t.IMAGE, 3)).astype(np.float32)
+        states, metrics = step(states, parallel.shard_batch({'image': images}, mode), teacher_variables)
+        history.append(jax.device_get(metrics))
+      results[mode, by_op] = (parallel.host_copy(states), history)
+      if by_op and mode == 'shard_map':
+        compiled = log.compiled[start:]
+        assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
+      assert set(called) == {'_backward' if by_op else '_switch_backward'}, set(called)
+    expected, expected_history = results['shard_map', False]
     for mode in ('shard_map', 'pmap'):
-      results = {}
-      for by_op in (False, True):
-        called.clear()
-        step = distill_steps.LayerwiseStep(mode=mode, sampled_op_programs=by_op,
-                                           compile_threads=2 * (mode == 'shard_map'),
-                                           **t.step_arguments(blocks, teacher, adam))
-        assert step.by_op == by_op
-        if by_op and mode == 'shard_map':
-          start = len(log.compiled)
-          step._compile_ahead = lambda *args, run=step._compile_ahead: (run(*args), after_ahead.append(len(log.compiled)))
-        states = parallel.replicate({f'block{k + 1}': supernet_store.create_block_state(
-            jax.random.PRNGKey(k), cells, sizes[k], adam) for k, cells in blocks}, mode)
-        history = []
-        for i in range(3):
-          images = np.random.default_rng(i).uniform(0, 1, (1, 16, t.IMAGE, t.IMAGE, 3)).astype(np.float32)
-          states, metrics = step(states, parallel.shard_batch({'image': images}, mode), teacher_variables)
-          history.append(jax.device_get(metrics))
-        results[by_op] = (parallel.host_copy(states), history)
-        if by_op and mode == 'shard_map':
-          compiled = log.compiled[start:]
-          assert after_ahead == [len(log.compiled)]  # nothing compiled once the steps ran
-        assert set(called) == {'_backward' if by_op else '_switch_backward'}, set(called)
-      (expected, expected_history), (got, history) = results[False], results[True]
+      got, history = results[mode, True]
       assert jax.tree.structure(got) == jax.tree.structure(expected)
       jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, expected)
       for metrics, expected_metrics in zip(history, expected_history):
