@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/distill_programs.py [--space imagenet|small] [--batch 8] [--steps 3]
       [--parallel shard_map|pmap] [--blocks 3] [--one_program] [--cache_dir DIR] [--program_cache_dir DIR]
       [--profile_dir DIR] [--concurrent_cells 2] [--per_tap_baseline] [--compile_threads 2]
-      [--dtype float32|bfloat16] [--peak_gflops 157] [--program_times] [--torch_student] [--progress]
+      [--dtype float32|bfloat16] [--peak_gflops 157] [--program_times] [--torch_student [--torch_teacher]] [--progress]
       [--sampled_op_programs 0|1] [--recompute_baseline]
 
 Builds the step of every cell of every block (`distill_steps.parallel_distill_step`, as training
@@ -34,6 +34,9 @@ step run as training runs it (programs queued ahead, one cell at a time).
 --concurrent_cells cells at once as training runs it, less the median of its teacher-and-paths program
 alone, the two timed in alternation) against `torch_student.py`'s PyTorch stand-in for
 the authors' student part at the same batch and blocks (torch's default threads), and their ratio.
+--torch_teacher (with --torch_student): the stand-in also runs the teacher before each cell, from the
+image up to the cell's block with BatchNorm in training mode, as the authors' loop does; prints their
+whole step against the JAX step (target: at least 10x).
 
 --sampled_op_programs 0|1 (default 1, as distill.sampled_op_programs): on one device, each link's sampled
 op as a forward of its own that keeps its residuals and a backward from them (1), or the switch over the
@@ -331,9 +334,12 @@ def compare_with_torch(
   sizes: tuple[int, int, int],
   steps: int,
   cells_at_once: int,
+  teacher_model: efficientnet.EfficientNet | None = None,
 ) -> None:
   """The per-layer step's student part (its step less its teacher-and-paths program) against the
-  PyTorch stand-in for the authors' student part (`torch_student.py`), same batch, same run.
+  PyTorch stand-in for the authors' student part (`torch_student.py`), same batch, same run; with
+  `teacher_model`, also the whole step against the stand-in's whole step (the teacher re-run before
+  each cell, as the authors' loop does).
 
   `sizes`: (batch, image size, stem stride); `step_fn` runs `cells_at_once` cells at once.
   """
@@ -348,7 +354,9 @@ def compare_with_torch(
     jax.block_until_ready(step_fn.inputs(batch, teacher_variables, count))
     teacher_times.append(time.perf_counter() - start)
   step_s, teacher_s = statistics.median(step_times), statistics.median(teacher_times)
-  torch_result = torch_student.student_step_seconds(space, *sizes, steps, block_ids=block_ids)
+  torch_result = torch_student.student_step_seconds(
+    space, *sizes, steps, block_ids=block_ids, teacher_model=teacher_model
+  )
   student_s, torch_s = step_s - teacher_s, torch_result['step_s']
   print(
     f'\n| student part (every cell fwd + bwd + Adam) | s/step (median of {steps}) | load |\n|---|---|---|\n'
@@ -361,6 +369,13 @@ def compare_with_torch(
   print(
     f'\nstudent part, PyTorch / JAX: {torch_s / student_s:.2f}x (same run; above 1: JAX faster; target: at least 1)'
   )
+  if teacher_model is not None:
+    full_s = torch_result['full_step_s']
+    print(
+      f"\nwhole step: JAX {step_s:.3f} s; the PyTorch stand-in for the authors' {full_s:.3f} s (its teacher "
+      f'{torch_result["teacher_s"]:.3f} s, run before each cell); PyTorch / JAX: {full_s / step_s:.2f}x '
+      f'(same run; target: at least 10); load {machine_load.load()}'
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     '--torch_student', action='store_true', help="also time the PyTorch stand-in for the authors' student part"
   )
   parser.add_argument(
+    '--torch_teacher',
+    action='store_true',
+    help="with --torch_student: the stand-in re-runs the teacher before each cell (the authors' whole step)",
+  )
+  parser.add_argument(
     '--sampled_op_programs', type=int, choices=(0, 1), default=1, help='as distill.sampled_op_programs (default 1)'
   )
   parser.add_argument(
@@ -397,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--progress', action='store_true', help='print a line per compiled program, with the time')
   args = parser.parse_args(argv)
+  if args.torch_teacher and not args.torch_student:
+    parser.error('--torch_teacher needs --torch_student')
   if args.cache_dir:
     program_cache.enable_compilation_cache(args.cache_dir)
   cache = program_cache.ProgramCache(args.program_cache_dir) if args.program_cache_dir else None
@@ -523,7 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     cells_at_once = max(args.concurrent_cells, 1)
     step_fn = build_step(blocks, model, learning_rates, args, 'layer', cache, cells_at_once)
     sizes = (batch_size, image, stem_stride)
-    compare_with_torch(step_fn, states, batch, teacher_variables, space, block_ids, sizes, args.steps, cells_at_once)
+    teacher_model = model if args.torch_teacher else None
+    compare_with_torch(
+      step_fn, states, batch, teacher_variables, space, block_ids, sizes, args.steps, cells_at_once, teacher_model
+    )
   if 'step' in results:
     layer, step = results['layer'], results['step']
     print(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dna_jax import space as space_lib
+from dna_jax.models import efficientnet
 from dna_jax.models import supernet
 
 torch = pytest.importorskip('torch')
@@ -58,3 +60,26 @@ def test_kernels_alone_are_decayed():
   assert decayed['weight_decay'] == 1e-4 and plain['weight_decay'] == 0.0
   assert all(p.ndim == 4 for p in decayed['params']) and all(p.ndim == 1 for p in plain['params'])
   assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
+
+
+def test_the_torch_teacher_holds_the_same_parameters_and_feeds_each_cell():
+  """The stand-in's teacher: our EfficientNet's stem and stages (parameter counts equal, stage by
+  stage), and with it a step runs the teacher before every cell (the authors' whole step)."""
+  model = efficientnet.variant('tiny')
+  teacher = torch_student.make_teacher(model)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+  params = variables['params']
+  assert sum(p.numel() for p in teacher.stem.parameters()) == count(params['stem'])
+  for i, stage in enumerate(teacher.stages, start=1):
+    ours = {name: tree for name, tree in params.items() if name.startswith(f'stage{i}_')}
+    assert sum(p.numel() for p in stage.parameters()) == count(ours) > 0
+  with torch.no_grad():
+    outputs = teacher(torch.zeros(2, 3, 32, 32), 2)
+  assert [tuple(o.shape) for o in outputs] == [(2, 16, 16, 16), (2, 24, 8, 8)]
+  fitting = space_lib.parse_space('2 16 1@8; 2 24 1@12', 16, 8)  # the tiny teacher's first two blocks
+  result = torch_student.student_step_seconds(fitting, 4, 32, 1, steps=2, teacher_model=model)
+  assert set(result['blocks_s']) == {'block1', 'block2'}
+  assert result['teacher_s'] > 0 and result['step_s'] < result['full_step_s']
+  with pytest.raises(ValueError, match='block 2: the teacher gives a target of shape'):
+    torch_student.student_step_seconds(SPACE, 4, 32, 1, steps=1, teacher_model=model)  # block 2 at stride 1
