@@ -174,13 +174,15 @@ def switch_backward_program(
 
 
 @functools.cache
-def forward_program(module: Any, mode: str, cache: program_cache.ProgramCache | None = None) -> Callable[..., Any]:
+def sampled_op_forward_program(
+  module: Any, mode: str, cache: program_cache.ProgramCache | None = None
+) -> Callable[..., Any]:
   fn = parallel.per_device(functools.partial(_forward, module), mode, (False, False, True), (True, False, True))
   return program_cache.wrap(cache, fn, f'distill_op_forward{(module, mode)!r}')
 
 
 @functools.cache
-def backward_program(
+def sampled_op_backward_program(
   modules: tuple[Any, ...], op: int, input_grad: bool, mode: str, cache: program_cache.ProgramCache | None = None
 ) -> Callable[..., Any]:
   out = (False, True) if input_grad else (False,)
@@ -282,7 +284,8 @@ def sampled_op_forward(
   op's forward runs and the first op's output is returned."""
   ops = _taken_ops(modules, op)
   outputs = [
-    call(forward_program(modules[j], mode, cache), _part(params, modules, j), _part(stats, modules, j), x) for j in ops
+    call(sampled_op_forward_program(modules[j], mode, cache), _part(params, modules, j), _part(stats, modules, j), x)
+    for j in ops
   ]
   y, taken_stats, _ = outputs[0]
   new_stats = {**stats, space_lib.OP_NAMES[ops[0]]: taken_stats} if len(modules) > 1 else taken_stats
@@ -305,7 +308,9 @@ def sampled_op_backward(
   kept: the sampled op's backward program (every op's when compiling ahead; the first op's results)."""
   x, residuals = kept
   results = [
-    call(backward_program(modules, j, input_grad, mode, cache), params, _part(stats, modules, j), x, kept_j, dy)
+    call(
+      sampled_op_backward_program(modules, j, input_grad, mode, cache), params, _part(stats, modules, j), x, kept_j, dy
+    )
     for j, kept_j in zip(_taken_ops(modules, op), residuals)
   ]
   return results[0]
