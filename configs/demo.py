@@ -30,7 +30,8 @@ retrain 181 s, evaluate 11 s; the same net and accuracies (on an Intel Xeon the 
 With freed host memory kept for reuse on the CPU (dna_jax/host_memory.py, the default there since) on the
 same machine kind later the same day: 9 min 58 s, peak 5.7 GiB; teacher 196 s, distill 201 s, rate 54 s, retrain
 137 s, evaluate 6 s; the same net and accuracies (the 10-minute target met, with no margin); rerun
-later: 9 min 56 s, peak 5.6 GiB (teacher 200 s, distill 194 s, rate 58 s, retrain 134 s, evaluate 5 s).
+later: 9 min 56 s, peak 5.6 GiB (teacher 200 s, distill 194 s, rate 58 s, retrain 134 s, evaluate 5 s). The
+next day: 10 min 18 s, peak 5.8 GiB (teacher 209 s, distill 200 s, rate 58 s, retrain 141 s, evaluate 6 s).
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
