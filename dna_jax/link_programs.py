@@ -87,8 +87,7 @@ def _switch_backward(
     def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array | None]]:
       def run(x: Array, dy: Array) -> tuple[Any, Array | None]:
         taken, dx = _module_vjp(modules[j], input_grad, params[names[j]], stats[names[j]], x, dy)
-        zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[j]}
-        return {**zeros, names[j]: taken}, dx
+        return _link_gradient(params, j, taken), dx
 
       return run
 
@@ -120,17 +119,19 @@ def _backward(
   the residuals `_forward` kept (and, if `input_grad`, this device's input gradient). `stats`: op
   `op`'s statistics alone, all that tracing its forward again reads."""
   params, stats = parallel.varying(params), parallel.varying(stats)
-  names = space_lib.OP_NAMES
-  taken_params = params[names[op]] if len(modules) > 1 else params
   forward = lambda p, x: supernet.apply_module(modules[op], p, stats, x, True)
   # The pullback's structure (not its values) from tracing the forward again; x only lends its shape.
-  structure = jax.tree.structure(jax.eval_shape(lambda p, x: jax.vjp(forward, p, x, has_aux=True)[1], taken_params, x))
-  d_taken, dx = jax.tree.unflatten(structure, [r[0] for r in residuals])(dy)
-  if len(modules) > 1:
-    zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[op]}
-    d_taken = {**zeros, names[op]: d_taken}
-  dparams = lax.pmean(d_taken, parallel.AXIS)
+  pullback_shape = jax.eval_shape(lambda p, x: jax.vjp(forward, p, x, has_aux=True)[1], _part(params, modules, op), x)
+  d_taken, dx = jax.tree.unflatten(jax.tree.structure(pullback_shape), [r[0] for r in residuals])(dy)
+  dparams = lax.pmean(_link_gradient(params, op, d_taken) if len(modules) > 1 else d_taken, parallel.AXIS)
   return (dparams, dx) if input_grad else (dparams,)
+
+
+def _link_gradient(params: Any, op: int, taken: Any) -> Any:
+  """A layer's parameter gradient when only op `op` ran: `taken` for it, zeros for the other ops."""
+  names = space_lib.OP_NAMES
+  zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[op]}
+  return {**zeros, names[op]: taken}
 
 
 def _link_update(
