@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import precision_ranking
 from dna_jax import config_base
+from dna_jax import host_memory
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import workdir as workdir_lib
@@ -87,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   main()

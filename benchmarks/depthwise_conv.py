@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import tap_sum_baselines
+from dna_jax import host_memory
 from dna_jax.models import layers
 
 
@@ -98,4 +99,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   main()

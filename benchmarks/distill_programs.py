@@ -79,6 +79,7 @@ from benchmarks import random_variables
 from benchmarks import tap_sum_baselines
 from benchmarks import torch_student
 from dna_jax import distill_steps
+from dna_jax import host_memory
 from dna_jax import parallel
 from dna_jax import program_cache
 from dna_jax import space as space_lib
@@ -558,4 +559,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

@@ -53,6 +53,7 @@ from benchmarks import random_variables
 from benchmarks import tap_sum_baselines
 from dna_jax import costs
 from dna_jax import distill_steps
+from dna_jax import host_memory
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
@@ -489,4 +490,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from dna_jax import host_memory
 from dna_jax import input_pipeline
 from dna_jax import prepare_data
 
@@ -112,4 +113,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

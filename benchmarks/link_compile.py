@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from benchmarks import machine_load
+from dna_jax import host_memory
 from dna_jax import link_programs
 from dna_jax import parallel
 from dna_jax import space as space_lib
@@ -130,4 +131,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

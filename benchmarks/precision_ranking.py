@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dna_jax import config_base
+from dna_jax import host_memory
 from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
@@ -80,4 +81,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   main()

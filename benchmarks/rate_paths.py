@@ -54,6 +54,7 @@ from benchmarks import machine_load
 from benchmarks import random_variables
 from dna_jax import cell_rating
 from dna_jax import costs
+from dna_jax import host_memory
 from dna_jax import space as space_lib
 from dna_jax import teacher as teacher_lib
 from dna_jax.models import efficientnet
@@ -406,4 +407,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

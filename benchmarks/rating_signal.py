@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from dna_jax import host_memory
 from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
@@ -151,4 +152,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dna_jax import costs
+from dna_jax import host_memory
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
 from dna_jax import space as space_lib
@@ -99,4 +100,5 @@ def _m(value) -> str:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   main()

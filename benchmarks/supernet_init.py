@@ -35,6 +35,7 @@ from benchmarks import distill_programs
 from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
 from dna_jax import distill_steps
+from dna_jax import host_memory
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import supernet
@@ -132,4 +133,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

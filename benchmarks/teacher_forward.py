@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dna_jax import costs
+from dna_jax import host_memory
 from dna_jax import teacher
 from dna_jax.models import efficientnet
 from dna_jax.models.layers import output_size
@@ -123,4 +124,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
+from dna_jax import host_memory
 from dna_jax import space as space_lib
 from dna_jax.models import efficientnet
 from dna_jax.models import supernet
@@ -295,4 +296,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   sys.exit(main())

@@ -26,6 +26,7 @@ import jax
 from benchmarks import machine_load
 from benchmarks import tap_sum_baselines
 from configs import demo
+from dna_jax import host_memory
 from dna_jax import parallel
 from dna_jax import space as space_lib
 from dna_jax import trainer
@@ -118,4 +119,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   main()

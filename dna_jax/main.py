@@ -10,6 +10,7 @@ import jax
 from ml_collections import config_flags
 
 from dna_jax import cli
+from dna_jax import host_memory
 from dna_jax import program_cache
 from dna_jax import stages
 
@@ -31,8 +32,16 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize()
   program_cache.enable_compilation_cache(FLAGS.config.compilation_cache_dir, FLAGS.config.compilation_cache_max_gb)
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
+  logging.info(
+    'Host malloc: %s (%s); %s=%r',
+    host_memory.wanted_mode(),
+    host_memory.ENV,
+    host_memory.TUNABLES_ENV,
+    os.environ.get(host_memory.TUNABLES_ENV, ''),
+  )
   stages.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  host_memory.restart_with_huge_pages()
   cli.run(main, FLAGS)

@@ -12,10 +12,14 @@ from dna_jax import host_memory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Touches and frees a malloc block of argv[1] MiB five times, on a thread of its own if argv[2] is 'thread';
-# prints the page faults of the last four.
+# prints the page faults of the last four. With argv[3] 'restart', restarts first as `python -m dna_jax.main`
+# does, printing GLIBC_TUNABLES before.
 FAULTS = """
-import ctypes, resource, sys, threading
-import dna_jax
+import ctypes, os, resource, sys, threading
+from dna_jax import host_memory
+if sys.argv[3:] == ['restart']:
+  print('tunables', repr(os.environ.get('GLIBC_TUNABLES', '')), flush=True)
+  host_memory.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def touch_and_free(size=int(sys.argv[1]) << 20):
@@ -37,12 +41,17 @@ else:
 """
 
 
-def page_faults(mode: str, mib: int = 64, where: str = 'main') -> int:
-  env = {**os.environ, host_memory.ENV: mode, 'PYTHONPATH': ROOT}
-  command = [sys.executable, '-c', FAULTS, str(mib), where]
+def run_faults(mode: str, mib: int, where: str, *extra: str) -> str:
+  env = {**os.environ, host_memory.ENV: mode, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  env.pop(host_memory.TUNABLES_ENV, None)
+  command = [sys.executable, '-c', FAULTS, str(mib), where, *extra]
   out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
-  return int(out.stdout.split()[-1])
+  return out.stdout
+
+
+def page_faults(mode: str, mib: int = 64, where: str = 'main') -> int:
+  return int(run_faults(mode, mib, where).split()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc only')
@@ -68,3 +77,33 @@ def test_a_bad_mode_names_the_variable_and_the_modes():
     host_memory.wanted_mode({host_memory.ENV: '1'})
   with pytest.raises(ValueError, match='mode must be one of'):
     host_memory.set_mode('on')
+
+
+@pytest.mark.skipif(
+  not host_memory.huge_pages_wanted({'JAX_PLATFORMS': 'cpu'}), reason='no glibc hugetlb tunable or no madvise THP'
+)
+def test_a_restarted_command_maps_a_threads_large_blocks_in_huge_pages():
+  lines = run_faults('reuse', 96, 'thread', 'restart').split('\n')
+  # The script ran twice: first without the tunable, then, restarted, with it (and did not restart again).
+  assert lines[:2] == ["tunables ''", "tunables 'glibc.malloc.hugetlb=1'"]
+  # 4 x 96 MiB touched: 98,304 faults in 4 KiB pages (the 'reuse' thread case above), 192 in 2 MiB pages.
+  assert int(lines[2]) <= 4 * 24576 // 8
+
+
+def test_huge_pages_only_on_request_and_where_glibc_and_linux_give_them(tmp_path):
+  def wanted(environ, setting='always [madvise] never', libc=('glibc', '2.36')):
+    path = tmp_path / 'enabled'
+    path.write_text(setting + '\n')
+    return host_memory.huge_pages_wanted(environ, str(path), libc)
+
+  cpu = {'JAX_PLATFORMS': 'cpu'}
+  assert wanted(cpu)
+  assert wanted({**cpu, host_memory.TUNABLES_ENV: 'glibc.malloc.arena_max=2'})
+  assert not wanted({**cpu, host_memory.TUNABLES_ENV: 'glibc.malloc.hugetlb=0'})  # the user's setting stands
+  assert not wanted({**cpu, host_memory.ENV: 'glibc'})
+  assert not wanted({'JAX_PLATFORMS': 'tpu'})
+  assert not wanted(cpu, '[always] madvise never')  # given unasked
+  assert not wanted(cpu, 'always madvise [never]')
+  assert not wanted(cpu, libc=('glibc', '2.31'))
+  assert not wanted(cpu, libc=('', ''))
+  assert not host_memory.huge_pages_wanted(cpu, str(tmp_path / 'missing'), ('glibc', '2.36'))
