@@ -32,10 +32,10 @@ same machine kind later the same day: 9 min 58 s, peak 5.7 GiB; teacher 196 s, d
 137 s, evaluate 6 s; the same net and accuracies (the 10-minute target met, with no margin); rerun
 later: 9 min 56 s, peak 5.6 GiB (teacher 200 s, distill 194 s, rate 58 s, retrain 134 s, evaluate 5 s). The
 next day: 10 min 18 s, peak 5.8 GiB (teacher 209 s, distill 200 s, rate 58 s, retrain 141 s, evaluate 6 s).
-With malloc asking for transparent huge pages (host_memory.restart_with_huge_pages, which the command runs
-at start) on 2 idle AMD EPYC (Zen 4) cores the day after: 9 min 49 s and 10 min 4 s (teacher 185 / 196 s,
-distill 198 / 214 s, rate 63 / 61 s, retrain 128 / 119 s, evaluate 7 / 6 s; 5.5-5.7 GiB), against 11 min 21 s
-without them between the two runs; the same net and accuracies.
+With malloc asking for transparent huge pages (host_memory.restart_with_huge_pages, which the command
+runs at start) on 2 idle AMD EPYC (Zen 4) cores the same day, a few hours later: 9 min 49 s and 10 min 4 s
+(teacher 185 / 196 s, distill 198 / 214 s, rate 63 / 61 s, retrain 128 / 119 s, evaluate 7 / 6 s; 5.5-5.7
+GiB), against 11 min 21 s without them between the two runs; the same net and accuracies.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
