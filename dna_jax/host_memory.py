@@ -19,14 +19,15 @@ DNA_JAX_HOST_MALLOC:
   stage (initialisers and step compiled in threads) 273 s against 196 s. For runs that mostly train.
 
 Huge pages (`restart_with_huge_pages`, called at the start of `python -m dna_jax.main` and of the
-benchmark scripts): a block over 64 MiB that an
-XLA worker thread allocates (a training step's temporary buffers) is still mapped afresh on every step.
-Where Linux hands out transparent huge pages on request ('madvise', the common default), the command
-restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (read by glibc only when a process starts),
-so that malloc asks for them: a fault per 2 MiB instead of per 4 KiB. The demo's teacher stage for 117 steps
-(2-core AMD EPYC, warm compilation cache, one run each): 84.8 s with 'reuse' alone (24.5 M page faults,
-51 s of system time), 60.5 s with huge pages as well (0.36 M, 27 s), 59.0 s with 'one_arena' (8.5 M, 20 s).
-Setting glibc.malloc.hugetlb in GLIBC_TUNABLES yourself (0 to switch it off) stops the restart.
+benchmark scripts): even with 'reuse', a block over 64 MiB that an XLA worker thread allocates (each
+teacher training step of the demo: 773 and 66 MiB) is mapped afresh every time. Where Linux hands out
+transparent huge pages on request ('madvise', the common default), the command restarts itself once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (read by glibc only when a process starts), so that malloc asks for
+them: a fault per 2 MiB instead of per 4 KiB. The demo's teacher stage for 117 steps (2-core AMD EPYC,
+warm compilation cache, one run each): 84.8 s with 'reuse' alone (24.5 M page faults, 51 s of system
+time), 60.5 s with huge pages as well (0.36 M, 27 s), 59.0 s with 'one_arena' (8.5 M, 20 s); the whole demo
+1.13-1.16x faster, compiling not slowed. Setting glibc.malloc.hugetlb in GLIBC_TUNABLES yourself (0 to
+switch it off) stops the restart.
 
 Set on import of `dna_jax`, before JAX or TensorFlow start their threads (each of which takes an arena
 of its own on its first allocation). 'reuse' applies when the process runs on the CPU: JAX_PLATFORMS
@@ -118,11 +119,15 @@ def huge_pages_wanted(
     return False
 
 
-def with_huge_pages(environ: dict[str, str]) -> dict[str, str]:
-  """`environ` with malloc's huge pages added to GLIBC_TUNABLES, for processes started with it."""
-  tunables = environ.get(TUNABLES_ENV)
-  setting = f'{HUGE_PAGES_TUNABLE}=1'
-  return {**environ, TUNABLES_ENV: f'{tunables}:{setting}' if tunables else setting}
+def _start_environ() -> dict[str, str]:
+  """The environment this process started with: imports may have added to os.environ since (JAX and
+  TensorFlow do), and the restarted command should start as this one did."""
+  try:
+    with open('/proc/self/environ', 'rb') as f:
+      entries = [os.fsdecode(entry) for entry in f.read().split(b'\0')]
+  except OSError:
+    return dict(os.environ)
+  return dict(entry.split('=', 1) for entry in entries if '=' in entry)
 
 
 def restart_with_huge_pages() -> None:
@@ -131,10 +136,13 @@ def restart_with_huge_pages() -> None:
   `__main__`, before any work (nothing of this process survives)."""
   if not huge_pages_wanted():
     return
+  tunables = os.environ.get(TUNABLES_ENV)
+  setting = f'{HUGE_PAGES_TUNABLE}=1'
+  environ = {**_start_environ(), TUNABLES_ENV: f'{tunables}:{setting}' if tunables else setting}
   sys.stdout.flush()
   sys.stderr.flush()
   try:
-    os.execve(sys.executable, sys.orig_argv, with_huge_pages(dict(os.environ)))
+    os.execve(sys.executable, sys.orig_argv, environ)
   except (OSError, ValueError):
     return  # no interpreter or command line to restart (an embedded Python): run on without huge pages
 

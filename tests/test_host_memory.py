@@ -13,12 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Touches and frees a malloc block of argv[1] MiB five times, on a thread of its own if argv[2] is 'thread';
 # prints the page faults of the last four. With argv[3] 'restart', restarts first as `python -m dna_jax.main`
-# does, printing GLIBC_TUNABLES before.
+# does, printing GLIBC_TUNABLES and whether a variable set after the start (as imports do) is there.
 FAULTS = """
 import ctypes, os, resource, sys, threading
 from dna_jax import host_memory
 if sys.argv[3:] == ['restart']:
-  print('tunables', repr(os.environ.get('GLIBC_TUNABLES', '')), flush=True)
+  print('tunables', repr(os.environ.get('GLIBC_TUNABLES', '')), 'SET_AFTER_START' in os.environ, flush=True)
+  os.environ['SET_AFTER_START'] = '1'
   host_memory.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -41,9 +42,11 @@ else:
 """
 
 
-def run_faults(mode: str, mib: int, where: str, *extra: str) -> str:
+def run_faults(mode: str, mib: int, where: str, *extra: str, tunables: str = '') -> str:
   env = {**os.environ, host_memory.ENV: mode, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
   env.pop(host_memory.TUNABLES_ENV, None)
+  if tunables:
+    env[host_memory.TUNABLES_ENV] = tunables
   command = [sys.executable, '-c', FAULTS, str(mib), where, *extra]
   out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -84,10 +87,14 @@ def test_a_bad_mode_names_the_variable_and_the_modes():
 )
 def test_a_restarted_command_maps_a_threads_large_blocks_in_huge_pages():
   lines = run_faults('reuse', 96, 'thread', 'restart').split('\n')
-  # The script ran twice: first without the tunable, then, restarted, with it (and did not restart again).
-  assert lines[:2] == ["tunables ''", "tunables 'glibc.malloc.hugetlb=1'"]
+  # The script ran twice: first without the tunable, then, restarted, with it (and did not restart again),
+  # in the environment it started with.
+  assert lines[:2] == ["tunables '' False", "tunables 'glibc.malloc.hugetlb=1' False"]
   # 4 x 96 MiB touched: 98,304 faults in 4 KiB pages (the 'reuse' thread case above), 192 in 2 MiB pages.
   assert int(lines[2]) <= 4 * 24576 // 8
+  # The user's own tunables are kept.
+  lines = run_faults('reuse', 1, 'main', 'restart', tunables='glibc.malloc.tcache_count=8').split('\n')
+  assert lines[1] == "tunables 'glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1' False"
 
 
 def test_huge_pages_only_on_request_and_where_glibc_and_linux_give_them(tmp_path):
