@@ -136,9 +136,9 @@ def restart_with_huge_pages() -> None:
   `__main__`, before any work (nothing of this process survives)."""
   if not huge_pages_wanted():
     return
-  tunables = os.environ.get(TUNABLES_ENV)
-  setting = f'{HUGE_PAGES_TUNABLE}=1'
-  environ = {**_start_environ(), TUNABLES_ENV: f'{tunables}:{setting}' if tunables else setting}
+  environ = _start_environ()
+  tunables, setting = environ.get(TUNABLES_ENV), f'{HUGE_PAGES_TUNABLE}=1'
+  environ[TUNABLES_ENV] = f'{tunables}:{setting}' if tunables else setting
   sys.stdout.flush()
   sys.stderr.flush()
   try:
