@@ -5,14 +5,14 @@
 
 For the selected blocks (default: all), initialises every cell's variables these ways, in this
 order, in one process:
-- one program per cell: `jax.jit(cell.init)` (the link programs inline into it; how
+- one program per cell: `run_once.jit(cell.init)` (the link programs inline into it; how
   `supernet_store.create_block_state` initialised a block before);
 - one program per link shape: `cell.init` called as `create_block_state` now does, where every link
   (stem, DS, layer) with the same modules and input shape shares one compiled program;
 - the same with those programs first compiled by --threads threads at once
   (`supernet.compile_link_inits`, as the distill stage does with distill.compile_threads);
 - every block's Adam state: `optimizer.init` run eagerly (a small program per parameter shape) and
-  as one jitted program per block (as `create_block_state` does);
+  as one program per block (`run_once.jit`, as `create_block_state` does);
 - the abstract target of a resumed block (`supernet_store.abstract_block_state`, jax.eval_shape:
   nothing compiled or run).
 Reports wall seconds, programs compiled (from JAX's compile log) and whether the initialisations
@@ -36,6 +36,7 @@ from benchmarks import distill_step as step_benchmark
 from benchmarks import machine_load
 from dna_jax import distill_steps
 from dna_jax import host_memory
+from dna_jax import run_once
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import supernet
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     variables = {}
     for k in block_ids:
       for c, cell in enumerate(cells[k]):
-        init = jax.jit(cell.init) if per_cell_program else cell.init
+        init = run_once.jit(cell.init) if per_cell_program else cell.init
         variables[(k, c)] = init(jax.random.fold_in(jax.random.key(k), c), supernet.zeros_like_input(cell, 1, sizes[k]))
     jax.block_until_ready(variables)
     return variables, time.perf_counter() - start, counter.count - before
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
   per_cell = None
   if not args.skip_per_cell:
     per_cell, seconds, compiled = initialise(per_cell_program=True)
-    rows.append(('one program per cell, `jax.jit(cell.init)`', seconds, compiled, machine_load.load()))
+    rows.append(('one program per cell, `run_once.jit(cell.init)`', seconds, compiled, machine_load.load()))
   per_link, seconds, compiled = initialise(per_cell_program=False)
   rows.append(('one program per link shape, `cell.init`', seconds, compiled, machine_load.load()))
   threaded, seconds, compiled = initialise(per_cell_program=False, threads=args.threads)
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
   optimizer = supernet_store.block_optimizer(distill_steps.create_learning_rate_fn(0.005, 0.9, 1000), 1e-4)
   params = {k: {f'cell{c}': per_link[(k, c)]['params'] for c in range(len(cells[k]))} for k in block_ids}
   adam = {}
-  for what, init in (('eager', optimizer.init), ('jitted', jax.jit(optimizer.init))):
+  for what, init in (('eager', optimizer.init), ('jitted', run_once.jit(optimizer.init))):
     before, start = counter.count, time.perf_counter()
     adam[what] = jax.block_until_ready([init(params[k]) for k in block_ids])
-    label = '`optimizer.init`, eager' if what == 'eager' else '`jax.jit(optimizer.init)`, one program per block'
+    label = '`optimizer.init`, eager' if what == 'eager' else '`run_once.jit(optimizer.init)`, one program per block'
     rows.append(
       (f'Adam state of every block, {label}', time.perf_counter() - start, counter.count - before, machine_load.load())
     )

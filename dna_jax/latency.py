@@ -49,6 +49,7 @@ from dna_jax import files
 from dna_jax import latency_table
 from dna_jax import rank_stats
 from dna_jax import ratings as ratings_lib
+from dna_jax import run_once
 from dna_jax import space as space_lib
 from dna_jax.models import child
 from dna_jax.models import layers
@@ -136,7 +137,7 @@ def timed(run: Callable[[], Any], timing: Timing) -> tuple[float, float, float, 
 
 def runner(model: Any, shape: tuple[int, ...], target: str, threads: int) -> Callable[[], Any]:
   """A call that runs `model` (inference mode, random weights) once on one input of `shape` on the target."""
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.PRNGKey(0))
+  variables = run_once.jit(lambda r: model.init(r, jnp.zeros(shape), train=False))(jax.random.PRNGKey(0))
   predict = export.inference_fn(model, variables)
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   if target == 'jax':

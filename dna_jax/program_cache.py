@@ -13,7 +13,8 @@ A program whose description holds something that differs between processes (an o
 not stored, nor is anything while JAX runs several processes (a pod slice; not supported yet), nor an
 executable that JAX's persistent cache handed back instead of compiling it: stored again, such an
 executable loaded in a new process but failed when run on XLA:CPU ("Function add_rsqrt_fusion not
-found"; tested), so it is left to JAX's cache, which finds it after tracing. A stored
+found"; tested), so it is left to JAX's cache, which finds it after tracing. What this module stores,
+JAX's cache does not store as well (`_no_persistent_cache_write`). A stored
 file that cannot be loaded is compiled again and replaced; beyond a size the least recently used files
 are deleted (`prune`). The files hold native code and are
 unpickled: a cache directory must be trusted like the code itself.
@@ -42,6 +43,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+from jax._src import config as jax_config  # for `_no_persistent_cache_write` only
 from jax.experimental import serialize_executable
 
 from dna_jax import files
@@ -227,7 +229,7 @@ class ProgramCache:
     """`lowered` compiled, and stored unless JAX's persistent cache handed it back (module docstring)."""
     path, name = self._path(base, signature), _name(what)
     began = time.time()
-    with _persistent_cache_hits() as hits:
+    with _persistent_cache_hits() as hits, _no_persistent_cache_write(path is not None):
       program = lowered.compile()
     compile_seconds = time.time() - began
     if path is None:
@@ -304,6 +306,24 @@ def _persistent_cache_hits() -> Iterator[list[str]]:
     yield hits
   finally:
     jax.monitoring.unregister_event_listener(listener)
+
+
+@contextlib.contextmanager
+def _no_persistent_cache_write(skip: bool) -> Iterator[None]:
+  """While the block runs (with `skip`), JAX's persistent compilation cache does not store what this thread
+  compiles, though it still hands back what it holds.
+
+  A program this module stores would otherwise be serialised and written twice: JAX's write of the demo's
+  distillation step (a 41 MB executable) took 5.6 s of the 50 s it took to compile (profiled, 2-core AMD
+  EPYC). JAX has no public switch for one compilation; its minimum compile time for caching is a
+  thread-local setting, raised to infinity here where JAX still has it (else the write happens).
+  """
+  minimum = getattr(jax_config, 'persistent_cache_min_compile_time_secs', None)
+  if not skip or not callable(minimum):
+    yield
+    return
+  with minimum(float('inf')):
+    yield
 
 
 def _mark_used(path: epath.Path) -> None:

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from dna_jax import checkpoints
 from dna_jax import images as images_lib
+from dna_jax import run_once
 from dna_jax import workdir as workdir_lib
 from dna_jax.models import supernet
 
@@ -104,7 +105,7 @@ def create_block_state(
     params[f'cell{c}'], stats[f'cell{c}'] = variables['params'], variables['batch_stats']
   # One program for the optimizer state: run eagerly, optax compiles a zeros program per distinct
   # parameter shape (196 for the default ImageNet space), about a second each on an H200.
-  return BlockState(jnp.zeros((), jnp.int32), params, stats, jax.jit(optimizer.init)(params))
+  return BlockState(jnp.zeros((), jnp.int32), params, stats, run_once.jit(optimizer.init)(params))
 
 
 def abstract_block_state(

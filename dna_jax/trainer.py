@@ -45,6 +45,7 @@ from dna_jax import checkpoints
 from dna_jax import images as images_lib
 from dna_jax import input_pipeline
 from dna_jax import parallel
+from dna_jax import run_once
 
 Array = jax.Array
 HostBatch = dict[str, np.ndarray]
@@ -210,7 +211,7 @@ def create_train_state(rng: Array, model: Any, image_size: int, tx: optax.Gradie
   """Fresh state; the EMA starts at the initial weights."""
   init_rng, dropout_rng = jax.random.split(rng)
   example = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, example)
+  variables = run_once.jit(functools.partial(model.init, train=False))(init_rng, example)
   unknown = sorted(set(variables) - {'params', 'batch_stats'})
   if unknown:
     raise ValueError(f'the train loop handles params and batch_stats only; the model also has {unknown}')
@@ -221,7 +222,7 @@ def create_train_state(rng: Array, model: Any, image_size: int, tx: optax.Gradie
     apply_fn=model.apply,
     params=variables['params'],
     tx=tx,
-    opt_state=jax.jit(tx.init)(variables['params']),
+    opt_state=run_once.jit(tx.init)(variables['params']),
     batch_stats=variables['batch_stats'],
     ema_params=variables['params'],
     ema_batch_stats=variables['batch_stats'],
@@ -438,7 +439,7 @@ def train_and_evaluate(
         batch_stats=variables['batch_stats'],
         ema_params=variables['params'],
         ema_batch_stats=variables['batch_stats'],
-        opt_state=jax.jit(state.tx.init)(variables['params']),
+        opt_state=run_once.jit(state.tx.init)(variables['params']),
       )
     parameter_overview.log_parameter_overview(state.params)
   start = int(state.step)

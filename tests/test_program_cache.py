@@ -286,6 +286,28 @@ def test_a_program_from_jax_s_persistent_cache_is_not_stored_again(tmp_path):
   assert not list((tmp_path / 'programs').glob('*.executable'))
 
 
+def test_a_stored_program_is_not_written_to_jax_s_persistent_cache_as_well(tmp_path):
+  """Each compiled executable is serialised and written once: by the program cache, not by JAX's as well."""
+  script = textwrap.dedent(f"""
+    import jax, numpy as np
+    from dna_jax import program_cache
+    program_cache.enable_compilation_cache({str(tmp_path / 'jax')!r})
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    x = np.ones((4, 4), np.float32)
+    stored = program_cache.ProgramCache({str(tmp_path / 'programs')!r}).wrap(jax.jit(lambda x: x @ x + 1.0), 'f')
+    print(float(np.asarray(stored(x)).sum()))
+    print(sorted(p.name.split('-')[0] for p in program_cache.epath.Path({str(tmp_path / 'jax')!r}).iterdir()))
+    print(float(np.asarray(jax.jit(lambda x: x @ x - 1.0)(x)).sum()))  # not stored by the program cache: JAX's cache writes it
+    print(sorted(p.name.split('-')[0] for p in program_cache.epath.Path({str(tmp_path / 'jax')!r}).iterdir()))
+  """)
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.split('\n')
+  assert float(lines[0]) == 16 * 5.0 and float(lines[2]) == 16 * 3.0
+  assert len(list((tmp_path / 'programs').glob('*.executable'))) == 1
+  assert lines[1] == '[]' and lines[3] == "['jit__lambda']"
+
+
 def test_threads_storing_the_same_file_at_once_each_succeed(tmp_path):
   """Two compile threads may store the same program at once: each writes its own temporary file."""
   path, errors = tmp_path / 'program.executable', []

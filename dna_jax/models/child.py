@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dna_jax import run_once
 from dna_jax import space as space_lib
 from dna_jax.models import layers
 
@@ -70,7 +71,7 @@ class ChildNet(nn.Module):
 def init_child(model: ChildNet, rng: Any, image_size: int) -> dict[str, Any]:
   """Variables of `model` for square `image_size` inputs (shape-only init under jit)."""
   dummy = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
-  return jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  return run_once.jit(lambda r: model.init(r, dummy, train=False))(rng)
 
 
 def transfer_supernet_weights(

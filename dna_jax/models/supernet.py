@@ -24,6 +24,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dna_jax import run_once
 from dna_jax import space as space_lib
 from dna_jax.models import layers
 
@@ -166,7 +167,7 @@ def _init_program(
   example = jax.ShapeDtypeStruct(shape, jnp.float32)
   output, _ = jax.eval_shape(modules[0].init_with_output, jax.random.PRNGKey(0), example)
   init = lambda keys: tuple(module.init(key, jnp.zeros(shape, jnp.float32)) for module, key in zip(modules, keys))
-  return jax.jit(init), tuple(output.shape)
+  return run_once.jit(init), tuple(output.shape)
 
 
 def init_link(
