@@ -35,7 +35,10 @@ next day: 10 min 18 s, peak 5.8 GiB (teacher 209 s, distill 200 s, rate 58 s, re
 With malloc asking for transparent huge pages (host_memory.restart_with_huge_pages, which the command
 runs at start) on 2 idle AMD EPYC (Zen 4) cores the same day, a few hours later: 9 min 49 s and 10 min 4 s
 (teacher 185 / 196 s, distill 198 / 214 s, rate 63 / 61 s, retrain 128 / 119 s, evaluate 7 / 6 s; 5.5-5.7
-GiB), against 11 min 21 s without them between the two runs; the same net and accuracies.
+GiB), against 11 min 21 s without them between the two runs; the same net and accuracies. Three hours
+later, a faster hour, with initialisers compiled at LLVM optimisation level 1 (dna_jax/run_once.py):
+9 min 6 s and 9 min 20 s (teacher 173 / 181 s, distill 189 / 189 s, rate 57 / 64 s, retrain 115 / 113 s,
+evaluate 6 / 7 s; 5.8 GiB), and 9 min 11 s with the code before between them; the same net and accuracies.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).

@@ -24,8 +24,9 @@ OPTIONS = {'xla_backend_optimization_level': 1}
 
 def jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
   """`jax.jit(fn, **jit_kwargs)`, but on the CPU (unless most optimisations are off) each new signature of
-  concrete arguments is compiled with `OPTIONS`. Called while tracing (inside another jit, `jax.eval_shape`), it is `jax.jit(fn)` itself.
-  The compiled programs are kept on the result's `programs` (a list)."""
+  concrete arguments is compiled with `OPTIONS`. Called while tracing (inside another jit,
+  `jax.eval_shape`), it is `jax.jit(fn)` itself. The programs compiled with `OPTIONS` are kept on the
+  result's `programs` (a list); its `cache_size()` counts them and those `jax.jit` compiled itself."""
   jitted = jax.jit(fn, **jit_kwargs)
   programs: list[Any] = []
   lock = threading.Lock()
@@ -50,4 +51,5 @@ def jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     return program(*args)
 
   call.programs = programs
+  call.cache_size = lambda: len(programs) + jitted._cache_size()
   return call

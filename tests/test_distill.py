@@ -120,11 +120,11 @@ def test_link_initialisers_compiled_ahead_in_threads_are_the_ones_init_calls(mak
   assert count == supernet._init_program.cache_info().misses == 7  # block 2's 3 link shapes, stem cell's 4
   links = {link for cell, size in pairs for link in supernet.link_inputs(cell, size)}
   programs = [supernet._init_program(*link) for link in links]
-  assert [init._cache_size() for init, _ in programs] == [1] * count  # each compiled once, by running it
+  assert [init.cache_size() for init, _ in programs] == [1] * count  # each compiled once, by running it
   for c, (cell, size) in enumerate(pairs):
     cell.init(jax.random.fold_in(make_key(1), c), supernet.zeros_like_input(cell, 1, size))
   assert supernet._init_program.cache_info().misses == count
-  assert [init._cache_size() for init, _ in programs] == [1] * count  # the same keys' type: nothing retraced
+  assert [init.cache_size() for init, _ in programs] == [1] * count  # the same keys' type: nothing retraced
 
 
 def test_loss_decreases_for_every_cell(tmp_path, tiny_teacher, monkeypatch):

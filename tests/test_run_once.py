@@ -65,7 +65,7 @@ def test_each_signature_compiles_once_with_the_options_and_tracing_goes_through_
     # Inside another program or an abstract evaluation it is plain jax.jit: nothing compiled of its own.
     np.testing.assert_array_equal(jax.jit(lambda x: f(x, 1.0) - 1.0)(np.ones(4, np.float32)), [2.0] * 4)
     assert jax.eval_shape(f, jax.ShapeDtypeStruct((5,), jnp.float32), 1.0).shape == (5,)
-    assert len(f.programs) == 2
+    assert len(f.programs) == 2 and f.cache_size() == 2
   assert run_once.OPTIONS in compiled_with and compiled_with.count(run_once.OPTIONS) == 2
 
 
@@ -73,4 +73,5 @@ def test_with_most_optimisations_off_it_compiles_as_jax_jit():
   jax.config.update('jax_disable_most_optimizations', True)
   f = run_once.jit(lambda x: x + 1.0)
   np.testing.assert_array_equal(f(np.zeros(2, np.float32)), [1.0, 1.0])
-  assert not f.programs
+  np.testing.assert_array_equal(f(np.ones(2, np.float32)), [2.0, 2.0])
+  assert not f.programs and f.cache_size() == 1
