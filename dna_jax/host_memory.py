@@ -30,7 +30,7 @@ time), 60.5 s with huge pages as well (0.36 M, 27 s), 59.0 s with 'one_arena' (8
 switch it off) stops the restart.
 
 What is left of the zeroing (perf with call graphs, the same stage, 78 steps): about 20% of the cycles,
-the kernel zeroing the huge pages that XLA's kernels fault in in its worker threads, i.e. those blocks
+the kernel zeroing the huge pages that XLA's kernels touch first in its worker threads, i.e. those blocks
 over 64 MiB, mapped afresh each step. 'one_arena' stops it once the heap has grown (no zeroing after the
 first steps), yet its steps were no faster (2.53 against 2.83 steps per second, 62.6 against 58.1 s for
 117 steps) and a distillation block's programs compiled 1.46x slower (first step 43.8 against 30.1 s);
