@@ -14,7 +14,6 @@ as `jax.jit` does.
 from __future__ import annotations
 
 from collections.abc import Callable
-import threading
 from typing import Any
 
 import jax
@@ -23,33 +22,20 @@ OPTIONS = {'xla_backend_optimization_level': 1}
 
 
 def jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
-  """`jax.jit(fn, **jit_kwargs)`, but on the CPU (unless most optimisations are off) each new signature of
-  concrete arguments is compiled with `OPTIONS`. Called while tracing (inside another jit,
-  `jax.eval_shape`), it is `jax.jit(fn)` itself. The programs compiled with `OPTIONS` are kept on the
-  result's `programs` (a list); its `cache_size()` counts them and those `jax.jit` compiled itself."""
-  jitted = jax.jit(fn, **jit_kwargs)
-  programs: list[Any] = []
-  lock = threading.Lock()
+  """`jax.jit(fn, **jit_kwargs)`, compiled with `OPTIONS` on the CPU unless most optimisations are off.
+
+  Called while tracing (inside another jit, `jax.eval_shape`; JAX refuses compiler options on a nested
+  jit) it is the plain `jax.jit(fn)`. The result's `cache_size()` counts the programs compiled for it.
+  """
+  plain = jax.jit(fn, **jit_kwargs)
+  optimised = plain
+  if jax.default_backend() == 'cpu' and not jax.config.values.get('jax_disable_most_optimizations', False):
+    optimised = jax.jit(fn, compiler_options=OPTIONS, **jit_kwargs)
+  jitted = (plain,) if optimised is plain else (plain, optimised)
 
   def call(*args: Any) -> Any:
-    if (
-      jax.default_backend() != 'cpu'
-      or jax.config.values.get('jax_disable_most_optimizations', False)
-      or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
-    ):
-      return jitted(*args)
-    with lock:
-      # A compiled program checks its arguments' structure, types and placement before running and raises
-      # TypeError or ValueError where they differ: then the next one is tried, or a new one compiled.
-      for program in programs:
-        try:
-          return program(*args)
-        except (TypeError, ValueError):
-          continue
-      program = jitted.lower(*args).compile(OPTIONS)
-      programs.append(program)
-    return program(*args)
+    tracing = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+    return (plain if tracing else optimised)(*args)
 
-  call.programs = programs
-  call.cache_size = lambda: len(programs) + jitted._cache_size()
+  call.cache_size = lambda: sum(f._cache_size() for f in jitted)
   return call
