@@ -73,9 +73,14 @@ def xla_flops(compiled) -> float:
 
 
 def compile_and_time(fn, args, steps: int) -> dict[str, float]:
-  """Compile seconds, median seconds per call (after one warm-up) and XLA FLOPs of jitted `fn`."""
+  """Compile seconds (tracing, lowering and XLA; the first two also apart), median seconds per call
+  (after one warm-up) and XLA FLOPs of jitted `fn`."""
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  traced = fn.trace(*args)
+  trace_s = time.perf_counter() - start
+  lowered = traced.lower()
+  lower_s = time.perf_counter() - start - trace_s
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))
   times = []
@@ -96,6 +101,8 @@ def compile_and_time(fn, args, steps: int) -> dict[str, float]:
   )
   return {
     'compile_s': compile_s,
+    'trace_s': trace_s,
+    'lower_s': lower_s,
     'step_s': statistics.median(times),
     'min_s': min(times),
     'flops': xla_flops(compiled),
@@ -286,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
       )
     )
     print(
-      f'  measured {name}: {step_s:.3f} s/step (min {result["min_s"]:.3f}), compile {result["compile_s"]:.1f} s, '
-      f'load {result["load"]}',
+      f'  measured {name}: {step_s:.3f} s/step (min {result["min_s"]:.3f}), compile {result["compile_s"]:.1f} s '
+      f'(tracing {result["trace_s"]:.1f} s, lowering {result["lower_s"]:.1f} s), load {result["load"]}',
       flush=True,
     )
 

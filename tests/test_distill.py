@@ -1,5 +1,6 @@
 """Distillation: learning, one compile for all paths, per-device paths, resume, independence, NaN guard."""
 
+import collections
 import functools
 import json
 import logging
@@ -162,6 +163,38 @@ def test_one_compilation_serves_every_path_and_devices_differ():
     seen.update(tuple(map(tuple, np.asarray(paths))))
   assert len(traces) == 1
   assert len(seen) > 8  # devices and steps draw different paths
+
+
+def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
+  """Differentiating two cells whose first and last layers share shapes traces each op once per shape."""
+  space = space_lib.parse_space('2 16 2@8,3@8', 8, 8)
+  cells = supernet.supernet_cells(space, stem_stride=1)[0]
+  candidates = {cell.op_module(l, j) for cell in cells for l in range(cell.cell.layers) for j in range(6)}
+  traced = collections.Counter()
+  original = supernet.apply_module
+
+  def counting_apply(module, params, batch_stats, x, train):
+    if module in candidates:
+      traced[(module, x.shape)] += 1
+    return original(module, params, batch_stats, x, train)
+
+  monkeypatch.setattr(supernet, 'apply_module', counting_apply)
+  supernet.candidate_op_function.cache_clear()
+  x = jnp.ones((2, IMAGE, IMAGE, 3))
+  variables = [cell.init(jax.random.PRNGKey(c), x) for c, cell in enumerate(cells)]
+  traced.clear()
+
+  def loss(params):
+    total = 0.0
+    for cell, v, path in zip(cells, variables, ([0, 5], [3, 1, 4])):
+      y, _ = cell.apply({'params': params[cell.cell.layers], 'batch_stats': v['batch_stats']}, x, jnp.array(path), True)
+      total = total + jnp.sum(y * y)
+    return total
+
+  jax.make_jaxpr(jax.grad(loss))({cell.cell.layers: v['params'] for cell, v in zip(cells, variables)})
+  # 5 layers, 3 distinct (op modules, input shape): both cells' first layers match, and their last layers
+  assert len(traced) == 3 * 6 and set(traced.values()) == {1}
+  supernet.candidate_op_function.cache_clear()
 
 
 def test_pinned_layers_always_draw_their_op():
