@@ -1,13 +1,14 @@
 """Tracing and lowering the one-program distillation step, in a fresh process (JAX's caches cold).
 
-  PYTHONPATH=. python benchmarks/step_tracing.py [--space small|imagenet] [--op_function_baseline]
+  PYTHONPATH=. python benchmarks/step_tracing.py [--space small|imagenet] [--autodiff_baseline]
 
 Traces and lowers (never compiles) `distill_steps.distill_step` over every cell of the space, as
 `benchmarks/distill_step.py` builds it (demo space and tiny teacher at batch 128 and 32 px, or the
 ImageNet space and B7 at batch 8 and 224 px; random variables), and prints the seconds of each and
-the size of the lowered program. --op_function_baseline traces each candidate op at every layer,
-as before `supernet.candidate_op_function` jitted each op once per input shape. Run the two ways
-alternately, each in its own process: in one process the second trace finds JAX's own caches warm.
+the size of the lowered program. --autodiff_baseline traces the step as before
+`supernet.recomputing_switch`: JAX differentiates each layer's `lax.switch` over its rematerialised
+ops, each op traced at every layer. Run the two ways alternately, each in its own process: in one
+process the second trace finds JAX's own caches warm.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ from dna_jax import teacher as teacher_lib
 from dna_jax.models import supernet
 
 
+def autodiff_switch(modules, params, stats, op, x):
+  """A layer as `SupernetCell.apply` ran it before `supernet.recomputing_switch`."""
+  names = space_lib.OP_NAMES
+  apply_op = lambda j, x: supernet.op_function(modules[j], True, 'op')(params[names[j]], stats[names[j]], x)
+  return supernet.switch_ops(apply_op, stats, op, x)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--space', choices=('small', 'imagenet'), default='small')
-  parser.add_argument('--op_function_baseline', action='store_true')
+  parser.add_argument('--autodiff_baseline', action='store_true')
   args = parser.parse_args(argv)
   space, teacher_name, batch, image, stem_stride = step_benchmark.benchmark_space(args.space)
   setup_args = argparse.Namespace(space=args.space, dtype='float32', remat='op')
@@ -64,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
   fn = parallel.data_parallel(step, 'shard_map', num_broadcast=1)
   batch_in = parallel.shard_batch({'image': images}, 'shard_map')
   teacher_variables = random_variables.teacher_variables(model)
-  way = 'each op traced at every layer' if args.op_function_baseline else 'each op traced once per input shape'
-  patch = mock.patch.object(supernet, 'candidate_op_function', supernet.op_function)
-  with patch if args.op_function_baseline else contextlib.nullcontext():
+  if args.autodiff_baseline:
+    way = 'switch differentiated by JAX over rematerialised ops'
+    patch = mock.patch.object(supernet, 'recomputing_switch', autodiff_switch)
+  else:
+    way, patch = 'switch with its own gradient, ops jitted', contextlib.nullcontext()
+  with patch:
     start = time.perf_counter()
     traced = fn.trace(states, batch_in, teacher_variables)
     trace_s = time.perf_counter() - start

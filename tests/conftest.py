@@ -32,6 +32,7 @@ _PROGRAM_CACHES = (
   cell_rating.compiled,
   supernet._init_program,
   supernet.candidate_op_function,
+  supernet.candidate_op_gradient,
 )
 
 

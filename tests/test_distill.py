@@ -166,7 +166,8 @@ def test_one_compilation_serves_every_path_and_devices_differ():
 
 
 def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
-  """Differentiating two cells whose first and last layers share shapes traces each op once per shape."""
+  """Differentiating two cells whose first and last layers share shapes traces each op once per shape (its
+  forward and its gradient)."""
   space = space_lib.parse_space('2 16 2@8,3@8', 8, 8)
   cells = supernet.supernet_cells(space, stem_stride=1)[0]
   candidates = {cell.op_module(l, j) for cell in cells for l in range(cell.cell.layers) for j in range(6)}
@@ -180,6 +181,7 @@ def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
 
   monkeypatch.setattr(supernet, 'apply_module', counting_apply)
   supernet.candidate_op_function.cache_clear()
+  supernet.candidate_op_gradient.cache_clear()
   x = jnp.ones((2, IMAGE, IMAGE, 3))
   variables = [cell.init(jax.random.PRNGKey(c), x) for c, cell in enumerate(cells)]
   traced.clear()
@@ -192,9 +194,11 @@ def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
     return total
 
   jax.make_jaxpr(jax.grad(loss))({cell.cell.layers: v['params'] for cell, v in zip(cells, variables)})
-  # 5 layers, 3 distinct (op modules, input shape): both cells' first layers match, and their last layers
-  assert len(traced) == 3 * 6 and set(traced.values()) == {1}
+  # 5 layers, 3 distinct (op modules, input shape): both cells' first layers match, and their last layers;
+  # each traced once for the forward and once for its gradient
+  assert len(traced) == 3 * 6 and set(traced.values()) == {2}
   supernet.candidate_op_function.cache_clear()
+  supernet.candidate_op_gradient.cache_clear()
 
 
 def test_pinned_layers_always_draw_their_op():

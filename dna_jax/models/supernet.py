@@ -33,7 +33,8 @@ Variables = dict[str, Any]
 
 # What training recomputes in the backward pass. Differentiating `lax.switch` keeps the residuals of
 # every branch (zeros for the branches not taken), so without recomputation the step holds and writes
-# six ops' intermediates per layer. 'op': each candidate op rematerialised (only its input is kept);
+# six ops' intermediates per layer. 'op': the sampled op recomputed (only its input is kept; in the
+# one-program step by `recomputing_switch`, the same numbers as each op under `jax.checkpoint`);
 # 'dots': the 1x1 convolutions' outputs kept, the rest recomputed; 'none': plain autodiff. Measured on
 # the demo space's full step (benchmarks/distill_step.py --space small --remat R, 2-core AMD EPYC, one
 # run each): 'op' 1.10 s, 'dots' 1.21 s, 'none' 1.49 s (compile 162 / 177 / 179 s); on the 15-cell
@@ -154,8 +155,12 @@ class SupernetCell:
       x, stem_stats = self.apply_stem(variables, x, train)
       new_stats.update(stem_stats)
     for l in range(self.cell.layers):
-      apply_op = lambda op_id, x, l=l: self.apply_op(variables, l, op_id, x, train)
-      x, new_stats[f'layer{l}'] = switch_ops(apply_op, variables['batch_stats'][f'layer{l}'], path[l], x)
+      params, stats = variables['params'][f'layer{l}'], variables['batch_stats'][f'layer{l}']
+      if train and self.remat == 'op':
+        x, new_stats[f'layer{l}'] = recomputing_switch(self.layer_modules(l), params, stats, path[l], x)
+      else:
+        apply_op = lambda op_id, x, l=l: self.apply_op(variables, l, op_id, x, train)
+        x, new_stats[f'layer{l}'] = switch_ops(apply_op, stats, path[l], x)
     return x, new_stats
 
 
@@ -223,11 +228,9 @@ def apply_candidate_op(
   return candidate_op_function(module, train, remat)(params, batch_stats, x)
 
 
-# A jitted function per op, so that JAX traces, differentiates and lowers each op once per input shape
-# however many layers of a cell, or cells of a block, share that shape; XLA inlines it, so the program is
-# the same (the demo's step bit for bit). The one-program step traced and lowered in 52.8 instead of
-# 93.2 s for the ImageNet space (49 layers, 24 shapes), 16.8-17.2 instead of 20.0-20.4 s for the demo's
-# (benchmarks/step_tracing.py, 2-core AMD EPYC); XLA's compile and the step time moved within their noise.
+# A jitted function per op (and `candidate_op_gradient`), so that JAX traces, differentiates and lowers
+# each op once per input shape however many layers of a cell, or cells of a block, share that shape.
+# XLA inlines them: the program is the same (the demo's step bit for bit).
 @functools.cache
 def candidate_op_function(module: Any, train: bool, remat: str) -> Callable[..., Any]:
   """`op_function` jitted, one per (module, train, remat)."""
@@ -270,6 +273,58 @@ def switch_ops(
     return run
 
   return lax.switch(op, [branch(j) for j in range(space_lib.NUM_OPS)], x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def recomputing_switch(
+  modules: tuple[Any, ...], params: Any, stats: dict[str, Any], op: Array, x: Array
+) -> tuple[Array, dict[str, Any]]:
+  """A layer of candidate `modules` in training mode: op number `op` (traced) on x; its output and the
+  layer's statistics, that op's updated. Its gradient recomputes the sampled op alone, inside its
+  branch of a `lax.switch`: what differentiating `switch_ops` over rematerialised ops (remat='op')
+  computes, bit for bit on the demo's step, without JAX's partial evaluation and transposition of that
+  switch. With the jitted ops, the one-program step traced and lowered in 47.4 instead of 81.6 s for the
+  ImageNet space (49 layers, 24 shapes) and in 15.5-16.3 instead of 20.3-21.2 s for the demo's
+  (benchmarks/step_tracing.py, 2-core AMD EPYC); its XLA compile and step time moved within their noise."""
+  names = space_lib.OP_NAMES
+  forward = lambda j, x: candidate_op_function(modules[j], True, 'none')(params[names[j]], stats[names[j]], x)
+  return switch_ops(forward, stats, op, x)
+
+
+def _recomputing_switch_forward(modules, params, stats, op, x):
+  return recomputing_switch(modules, params, stats, op, x), (params, stats, op, x)
+
+
+def _recomputing_switch_backward(modules, residuals, cotangents):
+  params, stats, op, x = residuals
+  dy = cotangents[0]
+  names = space_lib.OP_NAMES
+
+  def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array]]:
+    def run(x: Array, dy: Array) -> tuple[Any, Array]:
+      d_taken, dx = candidate_op_gradient(modules[j])(params[names[j]], stats[names[j]], x, dy)
+      zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[j]}
+      return {**zeros, names[j]: d_taken}, dx
+
+    return run
+
+  d_params, dx = lax.switch(op, [branch(j) for j in range(len(modules))], x, dy)
+  return d_params, None, None, dx
+
+
+recomputing_switch.defvjp(_recomputing_switch_forward, _recomputing_switch_backward)
+
+
+@functools.cache
+def candidate_op_gradient(module: Any) -> Callable[..., Any]:
+  """Jitted (params, batch_stats, x, dy) -> the gradients of `module`'s output in training mode, with
+  respect to its params and x, for output gradient dy (its forward recomputed)."""
+
+  def gradient(params: Any, batch_stats: Any, x: Array, dy: Array) -> tuple[Any, Array]:
+    forward = lambda p, x: apply_module(module, p, batch_stats, x, True)[0]
+    return jax.vjp(forward, params, x)[1](dy)
+
+  return jax.jit(gradient)
 
 
 def supernet_cells(
