@@ -179,12 +179,8 @@ def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
       traced[(module, x.shape)] += 1
     return original(module, params, batch_stats, x, train)
 
-  monkeypatch.setattr(supernet, 'apply_module', counting_apply)
-  supernet.candidate_op_function.cache_clear()
-  supernet.candidate_op_gradient.cache_clear()
   x = jnp.ones((2, IMAGE, IMAGE, 3))
   variables = [cell.init(jax.random.PRNGKey(c), x) for c, cell in enumerate(cells)]
-  traced.clear()
 
   def loss(params):
     total = 0.0
@@ -193,12 +189,18 @@ def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
       total = total + jnp.sum(y * y)
     return total
 
-  jax.make_jaxpr(jax.grad(loss))({cell.cell.layers: v['params'] for cell, v in zip(cells, variables)})
+  caches = (supernet.candidate_op_function, supernet.candidate_op_gradient)
+  for cache in caches:
+    cache.cache_clear()
+  monkeypatch.setattr(supernet, 'apply_module', counting_apply)
+  try:
+    jax.make_jaxpr(jax.grad(loss))({cell.cell.layers: v['params'] for cell, v in zip(cells, variables)})
+  finally:
+    for cache in caches:  # they hold functions built on the counting apply_module
+      cache.cache_clear()
   # 5 layers, 3 distinct (op modules, input shape): both cells' first layers match, and their last layers;
   # each traced once for the forward and once for its gradient
   assert len(traced) == 3 * 6 and set(traced.values()) == {2}
-  supernet.candidate_op_function.cache_clear()
-  supernet.candidate_op_gradient.cache_clear()
 
 
 def test_pinned_layers_always_draw_their_op():
