@@ -39,6 +39,10 @@ GiB), against 11 min 21 s without them between the two runs; the same net and ac
 later, a faster hour, with initialisers compiled at LLVM optimisation level 1 (dna_jax/run_once.py):
 9 min 6 s and 9 min 20 s (teacher 173 / 181 s, distill 189 / 189 s, rate 57 / 64 s, retrain 115 / 113 s,
 evaluate 6 / 7 s; 5.8 GiB), and 9 min 11 s with the code before between them; the same net and accuracies.
+That afternoon, with the one-program step's own switch gradient (supernet.recomputing_switch, the same
+numbers bit for bit): 8 min 59 s and 8 min 44 s (teacher 160 / 161 s, distill 177 / 174 s, rate 71 / 64 s,
+retrain 119 / 114 s, evaluate 6 / 6 s; 5.6-5.7 GiB; in the first run rating called the ops jitted, since
+reverted); the same net and accuracies.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
