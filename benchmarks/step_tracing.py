@@ -38,7 +38,7 @@ from dna_jax.models import supernet
 def autodiff_switch(modules, params, stats, op, x):
   """A layer as `SupernetCell.apply` ran it before `supernet.recomputing_switch`."""
   names = space_lib.OP_NAMES
-  apply_op = lambda j, x: supernet.op_function(modules[j], True, 'op')(params[names[j]], stats[names[j]], x)
+  apply_op = lambda j, x: supernet.apply_candidate_op(modules[j], params[names[j]], stats[names[j]], x, True, 'op')
   return supernet.switch_ops(apply_op, stats, op, x)
 
 

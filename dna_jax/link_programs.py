@@ -87,7 +87,7 @@ def _switch_backward(
     def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array | None]]:
       def run(x: Array, dy: Array) -> tuple[Any, Array | None]:
         taken, dx = _module_vjp(modules[j], input_grad, params[names[j]], stats[names[j]], x, dy)
-        return _link_gradient(params, j, taken), dx
+        return supernet.layer_gradient(params, j, taken), dx
 
       return run
 
@@ -123,15 +123,8 @@ def _backward(
   # The pullback's structure (not its values) from tracing the forward again; x only lends its shape.
   pullback_shape = jax.eval_shape(lambda p, x: jax.vjp(forward, p, x, has_aux=True)[1], _part(params, modules, op), x)
   d_taken, dx = jax.tree.unflatten(jax.tree.structure(pullback_shape), [r[0] for r in residuals])(dy)
-  dparams = lax.pmean(_link_gradient(params, op, d_taken) if len(modules) > 1 else d_taken, parallel.AXIS)
+  dparams = lax.pmean(supernet.layer_gradient(params, op, d_taken) if len(modules) > 1 else d_taken, parallel.AXIS)
   return (dparams, dx) if input_grad else (dparams,)
-
-
-def _link_gradient(params: Any, op: int, taken: Any) -> Any:
-  """A layer's parameter gradient when only op `op` ran: `taken` for it, zeros for the other ops."""
-  names = space_lib.OP_NAMES
-  zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[op]}
-  return {**zeros, names[op]: taken}
 
 
 def _link_update(

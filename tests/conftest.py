@@ -31,7 +31,7 @@ _PROGRAM_CACHES = (
   distill_steps.parallel_distill_step,
   cell_rating.compiled,
   supernet._init_program,
-  supernet.candidate_op_function,
+  supernet.candidate_op_forward,
   supernet.candidate_op_gradient,
 )
 

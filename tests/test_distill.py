@@ -189,7 +189,7 @@ def test_each_candidate_op_is_traced_once_per_input_shape(monkeypatch):
       total = total + jnp.sum(y * y)
     return total
 
-  caches = (supernet.candidate_op_function, supernet.candidate_op_gradient)
+  caches = (supernet.candidate_op_forward, supernet.candidate_op_gradient)
   for cache in caches:
     cache.cache_clear()
   monkeypatch.setattr(supernet, 'apply_module', counting_apply)

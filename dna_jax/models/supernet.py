@@ -225,27 +225,12 @@ def apply_candidate_op(
   module: Any, params: Any, batch_stats: Any, x: Array, train: bool, remat: str
 ) -> tuple[Array, Any]:
   """`apply_module` for a candidate op, with what its backward pass recomputes (`remat`, see REMAT)."""
-  return op_function(module, train, remat)(params, batch_stats, x)
-
-
-# A jitted function per op (and `candidate_op_gradient`), so that `recomputing_switch` traces, differentiates
-# and lowers each op once per input shape however many layers of a cell, or cells of a block, share that
-# shape. XLA inlines them: the program is the same (the demo's step bit for bit). Rating (`apply_op`) calls
-# ops unjitted, as before: the one demo run with jitted ops there recalibrated in 29.2 s against 22.7-24.9 s.
-@functools.cache
-def candidate_op_function(module: Any, train: bool, remat: str) -> Callable[..., Any]:
-  """`op_function` jitted, one per (module, train, remat)."""
-  return jax.jit(op_function(module, train, remat))
-
-
-def op_function(module: Any, train: bool, remat: str) -> Callable[..., Any]:
-  """`apply_module(module, params, batch_stats, x, train)` with `remat`'s recomputation."""
   run = functools.partial(apply_module, module, train=train)
   if remat == 'op':
-    return jax.checkpoint(run)
-  if remat == 'dots':
-    return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return run
+    run = jax.checkpoint(run)
+  elif remat == 'dots':
+    run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return run(params, batch_stats, x)
 
 
 def candidate_ops(
@@ -288,7 +273,7 @@ def recomputing_switch(
   ImageNet space (49 layers, 24 shapes) and in 15.5-16.3 instead of 20.3-21.2 s for the demo's
   (benchmarks/step_tracing.py, 2-core AMD EPYC); its XLA compile and step time moved within their noise."""
   names = space_lib.OP_NAMES
-  forward = lambda j, x: candidate_op_function(modules[j], True, 'none')(params[names[j]], stats[names[j]], x)
+  forward = lambda j, x: candidate_op_forward(modules[j])(params[names[j]], stats[names[j]], x)
   return switch_ops(forward, stats, op, x)
 
 
@@ -304,8 +289,7 @@ def _recomputing_switch_backward(modules, residuals, cotangents):
   def branch(j: int) -> Callable[[Array, Array], tuple[Any, Array]]:
     def run(x: Array, dy: Array) -> tuple[Any, Array]:
       d_taken, dx = candidate_op_gradient(modules[j])(params[names[j]], stats[names[j]], x, dy)
-      zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[j]}
-      return {**zeros, names[j]: d_taken}, dx
+      return layer_gradient(params, j, d_taken), dx
 
     return run
 
@@ -314,6 +298,23 @@ def _recomputing_switch_backward(modules, residuals, cotangents):
 
 
 recomputing_switch.defvjp(_recomputing_switch_forward, _recomputing_switch_backward)
+
+
+def layer_gradient(params: dict[str, Any], op: int, d_taken: Any) -> dict[str, Any]:
+  """A layer's parameter gradient when only op number `op` ran: `d_taken` for it, zeros for the other ops."""
+  names = space_lib.OP_NAMES
+  zeros = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in names if name != names[op]}
+  return {**zeros, names[op]: d_taken}
+
+
+# The op and its gradient as jitted functions, so that `recomputing_switch` traces, differentiates and
+# lowers each op once per input shape however many layers of a cell, or cells of a block, share that
+# shape. XLA inlines them: the program is the same (the demo's step bit for bit). Rating (`apply_op`) calls
+# ops unjitted: the one demo run with jitted ops there recalibrated in 29.2 s against 22.7-24.9 s.
+@functools.cache
+def candidate_op_forward(module: Any) -> Callable[..., Any]:
+  """Jitted (params, batch_stats, x) -> `module`'s output and updated statistics in training mode."""
+  return jax.jit(functools.partial(apply_module, module, train=True))
 
 
 @functools.cache
