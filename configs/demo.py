@@ -7,42 +7,14 @@ Stages: train a tiny EfficientNet teacher (no pretrained one exists for this dat
 distil all 6 cells of 3 blocks -> rate all 336 paths -> exact search under a FLOPs
 budget -> retrain the chosen net from scratch -> evaluate on the test split.
 The space holds 42 x 252 x 42 = 444,528 architectures.
-Expected (measured on 2 idle AMD EPYC cores, fresh workdir, tfds directory and compilation cache:
-12 min 2 s in all, peak host memory 9.1 GiB): teacher 236 s to 86.9% test top-1; distill 231 s
-(33 s of it initialising the supernet, 83 s the first step's tracing and compilation); rate 57 s;
-search under 1 s; retrain 188 s to 83.5% test top-1 (with an eval at epoch 1 as well, about 20 s,
-since dropped); evaluate 6 s. The chosen net is
-16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6 (2.17 MFLOPs, 17,784 params); the run is deterministic.
-Rerun since with depthwise kernel gradients summed a few examples at a time (training steps 1.25x and
-1.51x faster in benchmarks/train_step.py) on a slow day of the same machine kind: 19 min 10 s (every
-stage 1.46-1.67x slower than above, the gradient-free rate stage too), the same net and accuracies.
-On 2 idle Intel Xeon cores (AVX-512, the machine kind where it once took 31 min 26 s): 17 min 56 s, peak
-8.9 GiB; teacher 366 s, distill 357 s, rate 87 s, retrain 244 s, evaluate 14 s; the same net and accuracies.
-On a faster day of that machine kind, with the distill step compiled while the supernets initialise:
-12 min 11 s, peak 8.8 GiB; teacher 251 s, distill 228 s, rate 56 s, retrain 183 s, evaluate 8 s; the same.
-On a fast day of that machine kind, with every depthwise kernel gradient's taps summed in one reduction
-and 1x1 convolutions as one 2-D matmul (layers.tap_sums, layers.channels_matmul): 9 min 9 s, peak 8.2
-GiB; teacher 190 s, distill 169 s, rate 49 s, retrain 129 s, evaluate 8 s; the same net, top 5 and
-accuracies (the ratings moved by float rounding: scores by up to 0.006). A second run: 8 min 43 s.
-With the current code (rating 6 paths per call, sparse survivors, supernet initialisers compiled by 2
-threads) on 2 idle AMD EPYC cores: 12 min 7 s, peak 5.4 GiB; teacher 220 s, distill 231 s, rate 76 s,
-retrain 181 s, evaluate 11 s; the same net and accuracies (on an Intel Xeon the day before: 9 min 41 s).
-With freed host memory kept for reuse on the CPU (dna_jax/host_memory.py, the default there since) on the
-same machine kind later the same day: 9 min 58 s, peak 5.7 GiB; teacher 196 s, distill 201 s, rate 54 s, retrain
-137 s, evaluate 6 s; the same net and accuracies (the 10-minute target met, with no margin); rerun
-later: 9 min 56 s, peak 5.6 GiB (teacher 200 s, distill 194 s, rate 58 s, retrain 134 s, evaluate 5 s). The
-next day: 10 min 18 s, peak 5.8 GiB (teacher 209 s, distill 200 s, rate 58 s, retrain 141 s, evaluate 6 s).
-With malloc asking for transparent huge pages (host_memory.restart_with_huge_pages, which the command
-runs at start) on 2 idle AMD EPYC (Zen 4) cores the same day, a few hours later: 9 min 49 s and 10 min 4 s
-(teacher 185 / 196 s, distill 198 / 214 s, rate 63 / 61 s, retrain 128 / 119 s, evaluate 7 / 6 s; 5.5-5.7
-GiB), against 11 min 21 s without them between the two runs; the same net and accuracies. Three hours
-later, a faster hour, with initialisers compiled at LLVM optimisation level 1 (dna_jax/run_once.py):
-9 min 6 s and 9 min 20 s (teacher 173 / 181 s, distill 189 / 189 s, rate 57 / 64 s, retrain 115 / 113 s,
-evaluate 6 / 7 s; 5.8 GiB), and 9 min 11 s with the code before between them; the same net and accuracies.
-That afternoon, with the one-program step's own switch gradient (supernet.recomputing_switch, the same
-numbers bit for bit): 8 min 59 s and 8 min 44 s (teacher 160 / 161 s, distill 177 / 174 s, rate 71 / 64 s,
-retrain 119 / 114 s, evaluate 6 / 6 s; 5.6-5.7 GiB; in the first run rating called the ops jitted, since
-reverted); the same net and accuracies.
+Expected (measured on 2 idle AMD EPYC (Zen 4) cores, fresh workdir, tfds directory and caches, 2026-12-05):
+7 min 56 s in all, peak host memory 5.6 GiB: teacher 149 s to 86.94% test top-1; distill 163 s; rate
+50 s; search under 1 s; retrain 101 s to 83.53% test top-1; evaluate 8 s. The chosen net is
+16,8,128|8s2:k5e3/12s2:k5e3-k7e6/16s1:k5e6 (2.17 MFLOPs, 17,784 params); the run is deterministic (the
+same net and accuracies on AMD Zen3, AMD EPYC and Intel Xeon machines). The last eight runs on that machine
+kind took 7 min 56 s to 10 min 4 s, three on an Intel Xeon (AVX-512) 8 min 43 s to 9 min 41 s; every run
+since the first (31 min 26 s on that Xeon), with its stage times and what changed, is in the README's
+performance section.
 `:local` is the same with fewer steps (a smoke run).
 Fashion-MNIST comes from tfds; offline it is prepared from the Debian package
 dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`).
