@@ -195,13 +195,15 @@ def get_base_config() -> ml_collections.ConfigDict:
       programs='layer',
       # With programs='layer' on one device of one process (a CPU host; ignored elsewhere): how many
       # cells run at once, from as many threads. The 15-cell ImageNet step on 2 CPU cores: 1.06x with 2
-      # (benchmarks/distill_programs.py --concurrent_cells 2, same run, 7.85 vs 8.35 s; bit-identical).
+      # (benchmarks/distill_programs.py --concurrent_cells 2, same run, 7.85 vs 8.35 s; bit-identical);
+      # on 2 AMD EPYC cores 1.00x, and 0.85-0.97x on another (README): within the noise there; kept, bit-identical.
       concurrent_cells=2,
       # With programs='layer' on one device (in all): each link's sampled op (read back to the host once
       # the paths are drawn) runs as a forward of its own that keeps the residuals of its gradient, and a
       # backward from them, instead of a switch over the ops whose backward recomputes the sampled one.
       # The 15-cell ImageNet step (B7 teacher, batch 8, 2 cells at once) on 2 idle AMD EPYC cores, same run
-      # (benchmarks/distill_programs.py --recompute_baseline): 2.71 against 3.14 s per step (1.16x), the
+      # (benchmarks/distill_programs.py --recompute_baseline): 2.71 against 3.14 s per step (1.16x; 1.05x
+      # on a freshly set-up one that evening, compile 174-182 against 111 s), the
       # student part then 1.14-1.22x faster than a PyTorch stand-in for the authors'; but 302 programs
       # instead of 82 (a forward and a backward per op of each layer shape), so the first step traces and
       # compiles in 194-223 s instead of 118-123 s, and on XLA:CPU the process reaches 46,000-50,000 of
