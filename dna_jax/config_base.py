@@ -203,7 +203,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       # backward from them, instead of a switch over the ops whose backward recomputes the sampled one.
       # The 15-cell ImageNet step (B7 teacher, batch 8, 2 cells at once) on 2 idle AMD EPYC cores, same run
       # (benchmarks/distill_programs.py --recompute_baseline): 2.71 against 3.14 s per step (1.16x; 1.05x
-      # on a freshly set-up one that evening, compile 174-182 against 111 s), the
+      # on a freshly set-up one later that day, compile 174-182 against 111 s), the
       # student part then 1.14-1.22x faster than a PyTorch stand-in for the authors'; but 302 programs
       # instead of 82 (a forward and a backward per op of each layer shape), so the first step traces and
       # compiles in 194-223 s instead of 118-123 s, and on XLA:CPU the process reaches 46,000-50,000 of
