@@ -6,7 +6,7 @@ The per-layer distillation step (`distill.programs='layer'`) updates each link w
 shape (`link_programs.update_program`): in the 15-cell ImageNet step's first step these 23 programs took
 29-45 s of XLA compile (README, Performance). This script counts the leaves and leaf shapes of the whole
 ImageNet supernet, then takes its link with the most leaves and measures, in one run, the compile seconds
-and median update time (a) of its one update program and (b) of the same update (`_link_update` with the
+and median update time (after a warm-up call) (a) of its one update program and (b) of the same update (`_link_update` with the
 blocks' optimizer) compiled once per distinct (leaf shape, leaf name) and called once per leaf. Both
 update the same numbers (checked).
 """
@@ -14,7 +14,6 @@ update the same numbers (checked).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -22,21 +21,13 @@ import jax
 import numpy as np
 
 from benchmarks import machine_load
+from benchmarks.link_compile import timed_runs
 from dna_jax import distill_steps
 from dna_jax import host_memory
 from dna_jax import link_programs
 from dna_jax import space as space_lib
 from dna_jax import supernet_store
 from dna_jax.models import supernet
-
-
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   compiled = update.lower(params, opt_state, grads).compile()
   one_compile = time.perf_counter() - start
-  one_run = median_seconds(lambda: compiled(params, opt_state, grads), args.repeats)
+  one_run = timed_runs(compiled, (params, opt_state, grads), args.repeats)
   whole = compiled(params, opt_state, grads)
 
   # The same update leaf by leaf: each leaf as a one-leaf tree under its own name (the weight-decay
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
       programs[key] = update.lower(tree, state, grad).compile()
   leaf_compile = time.perf_counter() - start
   run_leaves = lambda: [programs[key](tree, state, grad) for key, tree, state, grad in per_leaf]
-  leaf_run = median_seconds(run_leaves, args.repeats)
+  leaf_run = timed_runs(run_leaves, (), args.repeats)
   expected = jax.tree.leaves(whole[0])
   for want, (new_params, _, _) in zip(expected, run_leaves()):
     np.testing.assert_allclose(np.asarray(jax.tree.leaves(new_params)[0]), np.asarray(want), rtol=1e-6, atol=1e-7)
