@@ -1,15 +1,20 @@
-"""Adaptive against exhaustive rating on a distilled workdir: the same answers, and the time each takes.
+"""Adaptive against exhaustive rating on a distilled workdir: the same answers, the time each takes, and
+how close adaptive rating comes to the fewest paths its rule could keep.
 
   PYTHONPATH=. python benchmarks/adaptive_rating.py --workdir /tmp/dna_demo [--batch_size 250]
-      [--adaptive_examples 250] [--top_k 5] [--chunk_size 0]
+      [--adaptive_examples 250] [--rating_examples 0] [--top_k 5] [--chunk_size 0]
 
 Takes a distilled workdir (teacher/ and distill/, e.g. the demo's) and rates every block twice with
 the run's config (WORKDIR/config.json) in two scratch workdirs, at the same batch size: exhaustively
 (rate.adaptive=False) and adaptively (the first --adaptive_examples images for every path, then only
 the paths that can still be in the top k). Prints the rating time of each (same run, same machine),
-the paths pruned per block, and whether the search's top k at three FLOPs budgets (a quarter, half and
-three quarters of the way from the space's cheapest to its dearest net) and a params budget (half way),
-and the FLOPs and params Pareto fronts, are the same.
+the share of path-images each rated, and whether the search's top k at three FLOPs budgets (a quarter,
+half and three quarters of the way from the space's cheapest to its dearest net) and a params budget
+(half way), and the FLOPs and params Pareto fronts, are the same. Per block it prints the paths adaptive
+rating kept against the fewest any pruning by its rule could keep: the paths that fewer than rate.keep
+others beat on the exhaustive scores at no higher cost (the rule with the whole split's errors and no
+statistical margin). --rating_examples rates more (or fewer) images than the run did (the first images
+of the training split: past the run's own rating split, images the supernet may have been distilled on).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import precision_ranking
 from dna_jax import config_base
 from dna_jax import host_memory
+from dna_jax import latency_table
+from dna_jax import path_pruning
 from dna_jax import ratings as ratings_lib
 from dna_jax import search as search_lib
+from dna_jax import space as space_lib
 from dna_jax import workdir as workdir_lib
 
 
@@ -37,11 +45,29 @@ def rate_with(config, source: workdir_lib.Workdir, scratch: str, adaptive: bool)
   return precision_ranking.rate_copy(config, source, os.path.join(scratch, 'adaptive' if adaptive else 'exhaustive'))
 
 
+def fewest_kept(config, table: ratings_lib.Ratings, keep: int) -> list[int]:
+  """Per block, the paths with fewer than `keep` others of the same output width that cost no more (every
+  column of path_pruning.block_path_costs) and score lower on `table`'s (exhaustive) scores."""
+  space = space_lib.space_from_config(config.space)
+  latency = latency_table.read(config.search.latency_table) if config.search.latency_table else None
+  out = []
+  for k, block in enumerate(table.blocks):
+    cell_costs = path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride, latency)
+    costs = np.concatenate(cell_costs)
+    widths = np.concatenate([[cell.width] * len(c) for cell, c in zip(space.blocks[k].cells, cell_costs)])
+    score = block.score[block.in_channels == block.in_channels.min()]  # cell-major, path order: as the costs
+    cheaper = np.all(costs[None, :, :] <= costs[:, None, :], axis=-1) & (widths[None, :] == widths[:, None])
+    np.fill_diagonal(cheaper, False)
+    out.append(int(np.sum(np.sum(cheaper & (score[None, :] < score[:, None]), axis=1) < keep)))
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--batch_size', type=int, default=250)
   parser.add_argument('--adaptive_examples', type=int, default=250)
+  parser.add_argument('--rating_examples', type=int, default=0, help="images to rate (0: the run's config)")
   parser.add_argument('--top_k', type=int, default=5)
   parser.add_argument('--chunk_size', type=int, default=0, help="paths per vmapped call (0: the run's config)")
   args = parser.parse_args()
@@ -51,19 +77,24 @@ def main() -> None:
   config.rate.adaptive_examples = args.adaptive_examples
   config.rate.keep = max(config.rate.keep, args.top_k)
   config.rate.chunk_size = args.chunk_size or config.rate.chunk_size
+  config.data.rating_examples = args.rating_examples or config.data.rating_examples
   with tempfile.TemporaryDirectory() as scratch:
     exhaustive, ex_s = rate_with(config, source, scratch, adaptive=False)
     adaptive, ad_s = rate_with(config, source, scratch, adaptive=True)
+  rated = sum(int(b.images[b.in_channels == b.in_channels.min()].sum()) for b in adaptive.blocks)
+  total = sum(int(b.images.max()) * int(np.sum(b.in_channels == b.in_channels.min())) for b in adaptive.blocks)
   print(
     f'rating time, {config.data.rating_examples} images in batches of {args.batch_size}, chunk '
     f'{config.rate.chunk_size}: exhaustive {ex_s:.0f} s, '
-    f'adaptive {ad_s:.0f} s ({ex_s / ad_s:.2f}x); load average {os.getloadavg()[0]:.1f}'
+    f'adaptive {ad_s:.0f} s ({ex_s / ad_s:.2f}x), {100 * rated / total:.1f}% of the path-images; '
+    f'load average {os.getloadavg()[0]:.1f}'
   )
-  for k, block in enumerate(adaptive.blocks):
+  for k, (block, fewest) in enumerate(zip(adaptive.blocks, fewest_kept(config, exhaustive, config.rate.keep))):
     once = block.in_channels == block.in_channels.min()
     print(
       f'block {k + 1}: {int(block.pruned[once].sum())} of {int(once.sum())} paths stopped after '
-      f'{args.adaptive_examples} images'
+      f'{args.adaptive_examples} images; {int((~block.pruned[once]).sum())} kept, against {fewest} with fewer '
+      f'than {config.rate.keep} cheaper paths scoring lower on the exhaustive ratings'
     )
   low, high = search_lib.pareto_front(exhaustive)[0][[0, -1]]
   params = search_lib.pareto_front(exhaustive, 'params')[0]
