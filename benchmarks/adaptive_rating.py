@@ -8,7 +8,7 @@ Takes a distilled workdir (teacher/ and distill/, e.g. the demo's) and rates eve
 the run's config (WORKDIR/config.json) in two scratch workdirs, at the same batch size: exhaustively
 (rate.adaptive=False) and adaptively (the first --adaptive_examples images for every path, then only
 the paths that can still be in the top k). Prints the rating time of each (same run, same machine),
-the share of path-images each rated, and whether the search's top k at three FLOPs budgets (a quarter,
+the share of the path-images adaptive rating rated, and whether the search's top k at three FLOPs budgets (a quarter,
 half and three quarters of the way from the space's cheapest to its dearest net) and a params budget
 (half way), and the FLOPs and params Pareto fronts, are the same. Per block it prints the paths adaptive
 rating kept against the fewest any pruning by its rule could keep: the paths that fewer than rate.keep
@@ -46,19 +46,19 @@ def rate_with(config, source: workdir_lib.Workdir, scratch: str, adaptive: bool)
 
 
 def fewest_kept(config, table: ratings_lib.Ratings, keep: int) -> list[int]:
-  """Per block, the paths with fewer than `keep` others of the same output width that cost no more (every
-  column of path_pruning.block_path_costs) and score lower on `table`'s (exhaustive) scores."""
+  """Per block, the paths that fewer than `keep` others of the same output width beat on `table`'s
+  (exhaustive) scores at no higher cost: path_pruning's rule with those scores for errors and no margin."""
   space = space_lib.space_from_config(config.space)
   latency = latency_table.read(config.search.latency_table) if config.search.latency_table else None
   out = []
   for k, block in enumerate(table.blocks):
     cell_costs = path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride, latency)
-    costs = np.concatenate(cell_costs)
-    widths = np.concatenate([[cell.width] * len(c) for cell, c in zip(space.blocks[k].cells, cell_costs)])
     score = block.score[block.in_channels == block.in_channels.min()]  # cell-major, path order: as the costs
-    cheaper = np.all(costs[None, :, :] <= costs[:, None, :], axis=-1) & (widths[None, :] == widths[:, None])
-    np.fill_diagonal(cheaper, False)
-    out.append(int(np.sum(np.sum(cheaper & (score[None, :] < score[:, None]), axis=1) < keep)))
+    scores = np.split(score, np.cumsum([len(c) for c in cell_costs])[:-1])
+    widths = [cell.width for cell in space.blocks[k].cells]
+    # two equal groups: the paired difference's standard error is 0, so z = 0 asks only for a lower score
+    kept = path_pruning.prune_block(cell_costs, [np.stack([s, s], 1) for s in scores], widths, keep, z=0.0)
+    out.append(int(sum(int(x.sum()) for x in kept)))
   return out
 
 
