@@ -1,5 +1,4 @@
-"""Adaptive against exhaustive rating on a distilled workdir: the same answers, the time each takes, and
-how close adaptive rating comes to the fewest paths its rule could keep.
+"""Adaptive against exhaustive rating on a distilled workdir: answers, times, paths kept against the fewest.
 
   PYTHONPATH=. python benchmarks/adaptive_rating.py --workdir /tmp/dna_demo [--batch_size 250]
       [--adaptive_examples 250] [--rating_examples 0] [--top_k 5] [--chunk_size 0]
