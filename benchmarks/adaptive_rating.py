@@ -58,7 +58,7 @@ def fewest_kept(config, table: ratings_lib.Ratings, keep: int) -> list[int]:
   out = []
   for k, block in enumerate(table.blocks):
     cell_costs = path_pruning.block_path_costs(space, k, config.data.image_size, config.space.stem_stride, latency)
-    score = block.score[block.in_channels == block.in_channels.min()]  # cell-major, path order: as the costs
+    score = block.score[block.each_path_once]  # cell-major, path order: as the costs
     scores = np.split(score, np.cumsum([len(c) for c in cell_costs])[:-1])
     widths = [cell.width for cell in space.blocks[k].cells]
     # two equal groups: the paired difference's standard error is 0, so z = 0 asks only for a lower score
@@ -91,8 +91,8 @@ def main() -> None:
     _, warm_s = rate_with(config, source, scratch, 'warm-up', adaptive=False, images=args.batch_size)
     exhaustive, ex_s = rate_with(config, source, scratch, 'exhaustive', adaptive=False)
     adaptive, ad_s = rate_with(config, source, scratch, 'adaptive', adaptive=True)
-  rated = sum(int(b.images[b.in_channels == b.in_channels.min()].sum()) for b in adaptive.blocks)
-  total = sum(int(b.images.max()) * int(np.sum(b.in_channels == b.in_channels.min())) for b in adaptive.blocks)
+  rated = sum(int(b.images[b.each_path_once].sum()) for b in adaptive.blocks)
+  total = sum(int(b.images.max()) * int(b.each_path_once.sum()) for b in adaptive.blocks)
   print(
     f'rating time, {config.data.rating_examples} images in batches of {args.batch_size}, chunk '
     f'{config.rate.chunk_size}, after a one-batch warm-up ({warm_s:.0f} s, compiling): exhaustive {ex_s:.0f} s, '
@@ -100,7 +100,7 @@ def main() -> None:
     f'the path-images; load average {os.getloadavg()[0]:.1f}'
   )
   for k, (block, fewest) in enumerate(zip(adaptive.blocks, fewest_kept(config, exhaustive, config.rate.keep))):
-    once = block.in_channels == block.in_channels.min()
+    once = block.each_path_once
     print(
       f'block {k + 1}: {int(block.pruned[once].sum())} of {int(once.sum())} paths stopped after '
       f'{args.adaptive_examples} images; {int((~block.pruned[once]).sum())} kept, against {fewest} with fewer '

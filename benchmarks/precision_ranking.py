@@ -62,7 +62,7 @@ def main() -> None:
   print('|---|---|---|---|---|---|')
   all_a, all_b = [], []
   for k, (a, b) in enumerate(zip(f32.blocks, bf16.blocks)):
-    once = a.in_channels == a.in_channels.min()  # each path once (rows repeat per input width)
+    once = a.each_path_once
     sa, sb = a.score[once], b.score[once]
     all_a.append(sa)
     all_b.append(sb)

@@ -67,6 +67,12 @@ class BlockRatings:
       return np.zeros(len(self), bool)
     return self.images < self.images.max()
 
+  @property
+  def each_path_once(self) -> np.ndarray:
+    """The rows of the block's narrowest input width: every path once, cells in order, each cell's paths
+    in `cell.paths()` order (rows repeat per input width with the same score)."""
+    return self.in_channels == self.in_channels.min()
+
   def row(self, cell: int, path: int, in_channels: int) -> int:
     """Row index of a (cell, path index, in_channels); ValueError if absent."""
     found = np.flatnonzero((self.cell == cell) & (self.path == path) & (self.in_channels == in_channels))
@@ -147,7 +153,7 @@ def with_objective(ratings: Ratings, objective: str) -> Ratings:
         raise ValueError("the 'product' objective needs positive scores")
       score = np.log(table.score)
     else:
-      per_path = table.score[table.in_channels == table.in_channels.min()]  # each path once
+      per_path = table.score[table.each_path_once]
       std = float(np.std(per_path, ddof=1)) if len(per_path) > 1 else 0.0
       z = (table.score - float(np.mean(per_path))) / std if std > 0 else np.zeros_like(table.score)
       score = (z + 2.0) / 4.0
